@@ -1,0 +1,676 @@
+"""Throughput benchmarks of nola: naive loop vs the project's path, in one run.
+
+    .venv/bin/python -m benchmarks.run                 # real ViT-B/16 CLIP + DINO (random weights)
+    .venv/bin/python -m benchmarks.run --size tiny     # tiny models, a minute: what CI runs
+
+Writes `benchmarks/results.json` (machine, settings, every figure) and refreshes the results
+table in `BENCHMARKS.md` (between the `results:start` / `results:end` markers). Each measured
+phase runs in its own child process, so its peak RSS is its own and one phase's allocator or
+thread state cannot speed up or slow down the next. Images are generated from the demo
+dataset's real pictures (`benchmarks/images.py`), JPEG, 224-320 px on the short side.
+
+Figures: feature extraction (naive: PIL per image in the main process, fp32, batch 32, no
+workers; ours: `pipeline.image_features` with workers, batching and reduced precision),
+prompt-tuning steps (naive: fp32, MHA's own path, no workers; ours: bf16 autocast with fused
+attention and pre-cast frozen weights, workers; and ours with fixed pseudo-labels), peak memory
+per phase, matmul throughput and the compute-bound limit of a ViT-B/16 forward (35.1 GFLOPs
+per 224 px image), the end-to-end `run_nola` time, and the cost of adding 1 % new images.
+These are measurements, not tests: nothing here asserts a speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+VIT_B16_FLOPS = 2 * 17.58e9
+"""Multiply-adds of one 224 px ViT-B/16 forward (timm: 17.58 GMACs), counted as 2 FLOPs each."""
+NAIVE_BATCH = 32
+MARK_START, MARK_END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+@dataclass(frozen=True)
+class Size:
+    models: str  # "paper" architectures with random weights, or "tiny"
+    extraction_images: int  # the dataset every extraction figure is measured on
+    naive_images: int  # the naive loop's share of it (its rate is steady; it is slow)
+    train_steps: int  # optimizer steps of NAIVE_BATCH images per training variant
+    end_to_end_images: int
+    end_to_end_epochs: tuple[int, int] | None  # (alignment, tuning); None = the paper's 50 / 50
+    matmul_seconds: float
+
+
+SIZES = {
+    "full": Size("paper", 960, 128, 2, 200, None, 1.5),
+    "tiny": Size("tiny", 100, 32, 1, 40, (5, 1), 0.2),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Measuring helpers (used in the child processes)
+
+
+def _cpu_busy_jiffies() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs since boot, from /proc/stat (0, 0 where unavailable)."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except OSError:
+        return 0, 0
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return sum(fields) - idle, sum(fields)
+
+
+class Timer:
+    """Wall time, this process tree's CPU time, and what other processes took meanwhile."""
+
+    def __enter__(self):
+        self.busy0, self.total0 = _cpu_busy_jiffies()
+        self.times0 = os.times()
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.start
+        times = os.times()
+        ours = sum(getattr(times, f) - getattr(self.times0, f)
+                   for f in ("user", "system", "children_user", "children_system"))
+        busy, total = _cpu_busy_jiffies()
+        ticks = os.sysconf("SC_CLK_TCK")
+        capacity = (total - self.total0) / ticks
+        others = max(0.0, (busy - self.busy0) / ticks - ours)
+        self.other_load = others / capacity if capacity > 0 else None
+
+
+def _timed(seconds: float, images: int, timer: Timer) -> dict:
+    return {"seconds": round(seconds, 3), "images": images, "images_per_s": round(images / seconds, 3),
+            "cpu_taken_by_other_processes": None if timer.other_load is None else round(timer.other_load, 3)}
+
+
+def _peak_memory(device) -> dict:
+    import torch
+
+    self_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    children_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    gpu = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    # A forked loader worker's RSS counts the pages it shares with this process, and ru_maxrss
+    # survives exec, so the children's figure overstates their own memory; kept for reference.
+    return {"rss_mib": round(self_kb / 1024, 1), "largest_child_rss_mib_incl_shared": round(children_kb / 1024, 1),
+            "gpu_mib": None if gpu is None else round(gpu, 1)}
+
+
+def _models(size: Size, device):
+    from nola_core.models import ModelConfig, load_clip, load_dino
+
+    if size.models == "tiny":
+        config = ModelConfig.from_profile("tiny")
+    else:  # the paper's architectures, randomly initialised: speed does not depend on weight values
+        config = ModelConfig(clip_pretrained=None, dino_pretrained=False)
+    return config, load_clip(config, device), load_dino(config, device)
+
+
+def _towers(clip, dino):
+    return {"clip": (clip, clip.visual), "dino": (dino, dino.model)}
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _records(root: Path, limit: int | None = None):
+    from nola_core.pipeline import load_dataset
+
+    _, manifest, _ = load_dataset(root)
+    return list(manifest.records[:limit] if limit else manifest.records)
+
+
+# ---------------------------------------------------------------------------------------------
+# Phases (each runs in a child process and returns a JSON-able dict)
+
+
+def phase_matmul(options, size: Size, device) -> dict:
+    import torch
+
+    square = [(4096, 4096, 4096), (8192, 8192, 8192)] if device.type == "cuda" else [
+        (1024, 1024, 1024), (2048, 2048, 2048), (4096, 4096, 4096)]
+    tokens = options.batch_size * 197  # the linear layers of a ViT-B/16 at our batch size (m, k, n)
+    vit = [(tokens, 768, 2304), (tokens, 768, 768), (tokens, 768, 3072), (tokens, 3072, 768)]
+    result = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        per_shape = {}
+        for m, k, n in square + vit:
+            a = torch.randn(m, k, device=device, dtype=dtype)
+            b = torch.randn(k, n, device=device, dtype=dtype)
+            best = 0.0
+            for _ in range(3):
+                a @ b
+                _sync(device)
+                runs, start = 0, time.perf_counter()
+                while time.perf_counter() - start < size.matmul_seconds / 3:
+                    a @ b
+                    runs += 1
+                _sync(device)
+                best = max(best, 2 * m * k * n * runs / (time.perf_counter() - start))
+            per_shape[f"{m}x{k}x{n}"] = round(best / 1e9, 1)
+        peak = max(per_shape.values())
+        # Time-weighted rate of the ViT's own linear shapes (95 % of its FLOPs): a sharper bound.
+        flops = [2 * m * k * n for m, k, n in vit]
+        seconds = sum(f / (per_shape[f"{m}x{k}x{n}"] * 1e9) for f, (m, k, n) in zip(flops, vit))
+        vit_rate = sum(flops) / seconds / 1e9
+        result[name] = {"gflops_by_shape": per_shape, "peak_gflops": peak,
+                        "vit_b16_limit_images_per_s": round(peak * 1e9 / VIT_B16_FLOPS, 2),
+                        "vit_linear_shapes_gflops": round(vit_rate, 1),
+                        "vit_b16_limit_at_vit_shapes_images_per_s": round(vit_rate * 1e9 / VIT_B16_FLOPS, 2)}
+    if device.type == "cuda":
+        result["note"] = "fp32 on CUDA may use TF32 where torch allows it"
+    return result
+
+
+def phase_naive_extraction(options, size: Size, device) -> dict:
+    """The reference code's loop: PIL per image, fp32, batch 32, one process, no workers."""
+    import torch
+    from PIL import Image
+
+    from nola_core.data import eval_transform
+
+    _, clip, dino = _models(size, device)
+    records = _records(options.dataset, size.naive_images)
+    result = {}
+    for name, (model, _) in _towers(clip, dino).items():
+        transform = eval_transform(model.preprocess)
+        paths = [options.dataset / r.path for r in records]
+        with torch.no_grad():  # warm-up: one-time kernel selection, excluded
+            model.encode_image(torch.stack([transform(Image.open(p).convert("RGB")) for p in paths[:2]]).to(device))
+        rows = []
+        with Timer() as timer, torch.no_grad():
+            for start in range(0, len(paths), NAIVE_BATCH):
+                batch = torch.stack([transform(Image.open(p).convert("RGB")) for p in paths[start : start + NAIVE_BATCH]])
+                rows.append(model.encode_image(batch.to(device)).float().cpu())
+            _sync(device)
+        result[name] = _timed(timer.seconds, len(torch.cat(rows)), timer)
+    result["peak_memory"] = _peak_memory(device)
+    return result
+
+
+def _feature_config(options, compile_everything: bool = False):
+    """Ours; `compile_everything` compiles even below `compile_min_images` (the extraction phase
+    measures a large job's steady state on a small set; the incremental rerun keeps the default)."""
+    import dataclasses
+
+    from nola_core.features import FeatureConfig
+
+    config = FeatureConfig(batch_size=options.batch_size, num_workers=options.workers, precision=options.precision,
+                           compile=options.compile)
+    return dataclasses.replace(config, compile_min_images=0) if compile_everything else config
+
+
+def phase_extraction(options, size: Size, device) -> dict:
+    """The project's path, `pipeline.image_features`, over the whole dataset; tables saved."""
+    from nola_core.features import save_feature_table
+    from nola_core.pipeline import image_features, load_dataset
+
+    _, clip, dino = _models(size, device)
+    config = _feature_config(options, compile_everything=True)
+    with Timer() as scan:
+        spec, manifest, _ = load_dataset(options.dataset)
+    manifest.to_polars().write_parquet(options.work / "manifest.parquet")
+    records = list(manifest.records)
+    result = {"manifest_scan": _timed(scan.seconds, len(records), scan)}
+    for name, (model, _) in _towers(clip, dino).items():
+        with Timer() as warm:  # warm-up (and compilation, with --compile), reported apart
+            image_features(model, spec.root, records[:2], config, device)
+        with Timer() as timer:
+            table = image_features(model, spec.root, records, config, device)
+            _sync(device)
+        save_feature_table(table, options.work / f"{name}_features.safetensors")
+        result[name] = {**_timed(timer.seconds, len(table), timer), "warm_up_seconds": round(warm.seconds, 2),
+                        "images_per_s_including_warm_up": round(len(table) / (timer.seconds + warm.seconds), 3)}
+    result["peak_memory"] = _peak_memory(device)
+    return result
+
+
+def phase_incremental(options, size: Size, device) -> dict:
+    """Rerun after new images landed: rescan (reusing file stats), load, extract the new, merge, save."""
+    import polars as pl
+
+    from nola_core.data import Manifest, build_manifest
+    from nola_core.features import load_feature_table, save_feature_table, update_feature_table
+    from nola_core.pipeline import image_features, load_dataset
+
+    _, clip, dino = _models(size, device)
+    config = _feature_config(options)
+    spec, _, _ = load_dataset(options.dataset)
+    previous_manifest = Manifest.from_polars(pl.read_parquet(options.work / "manifest.parquet"))
+    image_features(clip, spec.root, list(previous_manifest.records[:2]), config, device)  # warm-up, excluded
+    image_features(dino, spec.root, list(previous_manifest.records[:2]), config, device)
+    computed = {}
+    with Timer() as timer:
+        manifest = build_manifest(spec, "unlabeled", previous=previous_manifest)
+        for name, (model, _) in _towers(clip, dino).items():
+            path = options.work / f"{name}_features.safetensors"
+            previous = load_feature_table(path, mmap=True)
+            table, computed[name] = update_feature_table(
+                previous, manifest.records, lambda todo, model=model: image_features(model, spec.root, todo, config, device))
+            save_feature_table(table, path.with_name(f"{name}_features.next.safetensors"))
+        _sync(device)
+    return {"previous_images": len(previous_manifest), "images": len(manifest), "computed": computed,
+            "rerun": _timed(timer.seconds, len(manifest), timer), "peak_memory": _peak_memory(device)}
+
+
+def _training(options, size: Size, device, variant: str) -> dict:
+    import dataclasses
+
+    import torch
+
+    from nola_core.alignment import alignment_network
+    from nola_core.data import MultiView, strong_transform, weak_transform
+    from nola_core.pipeline import build_prompt_classifier, dino_pseudo_labeller
+    from nola_core.tuning import TuningConfig, train_prompts
+
+    _, clip, dino = _models(size, device)
+    records = _records(options.dataset, NAIVE_BATCH * size.train_steps)
+    generator = torch.Generator().manual_seed(0)
+    cde = torch.nn.functional.normalize(torch.randn(4, clip.embed_dim, generator=generator), dim=-1)
+    dl_network = alignment_network(dino.feature_dim, 4)
+    views = MultiView((weak_transform(dino.preprocess), strong_transform(clip.preprocess)))
+    labeller = dino_pseudo_labeller(dino, dl_network, device)
+    if variant == "naive":  # fp32, MHA's own path, no pre-cast, decoding in the main process
+        config = TuningConfig(precision="fp32", fused_attention=False, precast_weights=False, num_workers=0)
+    else:
+        config = TuningConfig(precision=options.precision, num_workers=options.workers,
+                              fixed_pseudo_labels=variant == "fixed")
+    config = dataclasses.replace(config, epochs=1, batch_size=NAIVE_BATCH, micro_batch_size=NAIVE_BATCH)
+
+    def run(subset):
+        classifier = build_prompt_classifier(clip, cde, config)
+        fixed = torch.randint(0, 4, (len(subset),), generator=generator) if config.fixed_pseudo_labels else None
+        train_prompts(classifier, options.dataset, subset, views, labeller, config, device,
+                      fixed_labels=fixed, frozen_modules=(dino.model,))
+
+    run(records[:4])  # warm-up, excluded
+    with Timer() as timer:
+        run(records)
+        _sync(device)
+    return {**_timed(timer.seconds, len(records), timer), "peak_memory": _peak_memory(device),
+            "config": {k: v for k, v in asdict(config).items()
+                       if k in ("precision", "fused_attention", "precast_weights", "num_workers",
+                                "fixed_pseudo_labels", "micro_batch_size")}}
+
+
+def phase_training_naive(options, size, device):
+    return _training(options, size, device, "naive")
+
+
+def phase_training(options, size, device):
+    return _training(options, size, device, "ours")
+
+
+def phase_training_fixed(options, size, device):
+    return _training(options, size, device, "fixed")
+
+
+def phase_end_to_end(options, size: Size, device) -> dict:
+    """`run_nola` on a generated dataset with the tiny models (the real ones would take hours here)."""
+    import dataclasses
+
+    from nola_core.models import ModelConfig
+    from nola_core.pipeline import NolaConfig, run_nola
+
+    config = NolaConfig(models=ModelConfig.from_profile("tiny"), features=_feature_config(options),
+                        device=str(device))
+    config = dataclasses.replace(config, tuning=dataclasses.replace(config.tuning, num_workers=options.workers))
+    if size.end_to_end_epochs is not None:
+        alignment_epochs, tuning_epochs = size.end_to_end_epochs
+        config = dataclasses.replace(config, alignment=dataclasses.replace(config.alignment, epochs=alignment_epochs),
+                                     tuning=dataclasses.replace(config.tuning, epochs=tuning_epochs))
+    with Timer() as timer:
+        result = run_nola(options.end_to_end_dataset, config)
+    return {**_timed(timer.seconds, len(result.manifest), timer), "models": "tiny (nola-tiny-clip, nola-tiny-dino)",
+            "alignment_epochs": config.alignment.epochs, "tuning_epochs": config.tuning.epochs,
+            "peak_memory": _peak_memory(device)}
+
+
+PHASES = {
+    "matmul": phase_matmul,
+    "naive_extraction": phase_naive_extraction,
+    "extraction": phase_extraction,
+    "incremental": phase_incremental,
+    "training_naive": phase_training_naive,
+    "training": phase_training,
+    "training_fixed": phase_training_fixed,
+    "end_to_end": phase_end_to_end,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# The parent: data, children, results, markdown
+
+
+def machine_info(device_name: str) -> dict:
+    import torch
+
+    from nola_core.acceleration import cpu_supports_bf16
+
+    flags, model_name = set(), platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+            if line.startswith("model name"):
+                model_name = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    memory = None
+    try:
+        memory = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError):
+        pass
+    info = {
+        "cpu": model_name, "logical_cpus": os.cpu_count(), "memory_gib": memory,
+        "cpu_flags": sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_fp16"}),
+        "cpu_native_bf16": cpu_supports_bf16(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(), "platform": platform.platform(), "device": device_name,
+        "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["gpu_count"] = torch.cuda.device_count()
+    return info
+
+
+def wait_for_quiet_cpu(limit_s: float, busy_below: float = 0.15, seconds: int = 5) -> float:
+    """Wait (at most `limit_s`) until the whole machine is under `busy_below` busy for `seconds`
+    consecutive seconds; returns the seconds waited. On a shared machine this keeps other
+    sessions' bursts out of the start of a phase (their share is reported either way)."""
+    started, quiet = time.perf_counter(), 0
+    busy0, total0 = _cpu_busy_jiffies()
+    while quiet < seconds and time.perf_counter() - started < limit_s:
+        time.sleep(1)
+        busy, total = _cpu_busy_jiffies()
+        quiet = quiet + 1 if total > total0 and (busy - busy0) / (total - total0) < busy_below else 0
+        busy0, total0 = busy, total
+    return round(time.perf_counter() - started, 1)
+
+
+def run_child(phase: str, options, work: Path) -> dict:
+    command = [sys.executable, "-m", "benchmarks.run", "--phase", phase, "--size", options.size,
+               "--work-dir", str(work), "--device", options.device, "--precision", options.precision,
+               "--batch-size", str(options.batch_size), "--workers", str(options.workers)]
+    if options.threads:
+        command += ["--threads", str(options.threads)]
+    command.append("--compile" if options.compile else "--no-compile")
+    environment = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join(
+        [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    waited = wait_for_quiet_cpu(options.wait_quiet) if options.wait_quiet else 0.0
+    print(f"[benchmarks] {phase} ...", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    done = subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"benchmark phase {phase} failed:\n{done.stderr[-4000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result["waited_for_quiet_cpu_s"] = waited
+    print(f"[benchmarks] {phase} done in {time.perf_counter() - started:.0f}s", file=sys.stderr, flush=True)
+    return result
+
+
+def _ratio(a, b) -> float | None:
+    return round(a / b, 3) if a and b else None
+
+
+def summarise(phases: dict, size: Size, options) -> dict:
+    naive, ours = phases["naive_extraction"], phases["extraction"]
+    speedup = {m: _ratio(ours[m]["images_per_s"], naive[m]["images_per_s"]) for m in ("clip", "dino")}
+    precision = "bf16" if options.resolved_precision == "bf16" else "fp32"
+    limit = phases["matmul"][precision]["vit_b16_limit_images_per_s"]
+    shape_limit = phases["matmul"][precision]["vit_b16_limit_at_vit_shapes_images_per_s"]
+    fraction = {m: _ratio(ours[m]["images_per_s"], limit) for m in ("clip", "dino")}
+    fraction_shapes = {m: _ratio(ours[m]["images_per_s"], shape_limit) for m in ("clip", "dino")}
+    full_seconds = ours["clip"]["seconds"] + ours["dino"]["seconds"]
+    incremental = phases["incremental"]
+    cost = _ratio(incremental["rerun"]["seconds"], full_seconds)
+    train_naive, train, fixed = phases["training_naive"], phases["training"], phases["training_fixed"]
+    figures = {
+        "extraction": {
+            "naive": {m: naive[m] for m in ("clip", "dino")},
+            "ours": {m: ours[m] for m in ("clip", "dino")},
+            "speedup": speedup,
+            "speedup_including_warm_up": {m: _ratio(ours[m]["images_per_s_including_warm_up"],
+                                                    naive[m]["images_per_s"]) for m in ("clip", "dino")},
+            "manifest_scan": ours["manifest_scan"],
+        },
+        "compute_bound": {
+            "precision": precision,
+            "flops_per_image": VIT_B16_FLOPS,
+            "matmul_peak_gflops": phases["matmul"][precision]["peak_gflops"],
+            "limit_images_per_s": limit,
+            "fraction_reached": fraction,
+            "vit_linear_shapes_gflops": phases["matmul"][precision]["vit_linear_shapes_gflops"],
+            "limit_at_vit_shapes_images_per_s": shape_limit,
+            "fraction_of_limit_at_vit_shapes": fraction_shapes,
+            "models_measured": "paper architectures" if size.models == "paper"
+            else "tiny models: the fraction is not meaningful at this size",
+        },
+        "matmul": phases["matmul"],
+        "training": {
+            "naive": train_naive, "ours": train, "ours_fixed_pseudo_labels": fixed,
+            "speedup": _ratio(train["images_per_s"], train_naive["images_per_s"]),
+            "fixed_pseudo_labels_speedup": _ratio(fixed["images_per_s"], train["images_per_s"]),
+        },
+        "peak_memory": {name: phase["peak_memory"] for name, phase in phases.items() if "peak_memory" in phase},
+        "end_to_end": phases["end_to_end"],
+        "incremental": {
+            **incremental,
+            "full_extraction_seconds": round(full_seconds, 3),
+            "cost_fraction_of_full_extraction": cost,
+        },
+    }
+    targets = {
+        "extraction_speedup_at_least_2.5x": all(s is not None and s >= 2.5 for s in speedup.values()),
+        "extraction_at_least_80pct_of_compute_bound": all(f is not None and f >= 0.8 for f in fraction.values()),
+        "incremental_1pct_at_most_2pct": cost is not None and cost <= 0.02,
+    }
+    return {"figures": figures, "targets": targets}
+
+
+def markdown_table(results: dict) -> str:
+    f = results["figures"]
+    m = results["machine"]
+    ex, tr, cb, inc, e2e = f["extraction"], f["training"], f["compute_bound"], f["incremental"], f["end_to_end"]
+    settings = results["settings"]
+    lines = [
+        f"Measured {results['created'][:16].replace('T', ' ')} UTC with `{results['command']}` "
+        f"(size `{results['size']}`, models: {results['models']}), on {m['cpu']} "
+        f"({m['logical_cpus']} logical CPUs, {m['memory_gib']} GiB; device `{m['device']}`"
+        + (f", {m['gpu']}" if m.get("gpu") else "") + f"), torch {m['torch']}. "
+        f"Ours: precision `{settings['precision']}`, batch {settings['batch_size']}, {settings['workers']} "
+        f"loader workers, {m['torch_threads']} torch threads, torch.compile {'on' if settings['compile'] else 'off'}.",
+        "",
+        "| figure | naive | ours | ratio |",
+        "|---|---|---|---|",
+    ]
+    for model in ("clip", "dino"):
+        lines.append(f"| {model.upper()} feature extraction, images/s | {ex['naive'][model]['images_per_s']:.2f} | "
+                     f"{ex['ours'][model]['images_per_s']:.2f} | {ex['speedup'][model]:.2f}x |")
+        lines.append(f"| {model.upper()} extraction incl. the one-time warm-up/compile "
+                     f"({ex['ours'][model]['warm_up_seconds']:.0f} s), images/s over {ex['ours'][model]['images']} images | "
+                     f"{ex['naive'][model]['images_per_s']:.2f} | {ex['ours'][model]['images_per_s_including_warm_up']:.2f} | "
+                     f"{ex['speedup_including_warm_up'][model]:.2f}x |")
+    lines.append(f"| prompt-tuning step (NoLA, DINO labels per weak view), images/s | "
+                 f"{tr['naive']['images_per_s']:.2f} | {tr['ours']['images_per_s']:.2f} | {tr['speedup']:.2f}x |")
+    lines.append(f"| prompt-tuning step, fixed pseudo-labels, images/s | - | "
+                 f"{tr['ours_fixed_pseudo_labels']['images_per_s']:.2f} | "
+                 f"{tr['fixed_pseudo_labels_speedup']:.2f}x over per-view labels |")
+    lines += [
+        "",
+        "| figure | value |",
+        "|---|---|",
+        f"| matmul peak, {cb['precision']} | {cb['matmul_peak_gflops']:.0f} GFLOP/s |",
+        f"| compute-bound limit of a ViT-B/16 forward (35.1 GFLOPs/image), {cb['precision']} | "
+        f"{cb['limit_images_per_s']:.2f} images/s |",
+        f"| fraction of that limit reached, CLIP / DINO extraction | "
+        f"{cb['fraction_reached']['clip']:.0%} / {cb['fraction_reached']['dino']:.0%} |",
+        f"| matmul rate at the ViT's own linear shapes (batch {settings['batch_size']}), {cb['precision']} | "
+        f"{cb['vit_linear_shapes_gflops']:.0f} GFLOP/s = {cb['limit_at_vit_shapes_images_per_s']:.2f} images/s |",
+        f"| fraction of that shape-specific limit reached, CLIP / DINO | "
+        f"{cb['fraction_of_limit_at_vit_shapes']['clip']:.0%} / {cb['fraction_of_limit_at_vit_shapes']['dino']:.0%} |",
+        f"| manifest scan (hash + decode check), images/s | {ex['manifest_scan']['images_per_s']:.1f} |",
+        f"| adding {inc['images'] - inc['previous_images']} new images to {inc['previous_images']} "
+        f"(rescan + both feature stores), cost vs full extraction | {inc['rerun']['seconds']:.2f} s vs "
+        f"{inc['full_extraction_seconds']:.1f} s = {inc['cost_fraction_of_full_extraction']:.1%} |",
+        f"| end to end `run_nola`, {e2e['images']} images, {e2e['models']}, "
+        f"{e2e['alignment_epochs']}+{e2e['tuning_epochs']} epochs | {e2e['seconds']:.1f} s |",
+    ]
+    for phase, memory in f["peak_memory"].items():
+        gpu = f", GPU {memory['gpu_mib']:.0f} MiB" if memory.get("gpu_mib") is not None else ""
+        lines.append(f"| peak RSS of the process, {phase} | {memory['rss_mib']:.0f} MiB{gpu} |")
+    others = [p.get("cpu_taken_by_other_processes") for p in
+              [*ex["naive"].values(), *ex["ours"].values(), tr["naive"], tr["ours"], tr["ours_fixed_pseudo_labels"]]]
+    others = [o for o in others if o is not None]
+    if others:
+        lines.append(f"| CPU taken by other processes during the timed phases | "
+                     f"{min(others):.0%} to {max(others):.0%} |")
+    lines += ["", "Targets: " + ", ".join(f"{name}: {'met' if ok else 'NOT met'}"
+                                          for name, ok in results["targets"].items()) + "."]
+    return "\n".join(lines)
+
+
+def refresh_markdown(path: Path, table: str) -> None:
+    block = f"{MARK_START}\n{table}\n{MARK_END}"
+    if path.exists():
+        text = path.read_text(encoding="utf-8")
+        if MARK_START in text and MARK_END in text:
+            head, rest = text.split(MARK_START, 1)
+            text = head + block + rest.split(MARK_END, 1)[1]
+        else:
+            text = text.rstrip() + "\n\n" + block + "\n"
+    else:
+        text = "# Benchmarks\n\n" + block + "\n"
+    path.write_text(text, encoding="utf-8")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=sorted(SIZES), default="full")
+    parser.add_argument("--smallest", action="store_const", const="tiny", dest="size", help="same as --size tiny")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results.json")
+    parser.add_argument("--markdown", type=Path, default=REPO / "BENCHMARKS.md")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--precision", default="auto",
+                        help="ours: auto = bf16 on CUDA and on CPUs with native bf16, else fp32")
+    parser.add_argument("--batch-size", type=int, default=None, help="ours (default: 32 on CPU, 256 on CUDA)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="ours: loader workers (default: 1 on 2-core CPUs, else min(8, cores - 1))")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                        help="ours: FeatureConfig.compile for the full extraction (default on; needs a C++ compiler)")
+    parser.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
+                        help="before each phase, wait up to this long for the machine to be idle (shared machines)")
+    parser.add_argument("--work-dir", type=Path, default=None, help="keep generated data here (default: temp)")
+    parser.add_argument("--phase", choices=sorted(PHASES), help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def _resolve_defaults(options) -> None:
+    import torch
+
+    from nola_core.acceleration import cpu_supports_bf16
+    from nola_core.runtime import resolve_device
+
+    device = resolve_device(options.device)
+    options.device = str(device)
+    if options.precision == "auto":
+        options.precision = "bf16" if device.type == "cuda" or cpu_supports_bf16() else "fp32"
+    options.resolved_precision = options.precision
+    if options.batch_size is None:
+        options.batch_size = 256 if device.type == "cuda" else 32
+    if options.workers is None:
+        cores = os.cpu_count() or 1
+        options.workers = min(8, max(1, cores - 1)) if device.type == "cuda" or cores > 2 else 1
+    if options.threads:
+        torch.set_num_threads(options.threads)
+
+
+def child_main(options) -> None:
+    import torch
+
+    from nola_core.runtime import resolve_device
+
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    size = SIZES[options.size]
+    options.work = options.work_dir
+    options.dataset = options.work_dir / "dataset"
+    options.end_to_end_dataset = options.work_dir / "end_to_end"
+    result = PHASES[options.phase](options, size, resolve_device(options.device))
+    print(json.dumps(result))
+
+
+def main(argv=None) -> dict:
+    options = parse_args(argv)
+    if options.phase:
+        child_main(options)
+        return {}
+    sys.path.insert(0, str(REPO))
+    from benchmarks.images import write_dataset, write_images
+
+    _resolve_defaults(options)
+    size = SIZES[options.size]
+    work = options.work_dir or Path(tempfile.mkdtemp(prefix="nola-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        started = time.perf_counter()
+        shutil.rmtree(work / "dataset", ignore_errors=True)
+        shutil.rmtree(work / "end_to_end", ignore_errors=True)
+        write_dataset(work / "dataset", size.extraction_images, seed=0)
+        write_dataset(work / "end_to_end", size.end_to_end_images, seed=1)
+        machine = machine_info(options.device)
+        phases = {}
+        for phase in ("matmul", "naive_extraction", "extraction"):
+            phases[phase] = run_child(phase, options, work)
+        new_images = max(1, round(0.01 * size.extraction_images))
+        write_images(work / "dataset" / "unlabeled", new_images, seed=0, start=size.extraction_images)
+        for phase in ("incremental", "training_naive", "training", "training_fixed", "end_to_end"):
+            phases[phase] = run_child(phase, options, work)
+        machine["load_average_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+        results = {
+            "schema": 1,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": "python -m benchmarks.run" + ("" if options.size == "full" else f" --size {options.size}")
+            + (f" --wait-quiet {options.wait_quiet:g}" if options.wait_quiet else ""),
+            "size": options.size,
+            "size_settings": asdict(size),
+            "models": "ViT-B-16 (open_clip) + vit_base_patch16_224.dino (timm), random weights"
+            if size.models == "paper" else "tiny profile (nola-tiny-clip, nola-tiny-dino), random weights",
+            "machine": machine,
+            "settings": {"device": options.device, "precision": options.precision, "batch_size": options.batch_size,
+                         "workers": options.workers, "threads": options.threads, "compile": options.compile,
+                         "naive_batch": NAIVE_BATCH, "wait_quiet_s": options.wait_quiet},
+            **summarise(phases, size, options),
+            "total_seconds": round(time.perf_counter() - started, 1),
+        }
+        options.out.parent.mkdir(parents=True, exist_ok=True)
+        options.out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        refresh_markdown(options.markdown, markdown_table(results))
+        print(markdown_table(results))
+        return results
+    finally:
+        if options.work_dir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

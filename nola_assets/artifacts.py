@@ -1,0 +1,171 @@
+"""The artifact store: tensors as safetensors, tables as parquet, facts as JSON; never pickles.
+
+Layout under the artifact root (env `NOLA_ARTIFACT_ROOT`, default `artifacts/`):
+
+    <dataset>/<asset>/<digest>/key.json       what the digest was computed from, readable
+    <dataset>/<asset>/<digest>/<files>        the artifact itself
+    refs/<dataset>/<asset>.json               the artifact the last materialization produced
+
+The digest is a SHA-256 over the asset name, the dataset and a key that holds everything that
+changes the content: model identities, upstream digests, description hash, image-set
+fingerprint, k, seeds, config values. Every file is written to a temporary name in the same
+folder and renamed into place, so a reader never sees half a file.
+
+Assets return an `ArtifactRef` (a small JSON document) as their value; `ArtifactRefIOManager`
+stores it under `refs/` and hands it to downstream assets, which read the files it points to.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional
+
+import polars as pl
+import torch
+from dagster import ConfigurableIOManager, InputContext, OutputContext
+from pydantic import Field
+from safetensors.torch import load_file, save_file
+
+from nola_core.data import check_dataset_name
+
+from nola_assets.resources import EnvSettings
+
+
+@dataclass(frozen=True)
+class ArtifactRef:
+    """Where one materialization's files are, what they were keyed on, and small facts about them."""
+
+    asset: str
+    dataset: str
+    digest: str
+    path: str
+    key: dict = field(default_factory=dict)
+    facts: dict = field(default_factory=dict)
+
+    def file(self, name: str) -> Path:
+        return Path(self.path) / name
+
+    def with_facts(self, **facts: Any) -> "ArtifactRef":
+        return dataclasses.replace(self, facts={**self.facts, **facts})
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "ArtifactRef":
+        return cls(**data)
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def digest_of(value: Any) -> str:
+    return hashlib.sha256(canonical_json(value).encode("utf-8")).hexdigest()
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
+    """Call `write(temporary)` next to `path`, then rename the temporary file onto `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path
+
+
+class ArtifactStore(EnvSettings):
+    """Local directory store (a mounted volume or network file system works the same way)."""
+
+    artifact_root: Optional[str] = Field(
+        default=None, description="env NOLA_ARTIFACT_ROOT; default artifacts/ (relative to the working directory)"
+    )
+
+    def root(self) -> Path:
+        return Path(self.setting("artifact_root", "artifacts")).resolve()
+
+    def allocate(self, asset: str, dataset: str, key: Mapping[str, Any]) -> ArtifactRef:
+        """The content-addressed folder for `key`, created, with its key.json written."""
+        check_dataset_name(dataset)  # the dataset is a folder of the store: nothing may lead outside it
+        key = json.loads(canonical_json(dict(key)))  # plain JSON types only, so the ref round-trips
+        digest = digest_of({"asset": asset, "dataset": dataset, "key": key})[:24]
+        ref = ArtifactRef(asset=asset, dataset=dataset, digest=digest,
+                          path=str(self.root() / dataset / asset / digest), key=key)
+        self.write_json(ref, "key.json", {"asset": asset, "dataset": dataset, "digest": digest, "key": key})
+        return ref
+
+    def write_json(self, ref: ArtifactRef, name: str, value: Any) -> Path:
+        text = json.dumps(value, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+        return atomic_write(ref.file(name), lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+    def read_json(self, ref: ArtifactRef, name: str) -> Any:
+        return json.loads(ref.file(name).read_text(encoding="utf-8"))
+
+    def write_table(self, ref: ArtifactRef, name: str, frame: pl.DataFrame) -> Path:
+        return atomic_write(ref.file(name), frame.write_parquet)
+
+    def read_table(self, ref: ArtifactRef, name: str) -> pl.DataFrame:
+        return pl.read_parquet(ref.file(name))
+
+    def write_tensors(self, ref: ArtifactRef, name: str, tensors: Mapping[str, torch.Tensor],
+                      metadata: Mapping[str, str] | None = None) -> Path:
+        contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        return atomic_write(ref.file(name), lambda tmp: save_file(contiguous, str(tmp), metadata=dict(metadata or {})))
+
+    def read_tensors(self, ref: ArtifactRef, name: str) -> dict[str, torch.Tensor]:
+        return load_file(str(ref.file(name)))
+
+    def write_bytes(self, ref: ArtifactRef, name: str, data: bytes) -> Path:
+        return atomic_write(ref.file(name), lambda tmp: tmp.write_bytes(data))
+
+    def ref_path(self, asset: str, dataset: str) -> Path:
+        return self.root() / "refs" / check_dataset_name(dataset) / f"{asset}.json"
+
+    def save_ref(self, ref: ArtifactRef) -> Path:
+        self.write_json(ref, "ref.json", ref.to_json())
+        text = json.dumps(ref.to_json(), indent=2, ensure_ascii=False) + "\n"
+        return atomic_write(self.ref_path(ref.asset, ref.dataset), lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+    def load_ref(self, asset: str, dataset: str) -> ArtifactRef | None:
+        """The artifact of the last materialization of `asset` for `dataset`, if any.
+
+        Its path is rebuilt under the current root, so the whole store can be moved or mounted
+        elsewhere.
+        """
+        path = self.ref_path(asset, dataset)
+        if not path.is_file():
+            return None
+        ref = ArtifactRef.from_json(json.loads(path.read_text(encoding="utf-8")))
+        return dataclasses.replace(ref, path=str(self.root() / dataset / asset / ref.digest))
+
+    def require_ref(self, asset: str, dataset: str) -> ArtifactRef:
+        ref = self.load_ref(asset, dataset)
+        if ref is None:
+            raise FileNotFoundError(
+                f"no artifact of {asset!r} for dataset {dataset!r} under {self.root()}: "
+                f"materialize {asset} for partition {dataset!r} first"
+            )
+        return ref
+
+
+class ArtifactRefIOManager(ConfigurableIOManager):
+    """Stores each asset's `ArtifactRef` as JSON and loads it for downstream assets."""
+
+    store: ArtifactStore
+
+    def handle_output(self, context: OutputContext, obj: ArtifactRef) -> None:
+        if not isinstance(obj, ArtifactRef):
+            raise TypeError(f"{context.asset_key.to_user_string()} returned {type(obj).__name__}, not an ArtifactRef")
+        path = self.store.save_ref(obj)
+        context.log.debug(f"artifact ref written to {path}")
+
+    def load_input(self, context: InputContext) -> ArtifactRef:
+        return self.store.require_ref(context.asset_key.path[-1], context.asset_partition_key)

@@ -1,0 +1,133 @@
+"""Asset checks: finite artifacts (error, blocking), pseudo-labels for every class (warn), and
+the tuned model not worse than zero-shot on a labelled split (warn).
+
+Each check reads the artifact the asset's last materialization of that partition wrote. The
+judgement itself is a plain function of the artifact, tested on crafted input.
+"""
+
+
+import warnings
+from pathlib import Path
+
+import polars as pl
+import torch
+from dagster import (
+    AssetCheckExecutionContext,
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetChecksDefinition,
+    AssetsDefinition,
+    MetadataValue,
+    PreviewWarning,
+    asset_check,
+)
+from safetensors.torch import load_file
+
+from nola_core.pipeline import TUNED_STAGE
+
+from nola_assets import assets
+from nola_assets.artifacts import ArtifactRef, ArtifactStore
+from nola_assets.partitions import datasets_partitions
+
+ZERO_SHOT_STAGE = "zero-shot (templates)"  # a stage name of nola_core.pipeline.stage_probabilities
+
+
+def nonfinite_counts(artifact_dir: Path) -> dict[str, int]:
+    """NaN/Inf count of every float tensor (safetensors) and float column (parquet) in a folder."""
+    counts: dict[str, int] = {}
+    for path in sorted(artifact_dir.glob("*.safetensors")):
+        for name, tensor in load_file(str(path)).items():
+            if tensor.is_floating_point():
+                counts[f"{path.name}:{name}"] = int((~torch.isfinite(tensor)).sum())
+    for path in sorted(artifact_dir.glob("*.parquet")):
+        frame = pl.read_parquet(path)
+        for name, dtype in frame.schema.items():
+            if dtype.is_float():
+                counts[f"{path.name}:{name}"] = int(frame[name].is_nan().sum() + frame[name].is_infinite().sum())
+    return counts
+
+
+def finite_result(ref: ArtifactRef) -> AssetCheckResult:
+    counts = nonfinite_counts(Path(ref.path))
+    bad = {name: count for name, count in counts.items() if count}
+    return AssetCheckResult(
+        passed=not bad,
+        severity=AssetCheckSeverity.ERROR,
+        description=f"NaN/Inf values in {', '.join(bad)}" if bad else f"{len(counts)} float arrays, all finite",
+        metadata={"arrays_checked": len(counts), "nonfinite": MetadataValue.json(bad)},
+    )
+
+
+def coverage_result(report: dict) -> AssetCheckResult:
+    empty = [name for name, count in report["per_class"].items() if count == 0]
+    return AssetCheckResult(
+        passed=not empty,
+        severity=AssetCheckSeverity.WARN,
+        description=(f"no pseudo-label for {', '.join(empty)}: the DL network never sees these classes"
+                     if empty else f"every class has pseudo-labels (k = {report['k']})"),
+        metadata={"classes_without_pseudo_labels": MetadataValue.json(empty),
+                  "short_classes": MetadataValue.json(report["short_classes"])},
+    )
+
+
+def tuned_vs_zero_shot_result(evaluation: dict) -> AssetCheckResult:
+    stages = evaluation["stages"]
+    tuned, zero_shot = stages[TUNED_STAGE].get("top1"), stages[ZERO_SHOT_STAGE].get("top1")
+    if tuned is None or zero_shot is None:
+        return AssetCheckResult(passed=True, severity=AssetCheckSeverity.WARN,
+                                description="no labelled split: nothing to compare")
+    return AssetCheckResult(
+        passed=tuned >= zero_shot,
+        severity=AssetCheckSeverity.WARN,
+        description=f"tuned top-1 {100 * tuned:.1f}% vs zero-shot {100 * zero_shot:.1f}%"
+        + (" (random models: expected to be noise)" if evaluation["random_models"] else ""),
+        metadata={"tuned_top1": tuned, "zero_shot_top1": zero_shot, "random_models": evaluation["random_models"]},
+    )
+
+
+def _check(asset_def: AssetsDefinition, name: str, description: str, blocking: bool = False):
+    """`@asset_check` for a dataset-partitioned asset (partitioned checks are a Dagster preview)."""
+    def decorate(function):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PreviewWarning)
+            return asset_check(asset=asset_def, name=name, description=description, blocking=blocking,
+                               partitions_def=datasets_partitions)(function)
+
+    return decorate
+
+
+def finite_check(asset_def: AssetsDefinition) -> AssetChecksDefinition:
+    asset_name = asset_def.key.path[-1]
+
+    @_check(asset_def, "no_nan_or_inf", "Every float tensor and table column of the artifact is finite; "
+            "a failure stops the assets downstream in the same run.", blocking=True)
+    def _no_nan_or_inf(context: AssetCheckExecutionContext, artifacts: ArtifactStore) -> AssetCheckResult:
+        return finite_result(artifacts.require_ref(asset_name, context.partition_key))
+
+    return _no_nan_or_inf
+
+
+@_check(assets.cde_pseudo_labels, "every_class_has_pseudo_labels",
+        "Each class got at least one top-k pseudo-label (a class with none is never learnt).")
+def every_class_has_pseudo_labels(context: AssetCheckExecutionContext, artifacts: ArtifactStore) -> AssetCheckResult:
+    ref = artifacts.require_ref("cde_pseudo_labels", context.partition_key)
+    return coverage_result(artifacts.read_json(ref, assets.REPORT_FILE))
+
+
+@_check(assets.evaluation, "tuned_not_worse_than_zero_shot",
+        "On a labelled split, the prompt-tuned model's top-1 accuracy is at least zero-shot CLIP's.")
+def tuned_not_worse_than_zero_shot(context: AssetCheckExecutionContext, artifacts: ArtifactStore) -> AssetCheckResult:
+    ref = artifacts.require_ref("evaluation", context.partition_key)
+    return tuned_vs_zero_shot_result(artifacts.read_json(ref, assets.EVALUATION_FILE))
+
+
+FINITE_CHECKED = [
+    assets.cde_classifier,
+    assets.clip_features,
+    assets.dino_features,
+    assets.cde_pseudo_labels,
+    assets.alignment_checkpoint,
+    assets.prompt_tuned_encoder,
+    assets.predictions,
+]
+NOLA_CHECKS = [finite_check(a) for a in FINITE_CHECKED] + [every_class_has_pseudo_labels, tuned_not_worse_than_zero_shot]

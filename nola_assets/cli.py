@@ -1,0 +1,360 @@
+"""The `nola` command line: one argparse parser, one function per subcommand.
+
+Subcommands that need Dagster import it inside their function, so `nola describe` works
+without the webserver stack being importable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+DEMO_TUNING_EPOCHS = 10
+"""`nola demo` tunes for 10 epochs unless told otherwise (--tuning-epochs, NOLA_TUNING_EPOCHS)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nola", description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    _add_describe(subparsers)
+    _add_demo(subparsers)
+    _add_run(subparsers)
+    _add_dev(subparsers)
+    _add_report(subparsers)
+    _add_export(subparsers)
+    _add_predict(subparsers)
+    return parser
+
+
+def _add_describe(subparsers: argparse._SubParsersAction) -> None:
+    from nola_core.llm import PROVIDER_NAMES
+
+    p = subparsers.add_parser(
+        "describe",
+        help="write visual class descriptions with an LLM (or a file, or templates)",
+        description="Describe every class of a dataset; prints the descriptions and writes them "
+        "as JSON with provenance. Answers are cached per class, so a rerun after a failure asks "
+        "only for the missing classes.",
+    )
+    p.add_argument("dataset", help="dataset folder (with dataset.yaml), its dataset.yaml, or the bundled demo name")
+    p.add_argument("--provider", choices=PROVIDER_NAMES, default="auto",
+                   help="auto: anthropic if ANTHROPIC_API_KEY is set, else openai if OPENAI_API_KEY, else templates")
+    p.add_argument("--model", help="model name (defaults: claude-haiku-4-5, gpt-4.1-mini)")
+    p.add_argument("--base-url", help="OpenAI-compatible server, e.g. http://localhost:11434/v1 (Ollama)")
+    p.add_argument("--api-key-env", help="environment variable holding the key of an OpenAI-compatible server")
+    p.add_argument("--source", help="descriptions file for --provider file (default: the dataset's `descriptions`)")
+    p.add_argument("--prompt-set", default="nola_v1", help="prompts/<name>.yaml or a YAML path (default nola_v1)")
+    p.add_argument("--prompts-dir", help="folder of prompt sets (default: see NOLA_PROMPTS_DIR)")
+    p.add_argument("--domain", help="what the images are, e.g. 'satellite photo' (default: the dataset's domain)")
+    p.add_argument("--count", type=int, default=10, help="answers asked per question (default 10)")
+    p.add_argument("--temperature", type=float,
+                   help="sampling temperature for openai(-compatible) models (default: the model's own)")
+    p.add_argument("--max-tokens", type=int, default=1024, help="answer length limit per question")
+    p.add_argument("--concurrency", type=int, default=4, help="classes asked at once (default 4)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default 60)")
+    p.add_argument("--retries", type=int, default=4, help="retries on 429, 5xx and timeouts (default 4)")
+    p.add_argument("--cache-dir", default=".nola_cache/descriptions",
+                   help="per-class answer cache, readable JSON you may commit (default .nola_cache/descriptions)")
+    p.add_argument("--out", help="output JSON (default ./<dataset name>.descriptions.json)")
+    p.set_defaults(handler=_describe)
+
+
+def _describe(args: argparse.Namespace) -> int:
+    """`nola describe`: resolve the dataset, build the provider, describe, print, write."""
+    from pathlib import Path
+
+    from nola_core.data import DatasetSpecError, load_dataset_spec
+    from nola_core.demo import DEMO_DATASET, demo_dataset_path
+    from nola_core.llm import CallPolicy, LLMError, describe_classes, make_provider
+
+    try:
+        target = Path(args.dataset)
+        if target.name == "dataset.yaml":
+            target = target.parent
+        elif not target.exists() and args.dataset == DEMO_DATASET:
+            target = demo_dataset_path()
+        spec = load_dataset_spec(target)
+        provider = make_provider(
+            args.provider,
+            model=args.model,
+            base_url=args.base_url,
+            api_key_env=args.api_key_env,
+            path=args.source or spec.descriptions,
+            policy=CallPolicy(timeout_s=args.timeout, max_retries=args.retries),
+        )
+        result = describe_classes(
+            spec.classes,
+            provider=provider,
+            prompt_set=args.prompt_set,
+            domain=args.domain or spec.domain,
+            count=args.count,
+            temperature=args.temperature,
+            max_tokens=args.max_tokens,
+            cache_dir=args.cache_dir,
+            concurrency=args.concurrency,
+            prompts_dir=args.prompts_dir,
+        )
+    except (DatasetSpecError, LLMError, ValueError, FileNotFoundError) as error:
+        print(f"nola describe: error: {error}", file=sys.stderr)
+        return 1
+    for name, sentences in result.descriptions.items():
+        print(f"{name} ({len(sentences)}):")
+        print("\n".join(f"  - {s}" for s in sentences))
+    out = result.save(args.out or f"{spec.name}.descriptions.json")
+    print(f"wrote {out} ({provider.name}, content hash {result.content_hash[:12]})", file=sys.stderr)
+    return 0
+
+
+def _add_demo(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "demo",
+        help="materialize every asset for the bundled demo dataset (tiny random models, a few minutes on CPU)",
+        description="Copy the bundled fashion_mini dataset under the data root (once), register it as a "
+        "partition and materialize every asset on the local Dagster instance ($DAGSTER_HOME, default "
+        ".dagster_home/). Prints the per-stage table and where the artifacts are; `nola dev` then shows the run.",
+    )
+    _add_run_options(p, default_profile="tiny")
+    p.set_defaults(handler=_demo)
+
+
+def _add_run(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "run",
+        help="materialize every asset for dataset folders, registering each as a partition",
+        description="For each folder (dataset.yaml, unlabeled/, optional labeled/): link it (or copy it, "
+        "--copy) to <data root>/<name>, add the partition, and materialize every asset on the local "
+        "Dagster instance, one run per dataset. A folder already under the data root is used in place.",
+    )
+    p.add_argument("paths", nargs="+", type=Path, help="dataset folders")
+    p.add_argument("--copy", action="store_true", help="copy the folder under the data root instead of linking it")
+    _add_run_options(p, default_profile=None)
+    p.set_defaults(handler=_run)
+
+
+def _add_dev(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "dev",
+        help="start `dagster dev` on the Dagster home `nola demo` and `nola run` use",
+        description="Sets DAGSTER_HOME (default .dagster_home/) and runs `dagster dev -w workspace.yaml` "
+        "(or `-m nola_assets.definitions` outside the project folder). Arguments after `--` go to dagster dev.",
+    )
+    p.add_argument("-p", "--port", type=int, help="webserver port (dagster dev's default: 3000)")
+    p.add_argument("--profile", choices=("paper", "tiny"),
+                   help="NOLA_MODEL_PROFILE for every run started from the UI, the sensor or the schedule")
+    p.add_argument("dagster_args", nargs=argparse.REMAINDER, help="after --, passed to dagster dev")
+    p.set_defaults(handler=_dev)
+
+
+def _add_run_options(p: argparse.ArgumentParser, default_profile: str | None) -> None:
+    p.add_argument("--profile", choices=("paper", "tiny"), default=default_profile,
+                   help=f"model profile (default: {default_profile or 'NOLA_MODEL_PROFILE, else paper'})")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: NOLA_DEVICE, else auto)")
+    p.add_argument("--tuning-epochs", type=int, help="prompt-tuning epochs (default: NOLA_TUNING_EPOCHS, else "
+                   + (f"{DEMO_TUNING_EPOCHS} for the demo, " if default_profile == "tiny" else "") + "50)")
+    p.add_argument("--alignment-epochs", type=int, help="DL-network epochs (default: NOLA_ALIGNMENT_EPOCHS, else 50)")
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import shutil
+
+    from nola_core.demo import DEMO_DATASET, demo_dataset_path
+
+    from nola_assets.resources import DatasetsResource
+
+    target = DatasetsResource().root() / DEMO_DATASET
+    if not target.exists():
+        shutil.copytree(demo_dataset_path(), target)
+        print(f"copied the demo dataset to {target}")
+    return _materialize([target], args, copy=False, launched_by="nola demo", demo=True)
+
+
+def _run(args: argparse.Namespace) -> int:
+    return _materialize(args.paths, args, copy=args.copy, launched_by="nola run", demo=False)
+
+
+def _resources_config(args: argparse.Namespace, demo: bool) -> dict[str, dict]:
+    """Resource fields this command sets for its runs; everything else comes from NOLA_* or defaults."""
+    from nola_assets.resources import env_name
+
+    tuning_epochs = args.tuning_epochs
+    if tuning_epochs is None and demo and env_name("tuning_epochs") not in os.environ:
+        tuning_epochs = DEMO_TUNING_EPOCHS
+    method = {"tuning_epochs": tuning_epochs, "alignment_epochs": args.alignment_epochs}
+    return {
+        "models": {"model_profile": args.profile} if args.profile else {},
+        "compute": {"device": args.device} if args.device else {},
+        "method": {field: value for field, value in method.items() if value is not None},
+    }
+
+
+def _materialize(paths: list[Path], args: argparse.Namespace, copy: bool, launched_by: str, demo: bool) -> int:
+    """Register each dataset, run the whole graph for it, print the stage table and the artifacts."""
+    from dagster import AssetKey
+
+    from nola_core.data import DatasetSpecError
+    from nola_core.eval import format_stage_table
+
+    from nola_assets.artifacts import ArtifactStore
+    from nola_assets.assets import PREDICTIONS_FILE
+    from nola_assets.local import evaluation_of, local_instance, materialize_dataset, register_dataset
+    from nola_assets.resources import DatasetsResource
+
+    instance, store = local_instance(), ArtifactStore()
+    config = _resources_config(args, demo)
+    for path in paths:
+        try:
+            name = register_dataset(instance, path, DatasetsResource().root(), copy=copy)
+        except (DatasetSpecError, FileExistsError) as error:
+            print(f"nola: error: {error}", file=sys.stderr)
+            return 1
+        started = time.perf_counter()
+        result = materialize_dataset(instance, name, config, {"nola/launched_by": launched_by})
+        evaluation = evaluation_of(result, store)
+        predictions = result.asset_value(AssetKey("predictions")).file(PREDICTIONS_FILE)
+        print(f"\n{name}: every asset materialized in {time.perf_counter() - started:.1f} s (run {result.run_id})")
+        print(format_stage_table(evaluation["stages"], evaluation["note"]))
+        if not evaluation["labelled"]:
+            print("(no labeled/ folder: accuracy cannot be reported)")
+        print(f"artifacts:    {store.root() / name}")
+        print(f"predictions:  {predictions}")
+    dev = f"nola dev --profile {args.profile}" if args.profile else "nola dev"
+    print(f"Dagster home: {instance.root_directory}; browse the runs with `{dev}` "
+          f"(or DAGSTER_HOME={instance.root_directory} dagster dev)")
+    return 0
+
+
+def _dev(args: argparse.Namespace) -> None:
+    """Replaces this process with `dagster dev`."""
+    from nola_assets.local import dagster_home
+    from nola_assets.resources import env_name
+
+    home = dagster_home()
+    target = ["-w", "workspace.yaml"] if Path("workspace.yaml").is_file() else ["-m", "nola_assets.definitions"]
+    print(f"DAGSTER_HOME={home}", file=sys.stderr)
+    if args.profile is not None:
+        os.environ[env_name("model_profile")] = args.profile
+    port = ["-p", str(args.port)] if args.port is not None else []
+    extra = args.dagster_args[1:] if args.dagster_args[:1] == ["--"] else args.dagster_args
+    os.execv(sys.executable, [sys.executable, "-m", "dagster", "dev", *target, *port, *extra])
+
+
+def _add_report(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "report",
+        help="which method wins where: the dataset x method table from every evaluation table",
+        description="Query every evaluation table (parquet) under --root through one DuckDB view; print the "
+        "dataset x method table of final-stage top-1 accuracy (mean +- std over seeds) and write it as "
+        "report.md and report.png into --out.",
+    )
+    p.add_argument("--root", default=os.environ.get("NOLA_EVALUATION_ROOT", "evaluations"),
+                   help="folder of evaluation parquet files, searched recursively "
+                   "(default: NOLA_EVALUATION_ROOT, else ./evaluations)")
+    p.add_argument("--out", help="where report.md and report.png go (default: --root)")
+    p.set_defaults(handler=_report)
+
+
+def _report(args: argparse.Namespace) -> int:
+    """`nola report`: print the table, write the markdown and the chart."""
+    from nola_core.report import write_report
+
+    try:
+        report = write_report(args.root, args.out)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"nola report: error: {error}", file=sys.stderr)
+        return 1
+    print(report.text)
+    print(f"wrote {report.markdown} and {report.chart}", file=sys.stderr)
+    return 0
+
+
+def _add_export(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "export",
+        help="copy the adapted classifier of a dataset out of the artifact store into a folder",
+        description="Copy the latest materialized `exported_classifier` of DATASET (classifier.json + "
+        "trainable.safetensors: trainable tensors, base-model identity, preprocessing, class names, "
+        "provenance) from the artifact store (NOLA_ARTIFACT_ROOT, default artifacts/) to --to. "
+        "`nola predict` or nola_core.export.load_classifier load it back.",
+    )
+    p.add_argument("dataset", help="dataset (partition) name, e.g. fashion_mini")
+    p.add_argument("--to", required=True, type=Path, help="destination folder (created)")
+    p.add_argument("--onnx", action="store_true",
+                   help="also write vision.onnx (normalised images -> logits) and check it with onnxruntime "
+                   "when installed (pip install 'nola[onnx]')")
+    p.set_defaults(handler=_export)
+
+
+def _export(args: argparse.Namespace) -> int:
+    """`nola export`: copy the export; optionally add and verify the ONNX vision path."""
+    from nola_assets.artifacts import ArtifactStore
+    from nola_assets.export_assets import copy_export
+
+    try:
+        target = copy_export(ArtifactStore(), args.dataset, args.to)
+    except FileNotFoundError as error:
+        print(f"nola export: error: {error}", file=sys.stderr)
+        return 1
+    print(f"exported {args.dataset} to {target}")
+    if args.onnx:
+        import torch
+
+        from nola_core.export import ONNX_NAME, export_onnx, load_classifier, onnx_max_abs_difference
+
+        try:
+            import onnx  # noqa: F401  (torch's exporter needs it)
+        except ImportError:
+            print("nola export: error: --onnx needs the onnx package: pip install 'nola[onnx]'", file=sys.stderr)
+            return 1
+        exported = load_classifier(target)
+        path = export_onnx(exported, target / ONNX_NAME)
+        print(f"wrote {path}")
+        try:
+            size = exported.preprocess.image_size
+            difference = onnx_max_abs_difference(path, exported, torch.randn(2, 3, size, size))
+        except ImportError:
+            print("(onnxruntime not installed: the ONNX file was not verified)", file=sys.stderr)
+        else:
+            print(f"onnxruntime check: max |logit difference| = {difference:.2e}")
+    return 0
+
+
+def _add_predict(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "predict",
+        help="classify images with an exported classifier (`nola export` folder)",
+        description="Load the classifier in DIR with nola_core.export.load_classifier and print the top "
+        "classes with their probabilities for every image.",
+    )
+    p.add_argument("export_dir", type=Path, help="a `nola export` folder (classifier.json)")
+    p.add_argument("images", nargs="+", type=Path, help="image files")
+    p.add_argument("-k", "--top", type=int, default=3, help="classes shown per image (default 3)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--clip-checkpoint", help="local copy of the base CLIP weights (instead of downloading them)")
+    p.set_defaults(handler=_predict)
+
+
+def _predict(args: argparse.Namespace) -> int:
+    """`nola predict`: one line per image, `path<TAB>class (p) class (p) ...`."""
+    from nola_core.export import load_classifier
+
+    try:
+        classifier = load_classifier(args.export_dir, args.device, args.clip_checkpoint)
+        probabilities = classifier.predict(args.images)
+    except (FileNotFoundError, ValueError, OSError) as error:
+        print(f"nola predict: error: {error}", file=sys.stderr)
+        return 1
+    for path, top in zip(args.images, classifier.top_classes(probabilities, args.top)):
+        print(f"{path}\t" + "  ".join(f"{name} ({p:.3f})" for name, p in top))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.handler(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""The adapted classifier as a self-contained export: the `exported_classifier` asset.
+
+    prompt_tuned_encoder ─┐
+    cde_classifier ───────┼─> exported_classifier      (nola export DATASET --to DIR copies it out)
+    evaluation ───────────┘
+
+It calls `nola_core.export.export_classifier` on the tuned model the `prompt_tuned_encoder`
+asset stored, writing `classifier.json` + `trainable.safetensors` into the artifact store with
+provenance: the description content hash, the tuning/model configuration, the image-set
+fingerprint and the forgetting guard (tuned encoder + templates vs untuned zero-shot) from the
+evaluation. `nola_core.export.load_classifier` loads it back; `nola predict` uses that.
+"""
+
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from dagster import AssetExecutionContext, MaterializeResult, MetadataValue
+
+from nola_core.export import MANIFEST_NAME, TENSORS_NAME, export_classifier
+
+from nola_assets.artifacts import ArtifactRef, ArtifactStore
+from nola_assets.assets import (
+    CLASSIFIERS_FILE,
+    EVALUATION_FILE,
+    _result,
+    load_tuned_classifier,
+    nola_asset,
+)
+from nola_assets.resources import ModelsResource
+
+EXPORT_ASSET = "exported_classifier"
+ZERO_SHOT_STAGE = "zero-shot (templates)"  # stage names of nola_core.pipeline.stage_probabilities
+TEMPLATES_STAGE = "tuned encoder + templates"
+
+
+def forgetting_guard(evaluation: dict) -> dict:
+    """Top-1 of the tuned encoder on the zero-shot path (templates) against the untuned zero-shot.
+
+    `delta` < 0 means tuning lost some of CLIP's zero-shot ability on these images. Values are
+    None without a labelled split.
+    """
+    stages = evaluation.get("stages", {})
+    tuned = (stages.get(TEMPLATES_STAGE) or {}).get("top1")
+    untuned = (stages.get(ZERO_SHOT_STAGE) or {}).get("top1")
+    return {
+        "tuned_encoder_templates_top1": tuned,
+        "untuned_zero_shot_top1": untuned,
+        "delta": None if tuned is None or untuned is None else tuned - untuned,
+        "random_models": bool(evaluation.get("random_models")),
+    }
+
+
+@nola_asset(group="export", kinds={"pytorch", "safetensors"})
+def exported_classifier(
+    context: AssetExecutionContext,
+    dataset_manifest: ArtifactRef,
+    cde_classifier: ArtifactRef,
+    prompt_tuned_encoder: ArtifactRef,
+    evaluation: ArtifactRef,
+    models: ModelsResource,
+    artifacts: ArtifactStore,
+) -> MaterializeResult:
+    """The tuned classifier as one folder (`nola export DATASET --to DIR` copies it out): trainable
+    tensors, base-model identity, preprocessing, class names and provenance, loadable with
+    `nola_core.export.load_classifier`. The metadata also shows the forgetting guard."""
+    started = time.perf_counter()
+    name = context.partition_key
+    classes = dataset_manifest.facts["classes"]
+    config = models.config()
+    guard = forgetting_guard(artifacts.read_json(evaluation, EVALUATION_FILE))
+    provenance = {
+        "dataset": name,
+        "descriptions_content_hash": cde_classifier.key.get("descriptions"),
+        "templates": cde_classifier.key.get("templates"),
+        "image_set_version": dataset_manifest.facts.get("image_set_version"),
+        "dataset_manifest_digest": dataset_manifest.digest,
+        "prompt_tuned_encoder_digest": prompt_tuned_encoder.digest,
+        "tuning": prompt_tuned_encoder.facts.get("tuning"),
+        "wiseft_alpha": prompt_tuned_encoder.key.get("wiseft_alpha"),
+        "pseudo_labels_digest": prompt_tuned_encoder.key.get("pseudo_labels"),
+        "checkpoint": "last epoch (never chosen on labels)",
+        "forgetting_guard": guard,
+    }
+    ref = artifacts.allocate(EXPORT_ASSET, name, {
+        "tuned": prompt_tuned_encoder.digest, "cde": cde_classifier.digest, "classes": classes,
+        "clip": config.clip_identity(), "evaluation": evaluation.digest,
+    })
+    clip = models.load_clip("cpu")
+    cde = artifacts.read_tensors(cde_classifier, CLASSIFIERS_FILE)["cde"]
+    classifier = load_tuned_classifier(artifacts, prompt_tuned_encoder, clip, cde, torch.device("cpu")).eval()
+    manifest = export_classifier(classifier, config, clip.preprocess, classes, ref.path, provenance)
+    ref = ref.with_facts(classes=list(classes), random_clip=config.clip_is_random)
+    if guard["delta"] is not None and guard["delta"] < 0:
+        context.log.warning(
+            f"{name}: forgetting guard: tuned encoder + templates top-1 {guard['tuned_encoder_templates_top1']:.3f} "
+            f"< untuned zero-shot {guard['untuned_zero_shot_top1']:.3f}"
+            + (" (random models: expected to be noise)" if guard["random_models"] else ""))
+    metadata = {
+        "classes": len(classes),
+        "manifest": MetadataValue.path(str(manifest)),
+        "trainable_tensors_bytes": Path(ref.path, TENSORS_NAME).stat().st_size,
+        "provenance": MetadataValue.json(provenance),
+        "forgetting_guard": MetadataValue.json(guard),
+        "usage": MetadataValue.md(f"`nola export {name} --to DIR`, then `nola predict DIR IMAGE...`"),
+    }
+    if guard["delta"] is not None:
+        metadata["forgetting_guard/delta_top1"] = guard["delta"]
+    return _result(ref, started, metadata)
+
+
+def copy_export(store: ArtifactStore, dataset: str, to: str | Path) -> Path:
+    """Copy the latest materialized `exported_classifier` of `dataset` to `to`; returns the folder."""
+    ref = store.load_ref(EXPORT_ASSET, dataset)
+    if ref is None or not ref.file(MANIFEST_NAME).is_file():
+        raise FileNotFoundError(
+            f"no exported classifier for dataset {dataset!r} under {store.root()}: materialize "
+            f"{EXPORT_ASSET} for that partition first (`nola run`, `nola demo`, or the Dagster UI)")
+    tuned = store.load_ref("prompt_tuned_encoder", dataset)
+    if tuned is not None and tuned.digest != ref.key.get("tuned"):
+        raise FileNotFoundError(
+            f"the exported classifier of {dataset!r} is stale: prompt_tuned_encoder was rematerialized "
+            f"since (e.g. by the new-images sensor); materialize {EXPORT_ASSET} for {dataset!r} again")
+    target = Path(to)
+    target.mkdir(parents=True, exist_ok=True)
+    for file in (MANIFEST_NAME, TENSORS_NAME):
+        shutil.copy2(ref.file(file), target / file)
+    return target
+
+
+EXPORT_ASSETS = [exported_classifier]

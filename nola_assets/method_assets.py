@@ -1,0 +1,399 @@
+"""The other methods of the comparison as assets, on the shared upstream assets of the NoLA graph.
+
+Each method asset calls its `nola_core.methods` recipe on what the graph already holds (the
+manifest, the CLIP feature table, the text classifiers, the class descriptions), stores its
+checkpoint through the artifact store, and evaluates its stages into the common evaluation
+table (`EVALUATION_SCHEMA`), kept in its artifact folder as method_evaluation.parquet. No
+training maths lives here.
+
+    cde_classifier, clip_features ───────────────> zero_shot_classifier ─┐  (zero-shot and CDE)
+    class_descriptions, clip_features ───────────> lafter_encoder ───────┤
+    clip_features ─> latteclip_texts ────────────> latteclip_encoder ────┼─> method_comparison
+    (the NoLA graph) ────────────────────────────> evaluation ───────────┘  (nola)
+
+`method_comparison` writes every method's rows to a stable folder, one parquet per dataset and
+method, `<artifact root>/evaluation/<dataset>/<method>.parquet` (atomically replaced), runs
+`nola_core.report.write_report` over all of them (the DuckDB view: which method wins where) and
+attaches the markdown and the PNG bar chart to its metadata.
+"""
+
+
+import dataclasses
+import time
+from pathlib import Path
+
+import polars as pl
+from dagster import AssetExecutionContext, MaterializeResult, MetadataValue
+
+from nola_core import pipeline
+from nola_core.features import FeatureTable, load_feature_table
+from nola_core.methods import (
+    EvaluationLabels,
+    LatteTexts,
+    MethodRun,
+    ZeroShotConfig,
+    evaluate_runs,
+    evaluation_path,
+    generate_latteclip_texts,
+    lafter_text_set,
+    latteclip_zero_shot,
+    run_cde,
+    run_lafter,
+    run_latteclip,
+    run_zero_shot,
+    write_evaluation,
+)
+from nola_core.methods.cde import CDEConfig
+from nola_core.report import write_report
+
+from nola_assets import reporting
+from nola_assets.artifacts import ArtifactRef, ArtifactStore, digest_of
+from nola_assets.assets import (
+    CLASSIFIERS_FILE,
+    DESCRIPTIONS_FILE,
+    FEATURES_FILE,
+    GPU_POOL,
+    METHOD_EVALUATION_FILE,
+    _result,
+    nola_asset,
+)
+from nola_assets.datasets import load_manifests
+from nola_assets.resources import (
+    ComputeResource,
+    DatasetsResource,
+    DescriptionsResource,
+    MethodResource,
+    ModelsResource,
+)
+
+EVALUATION_FOLDER = "evaluation"  # <artifact root>/evaluation/<dataset>/<method>.parquet
+ZERO_SHOT_FILE = "zero_shot.safetensors"
+LAFTER_FILE = "lafter.safetensors"
+LATTE_TEXTS_FILE = "latte_texts.json"
+LATTECLIP_FILE = "latteclip.safetensors"
+COMPARISON_FILE = "comparison.parquet"
+# Description sources that are chat models able to look at images (LatteCLIP's LMM texts).
+LMM_SOURCES = ("auto", "anthropic", "openai", "openai-compatible")
+
+
+def evaluation_root(artifacts: ArtifactStore) -> Path:
+    """The stable folder of the per-method evaluation tables (what `nola report` can read)."""
+    return artifacts.root() / EVALUATION_FOLDER
+
+
+@dataclasses.dataclass
+class _Inputs:
+    unlabeled: object
+    labeled: object
+    clip_table: FeatureTable
+    train_ids: list[str]
+    train_records: list
+    eval_records: list
+
+
+def _inputs(artifacts: ArtifactStore, dataset_manifest: ArtifactRef, clip_features: ArtifactRef, name: str) -> _Inputs:
+    unlabeled, labeled = load_manifests(artifacts, dataset_manifest)
+    clip_table = load_feature_table(clip_features.file(FEATURES_FILE))
+    train_ids = pipeline.training_ids(unlabeled, clip_table)
+    if not train_ids:
+        raise RuntimeError(f"{name}: no unlabeled image could be read by CLIP")
+    by_id = {r.image_id: r for r in unlabeled.records}
+    return _Inputs(unlabeled, labeled, clip_table, train_ids, [by_id[i] for i in train_ids],
+                   pipeline.evaluation_records(unlabeled, labeled))
+
+
+def _evaluate(name: str, classes, runs: list[MethodRun], inputs: _Inputs, random_models: bool) -> pl.DataFrame:
+    """Labels enter here, after training, for reporting only."""
+    return evaluate_runs(runs, dataset=name, classes=classes, unlabeled_ids=inputs.train_ids,
+                         labels=EvaluationLabels.from_manifests(inputs.unlabeled, inputs.labeled),
+                         random_models=random_models)
+
+
+def _evaluation_metadata(frame: pl.DataFrame) -> dict:
+    """Per-stage accuracy (where labels exist) and pseudo-label figures, for the UI."""
+    rows = frame.select("method", "stage", "final", "eval_split", "n_eval", "top1", "mean_per_class",
+                        "pseudo_label_precision", "pseudo_label_coverage").rows()
+    metadata = {"stages": MetadataValue.md(reporting.markdown_table(
+        ["method", "stage", "final", "split", "images", "top-1", "mean per class", "pseudo-label precision",
+         "pseudo-label coverage"],
+        [(m, s, f, split, n, reporting.percent(t), reporting.percent(mpc), reporting.percent(p), reporting.percent(c))
+         for m, s, f, split, n, t, mpc, p, c in rows]))}
+    for method, stage, _, _, _, top1, *_ in rows:
+        if top1 is not None:
+            metadata[f"top1/{method}/{stage}"] = float(top1)
+    return metadata
+
+
+def _history_table(epochs: list[dict]) -> MetadataValue:
+    keys = [k for k in ("epoch", "loss", "mean_entropy", "agreement", "images", "failed_images")
+            if epochs and k in epochs[0]] or (list(epochs[0]) if epochs else [])
+    return MetadataValue.md(reporting.markdown_table(keys, [[e.get(k) for k in keys] for e in epochs]))
+
+
+# ── training-free baselines ───────────────────────────────────────────────────────────────────
+
+
+@nola_asset(group="methods", kinds={"pytorch", "parquet"})
+def zero_shot_classifier(
+    context: AssetExecutionContext,
+    dataset_manifest: ArtifactRef,
+    cde_classifier: ArtifactRef,
+    clip_features: ArtifactRef,
+    artifacts: ArtifactStore,
+) -> MaterializeResult:
+    """Zero-shot CLIP (the dataset's templates) and CDE zero-shot as methods of their own: the
+    classifiers `cde_classifier` already built, scored on the shared CLIP features (nothing is
+    recomputed). Evaluation rows of both methods: `zero-shot` and `cde`."""
+    started = time.perf_counter()
+    name = context.partition_key
+    classes = dataset_manifest.facts["classes"]
+    inputs = _inputs(artifacts, dataset_manifest, clip_features, name)
+    zero_shot_config, cde_config = ZeroShotConfig(), CDEConfig()
+    ref = artifacts.allocate("zero_shot_classifier", name, {
+        "classifiers": cde_classifier.digest, "clip_features": clip_features.digest,
+        "manifest": dataset_manifest.digest, "train_ids": digest_of(inputs.train_ids),
+        "zero_shot": dataclasses.asdict(zero_shot_config), "cde": dataclasses.asdict(cde_config),
+    })
+    weights = artifacts.read_tensors(cde_classifier, CLASSIFIERS_FILE)
+    runs = [run_zero_shot(inputs.clip_table, weights["zero_shot"], inputs.train_ids, zero_shot_config),
+            run_cde(inputs.clip_table, weights["cde"], inputs.train_ids, cde_config)]
+    artifacts.write_tensors(ref, ZERO_SHOT_FILE, {"zero_shot": weights["zero_shot"], "cde": weights["cde"]})
+    frame = _evaluate(name, classes, runs, inputs, bool(cde_classifier.facts.get("random_clip")))
+    artifacts.write_table(ref, METHOD_EVALUATION_FILE, frame)
+    ref = ref.with_facts(methods=["zero-shot", "cde"])
+    return _result(ref, started, {
+        "classes": len(classes),
+        "images": len(inputs.clip_table.ids),
+        "unlabeled_images": len(inputs.train_ids),
+        **_evaluation_metadata(frame),
+    })
+
+
+# ── LaFTer ────────────────────────────────────────────────────────────────────────────────────
+
+
+@nola_asset(group="methods", pool=GPU_POOL, kinds={"pytorch", "parquet"})
+def lafter_encoder(
+    context: AssetExecutionContext,
+    dataset_manifest: ArtifactRef,
+    class_descriptions: ArtifactRef,
+    clip_features: ArtifactRef,
+    data: DatasetsResource,
+    models: ModelsResource,
+    method: MethodResource,
+    compute: ComputeResource,
+    artifacts: ArtifactStore,
+) -> MaterializeResult:
+    """LaFTer: a text-only linear classifier trained on the embedded descriptions and templates
+    (noise + label smoothing), then CLIP's vision tower with 50 visual prompts, LayerNorm affines
+    and that classifier as head, FixMatch-style on its own online pseudo-labels. Epochs, seed and
+    batch sizes follow the shared tuning settings (`NOLA_TUNING_EPOCHS`, ...). Stored: the text
+    classifier and the trainable tensors (lafter.safetensors)."""
+    started = time.perf_counter()
+    name = context.partition_key
+    spec = data.spec(name)
+    inputs = _inputs(artifacts, dataset_manifest, clip_features, name)
+    texts = artifacts.read_json(class_descriptions, DESCRIPTIONS_FILE)["descriptions"]
+    config, model_config, device = method.lafter_config(compute), models.config(), compute.torch_device()
+    features = compute.feature_config()
+    ref = artifacts.allocate("lafter_encoder", name, {
+        "clip": model_config.clip_identity(), "descriptions": class_descriptions.facts["content_hash"],
+        "templates": spec.templates, "clip_features": clip_features.digest, "manifest": dataset_manifest.digest,
+        "train_ids": digest_of(inputs.train_ids), "config": dataclasses.asdict(config),
+        "precision": features.precision, "device_type": device.type,
+    })
+    context.log.info(f"LaFTer on {len(inputs.train_records)} images, {config.tuning.epochs} epochs, device {device}")
+    clip = models.load_clip(device)
+    text_set = lafter_text_set(clip, spec.classes, config.templates or spec.templates, texts, device)
+    run = run_lafter(clip, text_set, len(spec.classes), spec.root, inputs.train_records, inputs.eval_records,
+                     inputs.clip_table, config, features, device)
+    artifacts.write_tensors(ref, LAFTER_FILE, run.tensors, {"config": str(dataclasses.asdict(config))})
+    frame = _evaluate(name, spec.classes, [run], inputs, model_config.clip_is_random)
+    artifacts.write_table(ref, METHOD_EVALUATION_FILE, frame)
+    ref = ref.with_facts(methods=["lafter"], num_prompts=config.tuning.num_prompts)
+    epochs = run.history["epochs"]
+    return _result(ref, started, {
+        "texts": int(text_set[0].shape[0]),
+        "text_iterations": config.text.iterations,
+        "text_final_loss": run.history["text_loss"][-1] if run.history["text_loss"] else float("nan"),
+        "epochs": config.tuning.epochs,
+        "training_images": len(inputs.train_records),
+        "final_loss": epochs[-1]["loss"] if epochs else float("nan"),
+        "trainable_parameters": sum(t.numel() for k, t in run.tensors.items() if k.startswith("tuned.")),
+        "history": _history_table(epochs),
+        **_evaluation_metadata(frame),
+    })
+
+
+# ── LatteCLIP ─────────────────────────────────────────────────────────────────────────────────
+
+
+@nola_asset(group="methods", kinds={"json"})
+def latteclip_texts(
+    context: AssetExecutionContext,
+    dataset_manifest: ArtifactRef,
+    clip_features: ArtifactRef,
+    data: DatasetsResource,
+    models: ModelsResource,
+    method: MethodResource,
+    compute: ComputeResource,
+    descriptions: DescriptionsResource,
+    artifacts: ArtifactStore,
+) -> MaterializeResult:
+    """LatteCLIP's LMM texts: a description of every unlabeled image and of every group of images
+    sharing a zero-shot pseudo-label, when the description source is a chat model (`NOLA_DESCRIPTIONS`
+    = auto | anthropic | openai | openai-compatible). With any other source (the default `dataset`,
+    `file`, `templates`) there is no LMM: the texts are empty and LatteCLIP runs on class texts
+    only (the paper's T_class-only ablation); `fallback` in the metadata says so."""
+    started = time.perf_counter()
+    name = context.partition_key
+    spec = data.spec(name)
+    inputs = _inputs(artifacts, dataset_manifest, clip_features, name)
+    source = descriptions.source()
+    config = method.latteclip_config(compute, name)
+    lmm = source in LMM_SOURCES
+    key = {"source": source, "train_ids": digest_of(inputs.train_ids)}
+    if lmm:
+        key.update({"model": descriptions.setting("descriptions_model"),
+                    "base_url": descriptions.setting("descriptions_base_url"),
+                    "clip_features": clip_features.digest, "clip": models.config().clip_identity(),
+                    "group_size": config.group_size, "seed": config.seed, "class_template": config.class_template})
+    ref = artifacts.allocate("latteclip_texts", name, key)
+    fallback = None
+    if lmm:
+        from nola_core.llm import make_provider
+
+        provider = make_provider(source, model=descriptions.setting("descriptions_model"),
+                                 base_url=descriptions.setting("descriptions_base_url"))
+        device = compute.torch_device()
+        _, _, zero_shot_labels = latteclip_zero_shot(models.load_clip(device), spec.classes, inputs.clip_table,
+                                                     inputs.train_ids, config, device)
+        texts = generate_latteclip_texts(
+            provider, spec.root, inputs.train_records, zero_shot_labels.labels, domain=spec.domain,
+            group_size=config.group_size, seed=config.seed,
+            cache_dir=descriptions.setting("descriptions_cache", ".nola_cache/descriptions"))
+    else:
+        texts = LatteTexts()
+        fallback = (f"description source {source!r} is not a chat model that sees images: no LMM texts, "
+                    "LatteCLIP runs on class texts only (T_class-only ablation)")
+        context.log.warning(f"{name}: {fallback}")
+    artifacts.write_json(ref, LATTE_TEXTS_FILE, {"image": dict(texts.image), "group": dict(texts.group),
+                                                 "failed": list(texts.failed), "source": source,
+                                                 "fallback": fallback})
+    ref = ref.with_facts(lmm=lmm, content_hash=digest_of([dict(texts.image), dict(texts.group)]))
+    return _result(ref, started, {
+        "source": source,
+        "lmm": lmm,
+        "fallback": fallback or "none",
+        "image_texts": len(texts.image),
+        "group_texts": len(set(texts.group.values())),
+        "failed_calls": len(texts.failed),
+        "training_images": len(inputs.train_ids),
+    })
+
+
+@nola_asset(group="methods", pool=GPU_POOL, kinds={"pytorch", "parquet"})
+def latteclip_encoder(
+    context: AssetExecutionContext,
+    dataset_manifest: ArtifactRef,
+    clip_features: ArtifactRef,
+    latteclip_texts: ArtifactRef,
+    data: DatasetsResource,
+    models: ModelsResource,
+    method: MethodResource,
+    compute: ComputeResource,
+    artifacts: ArtifactStore,
+) -> MaterializeResult:
+    """LatteCLIP: the whole CLIP fine-tuned with momentum class prototypes, the dynamic feature
+    mixer over image / group / class texts, dual pseudo-labels (frozen zero-shot and the
+    prototypes) and the FLYP contrastive loss; inference is the nearest prototype. The paper's
+    per-dataset lr; `NOLA_TUNING_EPOCHS` caps its epochs. Stored: prototypes and the fine-tuned
+    weights (latteclip.safetensors)."""
+    started = time.perf_counter()
+    name = context.partition_key
+    spec = data.spec(name)
+    inputs = _inputs(artifacts, dataset_manifest, clip_features, name)
+    stored = artifacts.read_json(latteclip_texts, LATTE_TEXTS_FILE)
+    texts = LatteTexts(stored["image"], stored["group"], tuple(stored["failed"]))
+    config, model_config, device = method.latteclip_config(compute, name), models.config(), compute.torch_device()
+    features = compute.feature_config()
+    ref = artifacts.allocate("latteclip_encoder", name, {
+        "clip": model_config.clip_identity(), "texts": latteclip_texts.digest, "clip_features": clip_features.digest,
+        "manifest": dataset_manifest.digest, "train_ids": digest_of(inputs.train_ids),
+        "config": dataclasses.asdict(config), "precision": features.precision, "device_type": device.type,
+    })
+    context.log.info(f"LatteCLIP on {len(inputs.train_records)} images, at most {config.max_epochs} epochs / "
+                     f"{config.max_iterations} iterations, lr {config.lr:g}, device {device}")
+    clip = models.load_clip(device)
+    run = run_latteclip(clip, spec.classes, spec.root, inputs.train_records, inputs.eval_records, inputs.clip_table,
+                        texts, config, features, device)
+    artifacts.write_tensors(ref, LATTECLIP_FILE, run.tensors, {"config": str(dataclasses.asdict(config))})
+    frame = _evaluate(name, spec.classes, [run], inputs, model_config.clip_is_random)
+    artifacts.write_table(ref, METHOD_EVALUATION_FILE, frame)
+    ref = ref.with_facts(methods=["latteclip"])
+    epochs = run.history["epochs"]
+    return _result(ref, started, {
+        "epochs": len(epochs),
+        "training_images": len(inputs.train_records),
+        "lr": config.lr,
+        "lmm_texts": bool(latteclip_texts.facts.get("lmm")),
+        "trainable_parameters": sum(t.numel() for k, t in run.tensors.items() if k.startswith("model.")),
+        "history": _history_table(epochs),
+        **_evaluation_metadata(frame),
+    })
+
+
+# ── the comparison ────────────────────────────────────────────────────────────────────────────
+
+
+@nola_asset(group="results", kinds={"parquet", "duckdb"})
+def method_comparison(
+    context: AssetExecutionContext,
+    zero_shot_classifier: ArtifactRef,
+    lafter_encoder: ArtifactRef,
+    latteclip_encoder: ArtifactRef,
+    evaluation: ArtifactRef,
+    artifacts: ArtifactStore,
+) -> MaterializeResult:
+    """Every method side by side: each method's evaluation rows written to
+    `<artifact root>/evaluation/<dataset>/<method>.parquet` (atomically), then the DuckDB report over
+    all datasets there (`nola_core.report.write_report`): markdown and PNG bar chart in
+    `<artifact root>/evaluation/<dataset>/report/`, both attached to this asset's metadata."""
+    started = time.perf_counter()
+    name = context.partition_key
+    upstream = [zero_shot_classifier, lafter_encoder, latteclip_encoder, evaluation]
+    ref = artifacts.allocate("method_comparison", name, {r.asset: r.digest for r in upstream})
+    frame = pl.concat([artifacts.read_table(r, METHOD_EVALUATION_FILE) for r in upstream])
+    artifacts.write_table(ref, COMPARISON_FILE, frame)
+    root = evaluation_root(artifacts)
+    paths = {}
+    for (method_name,), part in frame.group_by(["method"], maintain_order=True):
+        [paths[method_name]] = write_evaluation(part, root, name=method_name)
+    metadata: dict = {
+        "methods": MetadataValue.json(list(paths)),
+        "rows": frame.height,
+        "evaluation_root": MetadataValue.path(str(root)),
+        "evaluation_files": MetadataValue.json({m: str(p) for m, p in paths.items()}),
+        **_evaluation_metadata(frame.filter(pl.col("final"))),
+    }
+    final = frame.filter(pl.col("final") & pl.col("top1").is_not_null())
+    if final.is_empty():
+        context.log.warning(f"{name}: no labelled images, so no accuracy to report")
+        metadata["report"] = "no labelled images: no accuracy to rank the methods by"
+    else:
+        report = write_report(root, out=evaluation_path(root, name).parent / "report")
+        context.log.info("\n" + report.text)
+        metadata.update({
+            "report": MetadataValue.md(report.markdown.read_text(encoding="utf-8")),
+            "report_chart": reporting.png_markdown(report.chart.read_bytes(), "top-1 accuracy per method"),
+            "report_markdown": MetadataValue.path(str(report.markdown)),
+            "report_png": MetadataValue.path(str(report.chart)),
+        })
+        ranked = report.summary.filter(pl.col("dataset") == name)
+        if not ranked.is_empty():
+            metadata["winner"] = str(ranked.sort("rank")["method"][0])
+    ref = ref.with_facts(methods=list(paths))
+    return _result(ref, started, metadata)
+
+
+METHOD_ASSETS = [zero_shot_classifier, lafter_encoder, latteclip_texts, latteclip_encoder, method_comparison]

@@ -1,0 +1,285 @@
+"""Resources: compute, models, method settings, description source, and the data root.
+
+Every field left unset (None) is read at run time from the environment variable
+`NOLA_<FIELD NAME IN CAPITALS>` (e.g. `device` ← `NOLA_DEVICE`), else it takes the default of
+the matching `nola_core` config dataclass, so the defaults live in one place. A value given in
+the run config (Launchpad, `nola demo`) wins over the environment. Environment variables are
+read only here, when a run uses a resource, never when the code location is imported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from dagster import ConfigurableResource
+from pydantic import Field
+
+from nola_core.alignment import AlignmentConfig
+from nola_core.data import DatasetSpec, check_dataset_name, load_dataset_spec
+from nola_core.features import FeatureConfig
+from nola_core.models import ClipModel, DinoModel, ModelConfig, load_clip, load_dino
+from nola_core.runtime import resolve_device
+from nola_core.tuning import TuningConfig
+
+ENV_PREFIX = "NOLA_"
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+class EnvSettings(ConfigurableResource):
+    """Base: `setting(name, default)` = the field if set, else `NOLA_<NAME>`, else `default`."""
+
+    def setting(self, name: str, default: Any = None) -> Any:
+        value = getattr(self, name)
+        if value is not None:
+            return value
+        raw = os.environ.get(env_name(name), "").strip()
+        if not raw:
+            return default
+        return _parse(raw, _field_type(type(self), name), env_name(name))
+
+
+def env_name(field: str) -> str:
+    return ENV_PREFIX + field.upper()
+
+
+def _field_type(cls: type, name: str) -> type:
+    annotation = cls.model_fields[name].annotation
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return args[0] if args else annotation
+
+
+def _parse(raw: str, kind: type, variable: str) -> Any:
+    if kind is bool:
+        if raw.lower() in _TRUE | _FALSE:
+            return raw.lower() in _TRUE
+        raise ValueError(f"{variable}={raw!r}: expected one of {sorted(_TRUE | _FALSE)}")
+    try:
+        return kind(raw)
+    except ValueError as error:
+        raise ValueError(f"{variable}={raw!r}: expected {kind.__name__}") from error
+
+
+def _overrides(resource: EnvSettings, mapping: dict[str, str]) -> dict[str, Any]:
+    """Core-config field → value, for the resource fields that are set (here or in the environment)."""
+    values = {core: resource.setting(field) for field, core in mapping.items()}
+    return {core: value for core, value in values.items() if value is not None}
+
+
+class ComputeResource(EnvSettings):
+    """Where and how tensors are computed. Shared by every GPU-bound asset."""
+
+    device: Optional[str] = Field(default=None, description="auto | cpu | cuda | cuda:N (env NOLA_DEVICE; default auto)")
+    precision: Optional[str] = Field(
+        default=None, description="auto | fp32 | bf16 | fp16 (env NOLA_PRECISION; auto = bf16 on CUDA, fp32 on CPU)"
+    )
+    batch_size: Optional[int] = Field(default=None, description="feature-extraction batch (env NOLA_BATCH_SIZE; default 128)")
+    num_workers: Optional[int] = Field(
+        default=None, description="data-loader worker processes (env NOLA_NUM_WORKERS; default 2)"
+    )
+
+    def torch_device(self) -> torch.device:
+        return resolve_device(self.setting("device", "auto"))
+
+    def feature_config(self) -> FeatureConfig:
+        return dataclasses.replace(
+            FeatureConfig(),
+            **_overrides(self, {"batch_size": "batch_size", "num_workers": "num_workers", "precision": "precision"}),
+        )
+
+    def loader_overrides(self) -> dict[str, Any]:
+        """The settings prompt tuning shares with feature extraction."""
+        return _overrides(self, {"num_workers": "num_workers", "precision": "precision"})
+
+
+class ModelsResource(EnvSettings):
+    """Which CLIP and DINO: a profile (`paper` or `tiny`) plus optional overrides."""
+
+    model_profile: Optional[str] = Field(
+        default=None, description="paper | tiny (env NOLA_MODEL_PROFILE; default paper)"
+    )
+    clip_model: Optional[str] = Field(default=None, description="open_clip architecture, e.g. ViT-B-32 (env NOLA_CLIP_MODEL)")
+    clip_pretrained: Optional[str] = Field(
+        default=None, description="open_clip pretrained tag, e.g. openai, or 'none' for random weights (env NOLA_CLIP_PRETRAINED)"
+    )
+    clip_checkpoint: Optional[str] = Field(default=None, description="local CLIP weights file (env NOLA_CLIP_CHECKPOINT)")
+    dino_model: Optional[str] = Field(default=None, description="timm name, e.g. vit_base_patch16_224.dino (env NOLA_DINO_MODEL)")
+    dino_checkpoint: Optional[str] = Field(default=None, description="local DINO weights file (env NOLA_DINO_CHECKPOINT)")
+    init_seed: Optional[int] = Field(default=None, description="seed of randomly initialised models (env NOLA_INIT_SEED)")
+
+    def config(self) -> ModelConfig:
+        pretrained = self.setting("clip_pretrained")
+        config = ModelConfig.from_profile(
+            self.setting("model_profile", "paper"),
+            clip_name=self.setting("clip_model"),
+            clip_pretrained=pretrained,
+            clip_checkpoint=self.setting("clip_checkpoint"),
+            dino_name=self.setting("dino_model"),
+            dino_checkpoint=self.setting("dino_checkpoint"),
+            init_seed=self.setting("init_seed"),
+        )
+        if pretrained is not None and pretrained.lower() == "none":
+            config = dataclasses.replace(config, clip_pretrained=None)
+        return config
+
+    def load_clip(self, device: torch.device | str) -> ClipModel:
+        return load_clip(self.config(), device)
+
+    def load_dino(self, device: torch.device | str) -> DinoModel:
+        return load_dino(self.config(), device)
+
+
+_ALIGNMENT_FIELDS = {
+    "k_min": "k_min",
+    "k_fraction": "k_fraction",
+    "hidden_dim": "hidden_dim",
+    "alignment_lr": "lr",
+    "alignment_batch_size": "batch_size",
+    "alignment_epochs": "epochs",
+    "seed": "seed",
+}
+_TUNING_FIELDS = {
+    "num_prompts": "num_prompts",
+    "deep_prompts": "deep_prompts",
+    "tuning_lr": "lr",
+    "tuning_batch_size": "batch_size",
+    "micro_batch_size": "micro_batch_size",
+    "tuning_epochs": "epochs",
+    "seed": "seed",
+}
+
+
+class MethodResource(EnvSettings):
+    """NoLA's hyper-parameters; unset fields keep the paper's values (`AlignmentConfig`, `TuningConfig`)."""
+
+    k_min: Optional[int] = Field(default=None, description="k = max(k_min, floor(k_fraction·N/C)) (env NOLA_K_MIN; 16)")
+    k_fraction: Optional[float] = Field(default=None, description="env NOLA_K_FRACTION; 0.2")
+    hidden_dim: Optional[int] = Field(default=None, description="DL network hidden width (env NOLA_HIDDEN_DIM; 256)")
+    alignment_lr: Optional[float] = Field(default=None, description="DL network Adam lr (env NOLA_ALIGNMENT_LR; 1e-3)")
+    alignment_batch_size: Optional[int] = Field(default=None, description="env NOLA_ALIGNMENT_BATCH_SIZE; 32")
+    alignment_epochs: Optional[int] = Field(default=None, description="DL network epochs (env NOLA_ALIGNMENT_EPOCHS; 50)")
+    num_prompts: Optional[int] = Field(default=None, description="visual prompt tokens (env NOLA_NUM_PROMPTS; 16)")
+    deep_prompts: Optional[bool] = Field(default=None, description="prompts in every layer (env NOLA_DEEP_PROMPTS; false)")
+    tuning_lr: Optional[float] = Field(default=None, description="AdamW lr at batch 512 (env NOLA_TUNING_LR; 4e-3)")
+    tuning_batch_size: Optional[int] = Field(default=None, description="effective batch (env NOLA_TUNING_BATCH_SIZE; 512)")
+    micro_batch_size: Optional[int] = Field(
+        default=None, description="images per forward/backward (env NOLA_MICRO_BATCH_SIZE; 32)"
+    )
+    tuning_epochs: Optional[int] = Field(default=None, description="prompt-tuning epochs (env NOLA_TUNING_EPOCHS; 50)")
+    seed: Optional[int] = Field(default=None, description="training seed of both stages (env NOLA_SEED; 0)")
+    wiseft_alpha: Optional[float] = Field(
+        default=None, description="WiSE-FT weight on the tuned tensors, unset = off (env NOLA_WISEFT_ALPHA)"
+    )
+
+    def alignment_config(self) -> AlignmentConfig:
+        return dataclasses.replace(AlignmentConfig(), **_overrides(self, _ALIGNMENT_FIELDS))
+
+    def tuning_config(self, compute: ComputeResource) -> TuningConfig:
+        return dataclasses.replace(TuningConfig(), **compute.loader_overrides(), **_overrides(self, _TUNING_FIELDS))
+
+    def lafter_config(self, compute: ComputeResource):
+        """LaFTer's config (50 prompts, its text-classifier settings) with the shared tuning knobs
+        (`tuning_epochs`, `tuning_lr`, batch sizes, `seed`, loader settings); `num_prompts` and
+        `deep_prompts` stay LaFTer's own."""
+        from nola_core.methods import LaFTerConfig
+
+        base = LaFTerConfig()
+        shared = {k: v for k, v in _TUNING_FIELDS.items() if k not in ("num_prompts", "deep_prompts")}
+        tuning = dataclasses.replace(base.tuning, **compute.loader_overrides(), **_overrides(self, shared))
+        text = dataclasses.replace(base.text, **_overrides(self, {"seed": "seed"}))
+        return dataclasses.replace(base, tuning=tuning, text=text)
+
+    def latteclip_config(self, compute: ComputeResource, dataset: str):
+        """LatteCLIP's config for `dataset` (the paper's per-dataset lr) with `tuning_epochs` as its
+        epoch cap, `seed`, and the loader settings."""
+        from nola_core.methods import latteclip_config_for
+
+        config = latteclip_config_for(dataset)
+        return dataclasses.replace(config, **compute.loader_overrides(),
+                                   **_overrides(self, {"tuning_epochs": "max_epochs", "seed": "seed"}))
+
+
+class DescriptionsResource(EnvSettings):
+    """Where class descriptions come from.
+
+    `dataset` (default): the file named by `descriptions:` in dataset.yaml, else templates only
+    (exactly what `run_nola` does). Any provider of `nola_core.llm` otherwise: `auto`, `anthropic`,
+    `openai`, `openai-compatible` (with base URL and model), `file` (with a path), `templates`.
+    """
+
+    descriptions: Optional[str] = Field(
+        default=None, description="dataset | auto | anthropic | openai | openai-compatible | file | templates "
+        "(env NOLA_DESCRIPTIONS; default dataset)"
+    )
+    descriptions_path: Optional[str] = Field(
+        default=None, description="file for `file`, absolute or relative to the dataset folder (env NOLA_DESCRIPTIONS_PATH)"
+    )
+    descriptions_model: Optional[str] = Field(default=None, description="LLM name (env NOLA_DESCRIPTIONS_MODEL)")
+    descriptions_base_url: Optional[str] = Field(
+        default=None, description="OpenAI-compatible server URL (env NOLA_DESCRIPTIONS_BASE_URL)"
+    )
+    prompt_set: Optional[str] = Field(default=None, description="prompts/<name>.yaml (env NOLA_PROMPT_SET; nola_v1)")
+    descriptions_count: Optional[int] = Field(default=None, description="answers per question (env NOLA_DESCRIPTIONS_COUNT; 10)")
+    descriptions_cache: Optional[str] = Field(
+        default=None, description="per-class LLM answer cache (env NOLA_DESCRIPTIONS_CACHE; .nola_cache/descriptions)"
+    )
+
+    def source(self) -> str:
+        return self.setting("descriptions", "dataset")
+
+    def describe(self, spec: DatasetSpec) -> tuple[dict[str, list[str]], dict[str, Any]]:
+        """(class → descriptions for every class of `spec`, provenance)."""
+        from nola_core.llm import describe_classes, load_description_set, make_provider
+        from nola_core.pipeline import resolve_descriptions
+
+        source = self.source()
+        if source == "dataset":
+            provenance: dict[str, Any] = {"provider": "dataset", "file": None}
+            if spec.descriptions is not None:
+                provenance = {**load_description_set(spec.descriptions).provenance, "file": str(spec.descriptions)}
+            return resolve_descriptions(spec, None), provenance
+        path = self.setting("descriptions_path")
+        provider = make_provider(
+            source,
+            model=self.setting("descriptions_model"),
+            base_url=self.setting("descriptions_base_url"),
+            path=spec.root / path if path is not None else None,
+        )
+        result = describe_classes(
+            spec.classes,
+            provider=provider,
+            prompt_set=self.setting("prompt_set", "nola_v1"),
+            domain=spec.domain,
+            count=self.setting("descriptions_count", 10),
+            cache_dir=self.setting("descriptions_cache", ".nola_cache/descriptions"),
+        )
+        return resolve_descriptions(spec, result.descriptions), result.provenance
+
+
+class DatasetsResource(EnvSettings):
+    """The data root: one folder per dataset (dataset.yaml, unlabeled/, optional labeled/)."""
+
+    data_root: Optional[str] = Field(default=None, description="env NOLA_DATA_ROOT; default data/ (relative to the working directory)")
+
+    def root(self) -> Path:
+        return Path(self.setting("data_root", "data")).resolve()
+
+    def dataset_dir(self, name: str) -> Path:
+        """`<data root>/<name>`; a name that could lead elsewhere ('..', '/') is refused."""
+        return self.root() / check_dataset_name(name)
+
+    def spec(self, name: str) -> DatasetSpec:
+        return load_dataset_spec(self.dataset_dir(name))
+
+    def names(self) -> list[str]:
+        """Folders of the data root holding a dataset.yaml, sorted; hidden folders ignored."""
+        root = self.root()
+        if not root.is_dir():
+            return []
+        return sorted(p.name for p in root.iterdir()
+                      if not p.name.startswith(".") and (p / "dataset.yaml").is_file())

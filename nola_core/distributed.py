@@ -1,0 +1,228 @@
+"""Several processes (one per GPU, or CPU processes with gloo) inside one run: torchrun or `launch`.
+
+- `init_distributed()` reads what `torchrun` sets (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
+  MASTER_PORT) and joins the process group: NCCL on GPUs (one device per local rank), gloo on
+  CPU. Without those variables (or WORLD_SIZE=1) it returns a single-process context and
+  everything below runs as if there were no `torch.distributed`.
+- `launch(fn, nprocs, *args)` starts `nprocs` local processes itself (spawn) and returns rank 0's
+  result: what an orchestrator (the Dagster resource field `nproc_per_node`, env
+  `NOLA_NPROC_PER_NODE`) uses when the run is not already under torchrun.
+- Feature extraction: `extract_features_distributed` gives rank r the records r, r+W, ...
+  and gathers every rank's rows back into record order, so the table equals one process's
+  (up to float rounding of different batch compositions).
+- Prompt tuning: `nola_core.tuning.train_prompts(..., distributed=context)` wraps the
+  classifier in DDP; the per-step image sets and the per-image augmentation seeds are those of
+  one process, so the trained tensors match one process's (see tests/test_distributed.py).
+
+From the shell: `torchrun --nproc-per-node 4 -m nola_core.distributed features DATASET_DIR
+--out DIR` writes the CLIP and DINO feature stores of a dataset with 4 processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import socket
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from nola_core.data import ImageRecord
+from nola_core.features import FeatureConfig, FeatureTable, extract_features
+from nola_core.runtime import resolve_device
+
+NPROC_ENV = "NOLA_NPROC_PER_NODE"
+"""The environment variable behind the Dagster resource field `nproc_per_node` (default 1)."""
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+SINGLE_PROCESS = DistributedContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+def init_distributed(device: str | torch.device = "auto", backend: str | None = None,
+                     timeout_s: float = 1800.0) -> DistributedContext:
+    """Join the process group described by torchrun's environment (idempotent).
+
+    `device="auto"` gives each local rank its own GPU (`cuda:LOCAL_RANK`) when there are GPUs,
+    else the CPU; the backend follows (nccl / gloo) unless given.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
+    if device == "auto" and torch.cuda.is_available() and world > 1:
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    resolved = resolve_device(device)
+    if resolved.type == "cuda":
+        torch.cuda.set_device(resolved)
+    if world <= 1:
+        return DistributedContext(rank=0, world_size=1, local_rank=0, device=resolved)
+    backend = backend or ("nccl" if resolved.type == "cuda" else "gloo")
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+    return DistributedContext(rank=rank, world_size=world, local_rank=local_rank, device=resolved,
+                              backend=dist.get_backend())
+
+
+def shutdown(context: DistributedContext) -> None:
+    if context.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def shard_positions(count: int, context: DistributedContext) -> list[int]:
+    """Positions r, r+W, r+2W, ... of `count` items: balanced to within one, no padding."""
+    return list(range(context.rank, count, context.world_size))
+
+
+def extract_features_distributed(
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    root: Path,
+    records: Sequence[ImageRecord],
+    transform: Callable,
+    config: FeatureConfig,
+    context: DistributedContext,
+    dtype: torch.dtype = torch.float16,
+    module: nn.Module | None = None,
+) -> FeatureTable:
+    """`extract_features` with the records sharded over ranks; every rank returns the whole table."""
+    mine = [records[i] for i in shard_positions(len(records), context)]
+    local = extract_features(encode, root, mine, transform, config, context.device, dtype=dtype, module=module)
+    return gather_feature_table(local, records, context)
+
+
+def gather_feature_table(local: FeatureTable, records: Sequence[ImageRecord],
+                         context: DistributedContext) -> FeatureTable:
+    """Every rank's rows, in the order of `records` (ids found nowhere are dropped), on every rank."""
+    if not context.enabled:
+        return local
+    pieces: list[Any] = [None] * context.world_size
+    dist.all_gather_object(pieces, (local.ids, local.failed, tuple(local.features.shape[1:]), local.features.dtype))
+    counts = [len(ids) for ids, _, _, _ in pieces]
+    shape, dtype = next(((s, d) for ids, _, s, d in pieces if ids), (tuple(local.features.shape[1:]), local.features.dtype))
+    width = int(torch.Size(shape).numel()) * torch.empty(0, dtype=dtype).element_size()
+    # Ship raw bytes: the same code serves float16 and float32 tables on gloo and NCCL.
+    padded = torch.zeros(max(counts), width, dtype=torch.uint8)
+    if len(local):
+        padded[: len(local)] = local.features.to(dtype).contiguous().view(len(local), -1).view(torch.uint8)
+    on_device = padded.to(context.device)
+    gathered = [torch.empty_like(on_device) for _ in range(context.world_size)]
+    dist.all_gather(gathered, on_device)
+    row_of: dict[str, tuple[int, int]] = {}
+    for source, (ids, _, _, _) in enumerate(pieces):
+        row_of.update({image_id: (source, row) for row, image_id in enumerate(ids)})
+    ordered = [r.image_id for r in records if r.image_id in row_of]
+    blob = torch.empty(len(ordered), width, dtype=torch.uint8)
+    cpu = [g.cpu() for g in gathered]
+    for i, image_id in enumerate(ordered):
+        source, row = row_of[image_id]
+        blob[i] = cpu[source][row]
+    features = blob.view(dtype).view(len(ordered), *shape) if ordered else torch.empty(0, *shape, dtype=dtype)
+    failed = {image_id for _, fails, _, _ in pieces for image_id in fails}
+    return FeatureTable(
+        ids=tuple(ordered),
+        features=features,
+        failed=tuple(r.image_id for r in records if r.image_id in failed),
+    )
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launched(rank: int, fn: Callable, nprocs: int, port: int, result_path: str, device: str, backend: str | None,
+              args: tuple) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(nprocs), LOCAL_WORLD_SIZE=str(nprocs))
+    context = init_distributed(device, backend)
+    try:
+        result = fn(context, *args)
+        if context.is_main:
+            torch.save(result, result_path)
+    finally:
+        shutdown(context)
+
+
+def launch(fn: Callable[..., Any], nprocs: int, *args: Any, device: str = "auto", backend: str | None = None) -> Any:
+    """Run `fn(context, *args)` in `nprocs` fresh local processes; return rank 0's result.
+
+    `fn` must be importable (a module-level function): processes are spawned, not forked.
+    With `nprocs == 1` it runs here, in a single-process context.
+    """
+    if nprocs <= 1:
+        return fn(DistributedContext(0, 1, 0, resolve_device(device)), *args)
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory(prefix="nola-launch-") as folder:
+        result_path = os.path.join(folder, "result.pt")
+        mp.start_processes(_launched, args=(fn, nprocs, _free_port(), result_path, device, backend, args),
+                           nprocs=nprocs, join=True, start_method="spawn")
+        # Our own file, written a moment ago by rank 0 of this call: trusted, so full unpickling.
+        return torch.load(result_path, weights_only=False)
+
+
+def _features_command(options: argparse.Namespace) -> None:
+    from nola_core.features import save_feature_table
+    from nola_core.models import ModelConfig, load_clip, load_dino
+    from nola_core.pipeline import evaluation_records, load_dataset
+    from nola_core.data import eval_transform
+
+    context = init_distributed(options.device)
+    try:
+        spec, manifest, labeled = load_dataset(options.dataset)
+        records = evaluation_records(manifest, labeled)
+        models = ModelConfig.from_profile(options.profile)
+        config = FeatureConfig(batch_size=options.batch_size, num_workers=options.num_workers,
+                               precision=options.precision)
+        for name, model in (("clip", load_clip(models, context.device)), ("dino", load_dino(models, context.device))):
+            tower = model.visual if name == "clip" else model.model
+            table = extract_features_distributed(model.encode_image, spec.root, records,
+                                                 eval_transform(model.preprocess), config, context, module=tower)
+            if context.is_main:
+                save_feature_table(table, Path(options.out) / f"{name}_features.safetensors")
+                print(f"{name}: {len(table)} rows, {len(table.failed)} unreadable -> {options.out}")
+    finally:
+        shutdown(context)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m nola_core.distributed", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    features = commands.add_parser("features", help="CLIP and DINO feature stores of a dataset, sharded over ranks")
+    features.add_argument("dataset")
+    features.add_argument("--out", required=True)
+    features.add_argument("--profile", default="paper", help="model profile: paper | tiny")
+    features.add_argument("--device", default="auto")
+    features.add_argument("--precision", default="auto")
+    features.add_argument("--batch-size", type=int, default=FeatureConfig.batch_size)
+    features.add_argument("--num-workers", type=int, default=FeatureConfig.num_workers)
+    options = parser.parse_args(argv)
+    if options.command == "features":
+        _features_command(options)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""Label-free adaptation methods as composable recipes, sharing the core's components.
+
+Each method is a frozen config dataclass with its paper's defaults plus plain stage functions
+with explicit inputs and outputs (what a Dagster asset calls), and a `run_*` that chains them
+from the shared inputs (features, text classifiers, descriptions) into a `MethodRun`:
+
+    zero-shot   `zero_shot`:  ZeroShotConfig,  zero_shot_weights → run_zero_shot
+    cde         `cde`:        CDEConfig,       cde_weights → run_cde
+    lafter      `lafter`:     LaFTerConfig,    lafter_text_set → train_text_classifier →
+                                               build_lafter_classifier → tune_lafter → run_lafter
+    latteclip   `latteclip`:  LatteCLIPConfig, generate_latteclip_texts, class_text_weights →
+                                               tune_latteclip → latteclip_probabilities → run_latteclip
+    nola        `nola`:       NolaConfig,      the stages of `nola_core.pipeline` → run_nola_method
+
+`evaluation` turns runs into the metrics table (the only place labels are read); `compare`
+runs any subset of the methods over seeds on one dataset folder.
+"""
+
+from nola_core.methods.cde import CDEConfig, cde_weights, run_cde
+from nola_core.methods.common import MethodRun, PseudoLabels, StageOutput
+from nola_core.text import embed_texts
+from nola_core.methods.compare import METHOD_NAMES, Comparison, ComparisonConfig, compare_methods
+from nola_core.methods.evaluation import (
+    EVALUATION_SCHEMA,
+    EvaluationLabels,
+    evaluate_run,
+    evaluate_runs,
+    evaluation_path,
+    write_evaluation,
+)
+from nola_core.methods.lafter import (
+    LaFTerConfig,
+    TextClassifierConfig,
+    build_lafter_classifier,
+    lafter_pseudo_labeller,
+    lafter_text_set,
+    lafter_views,
+    run_lafter,
+    text_classifier_probabilities,
+    train_text_classifier,
+    tune_lafter,
+)
+from nola_core.methods.latteclip import (
+    LatteCLIPConfig,
+    LatteTexts,
+    class_text_weights,
+    dual_pseudo_labels,
+    flyp_loss,
+    generate_latteclip_texts,
+    latteclip_config_for,
+    latteclip_groups,
+    latteclip_probabilities,
+    latteclip_zero_shot,
+    mixer_weights,
+    momentum_update,
+    prototype_text_embeddings,
+    run_latteclip,
+    train_latteclip_loop,
+    tune_latteclip,
+)
+from nola_core.methods.nola import run_nola_method, selection_pseudo_labels
+from nola_core.methods.zero_shot import ZeroShotConfig, run_zero_shot, zero_shot_weights
+
+__all__ = [
+    "CDEConfig",
+    "Comparison",
+    "ComparisonConfig",
+    "EVALUATION_SCHEMA",
+    "EvaluationLabels",
+    "LaFTerConfig",
+    "LatteCLIPConfig",
+    "LatteTexts",
+    "METHOD_NAMES",
+    "MethodRun",
+    "PseudoLabels",
+    "StageOutput",
+    "TextClassifierConfig",
+    "ZeroShotConfig",
+    "build_lafter_classifier",
+    "cde_weights",
+    "class_text_weights",
+    "compare_methods",
+    "dual_pseudo_labels",
+    "embed_texts",
+    "evaluate_run",
+    "evaluate_runs",
+    "evaluation_path",
+    "flyp_loss",
+    "generate_latteclip_texts",
+    "lafter_pseudo_labeller",
+    "lafter_text_set",
+    "lafter_views",
+    "latteclip_config_for",
+    "latteclip_groups",
+    "latteclip_probabilities",
+    "latteclip_zero_shot",
+    "mixer_weights",
+    "momentum_update",
+    "prototype_text_embeddings",
+    "run_cde",
+    "run_lafter",
+    "run_latteclip",
+    "run_nola_method",
+    "run_zero_shot",
+    "selection_pseudo_labels",
+    "text_classifier_probabilities",
+    "train_latteclip_loop",
+    "train_text_classifier",
+    "tune_lafter",
+    "tune_latteclip",
+    "write_evaluation",
+    "zero_shot_weights",
+]

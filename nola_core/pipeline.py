@@ -1,0 +1,400 @@
+"""NoLA end to end on a dataset folder, from Python alone (no Dagster).
+
+descriptions → CDE classifier → DINO features → top-k pseudo-labels → DL network →
+prompt-tuned CLIP encoder → predictions. Each step is a function of `nola_core`; this module
+only chains them, the same way the Dagster assets do one step per asset.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import polars as pl
+import torch
+
+from nola_core.alignment import (
+    AlignmentConfig,
+    PseudoLabelSelection,
+    class_log_odds,
+    per_class_k,
+    predict_alignment,
+    select_top_k,
+    selection_report,
+    train_alignment,
+)
+from nola_core.data import (
+    DatasetSpec,
+    ImageRecord,
+    Manifest,
+    build_manifest,
+    known_labels,
+    load_dataset_spec,
+)
+from nola_core.data.transforms import MultiView, eval_transform, strong_transform, weak_transform
+from nola_core.eval import accuracy_report, format_stage_table
+from nola_core.features import FeatureConfig, FeatureTable, extract_features
+from nola_core.models import ClipModel, DinoModel, ModelConfig, PromptTunedClassifier, load_clip, load_dino
+from nola_core.models.vpt import interpolate_trainable
+from nola_core.runtime import resolve_device
+from nola_core.text import (
+    cde_classifier,
+    clip_token_counter,
+    colliding_class_names,
+    get_templates,
+    truncated_texts,
+    zero_shot_classifier,
+)
+from nola_core.tuning import EpochStats, TuningConfig, train_prompts
+
+logger = logging.getLogger(__name__)
+
+TUNED_STAGE = "NoLA prompt-tuned"
+
+RANDOM_MODEL_NOTE = (
+    "NOTE: these models are randomly initialised (tiny profile or no weights): the accuracy and "
+    "precision figures only show that the pipeline runs; they say nothing about the method."
+)
+
+
+@dataclass(frozen=True)
+class NolaConfig:
+    models: ModelConfig = field(default_factory=ModelConfig)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    alignment: AlignmentConfig = field(default_factory=AlignmentConfig)
+    tuning: TuningConfig = field(default_factory=TuningConfig)
+    device: str = "auto"
+    # WiSE-FT post-step: mix untuned and tuned trainable tensors with this weight on the tuned
+    # ones (0 = untuned, 1 = tuned). None (default) keeps the tuned model as trained.
+    wiseft_alpha: float | None = None
+
+
+@dataclass
+class NolaResult:
+    spec: DatasetSpec
+    manifest: Manifest
+    zero_shot: torch.Tensor  # [C, D] template classifier
+    cde: torch.Tensor  # [C, D] class description embedding classifier
+    selection: PseudoLabelSelection
+    selection_report: dict
+    dl_network: torch.nn.Module
+    classifier: PromptTunedClassifier
+    history: list[EpochStats]
+    predictions: pl.DataFrame  # one row per unlabeled image
+    stages: dict[str, dict]  # per-stage metrics; accuracy only where labels exist
+    random_models: bool
+    text_checks: dict  # class-name collisions and descriptions longer than CLIP's context
+
+    def stage_table(self) -> str:
+        return format_stage_table(self.stages, RANDOM_MODEL_NOTE if self.random_models else None)
+
+
+def resolve_descriptions(spec: DatasetSpec, descriptions: Mapping[str, Sequence[str]] | None) -> dict[str, list[str]]:
+    """Given descriptions, else the dataset's descriptions file, else none (templates only, with a warning)."""
+    if descriptions is None and spec.descriptions is not None:
+        from nola_core.llm import load_descriptions
+
+        descriptions = load_descriptions(spec.descriptions)
+    if descriptions is None:
+        warnings.warn(
+            f"dataset {spec.name!r} has no class descriptions: the CDE classifier falls back to "
+            "templates only (run `nola describe` or set `descriptions:` in dataset.yaml)",
+            stacklevel=2,
+        )
+        return {name: [] for name in spec.classes}
+    unknown = sorted(set(descriptions) - set(spec.classes))
+    if unknown:
+        logger.warning("descriptions for classes not in %s ignored: %s", spec.name, unknown[:10])
+    return {name: list(descriptions.get(name, [])) for name in spec.classes}
+
+
+def evaluation_records(unlabeled: Manifest, labeled: Manifest | None) -> list[ImageRecord]:
+    """Unlabeled images first, then labelled images that are not also unlabeled (held-out)."""
+    records = list(unlabeled.records)
+    if labeled is not None:
+        seen = set(unlabeled.ids)
+        records += [r for r in labeled.records if r.image_id not in seen]
+    return records
+
+
+def training_ids(manifest: Manifest, *tables: FeatureTable) -> list[str]:
+    """Unlabeled image ids, in manifest order, that every feature table holds (readable by all)."""
+    usable = set.intersection(*(set(table.ids) for table in tables))
+    return [image_id for image_id in manifest.ids if image_id in usable]
+
+
+def image_features(
+    model: ClipModel | DinoModel,
+    root: Path,
+    records: Sequence[ImageRecord],
+    config: FeatureConfig,
+    device,
+    progress: Callable[[int, int], None] | None = None,
+) -> FeatureTable:
+    tower = model.visual if isinstance(model, ClipModel) else model.model  # what encode_image runs
+    return extract_features(model.encode_image, root, records, eval_transform(model.preprocess), config, device,
+                            progress, module=tower)
+
+
+def build_prompt_classifier(clip: ClipModel, class_embeddings: torch.Tensor, config: TuningConfig) -> PromptTunedClassifier:
+    """A fresh copy of the vision tower, so the zero-shot model stays untouched."""
+    return PromptTunedClassifier(
+        copy.deepcopy(clip.visual),
+        class_embeddings,
+        num_prompts=config.num_prompts,
+        deep_prompts=config.deep_prompts,
+        logit_scale=config.logit_scale,
+        init_seed=config.seed,
+    )
+
+
+def dino_pseudo_labeller(dino: DinoModel, dl_network: torch.nn.Module, device):
+    """Hard argmax labels of the DL network on DINO features of the weak view."""
+    network = dl_network.to(device).eval()
+
+    def label(weak_views: torch.Tensor) -> torch.Tensor:
+        return network(dino.encode_image(weak_views).float()).argmax(dim=-1)
+
+    return label
+
+
+def load_dataset(dataset_dir: str | Path) -> tuple[DatasetSpec, Manifest, Manifest | None]:
+    """The spec, the unlabeled manifest, and the labelled one when `labeled/` exists."""
+    spec = load_dataset_spec(dataset_dir)
+    manifest = build_manifest(spec, "unlabeled")
+    labeled = build_manifest(spec, "labeled") if spec.labeled_dir.is_dir() else None
+    logger.info("%s: %d images (%d skipped), %d classes", spec.name, len(manifest), len(manifest.skipped),
+                len(spec.classes))
+    return spec, manifest, labeled
+
+
+def text_classifiers(
+    clip: ClipModel, spec: DatasetSpec, descriptions: Mapping[str, Sequence[str]], device="cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(zero-shot template classifier, CDE classifier), both [C, D] unit rows."""
+    templates = get_templates(spec.templates)
+    zero_shot = zero_shot_classifier(clip, spec.classes, templates, device)
+    return zero_shot, cde_classifier(clip, spec.classes, templates, descriptions, device)
+
+
+def cde_pseudo_labels(
+    clip_features: torch.Tensor, cde: torch.Tensor, config: AlignmentConfig
+) -> PseudoLabelSelection:
+    """Top-k most confident images per class under the CDE classifier (rows of `clip_features`)."""
+    k = per_class_k(clip_features.shape[0], cde.shape[0], config.k_min, config.k_fraction)
+    return select_top_k(class_log_odds(clip_features, cde, config.logit_scale, config.score_chunk_size), k)
+
+
+def tune_prompts(
+    clip: ClipModel,
+    dino: DinoModel,
+    dl_network: torch.nn.Module,
+    cde: torch.Tensor,
+    root: Path,
+    records: Sequence[ImageRecord],
+    config: TuningConfig,
+    device,
+    progress=None,
+    dino_features: torch.Tensor | None = None,
+    distributed=None,
+    resume_dir: Path | None = None,
+) -> tuple[PromptTunedClassifier, list[EpochStats]]:
+    """NoLA's last stage: VPT on CLIP, supervised by the DL network's labels on weak views.
+
+    With `config.fixed_pseudo_labels`, the labels are the DL network's on `dino_features` (the
+    eval-view DINO features of `records`, in order), computed once instead of per weak view.
+    `resume_dir`: per-epoch resumable state (see `train_prompts`).
+    """
+    classifier = build_prompt_classifier(clip, cde, config)
+    views = MultiView((weak_transform(dino.preprocess), strong_transform(clip.preprocess)))
+    fixed = None
+    if config.fixed_pseudo_labels:
+        if dino_features is None:
+            raise ValueError("fixed_pseudo_labels needs the records' DINO features (dino_features=)")
+        fixed = predict_alignment(dl_network, dino_features).argmax(dim=-1)
+    history = train_prompts(
+        classifier, root, records, views, dino_pseudo_labeller(dino, dl_network, device), config, device, progress,
+        fixed_labels=fixed, frozen_modules=(dino.model,), distributed=distributed, resume_dir=resume_dir,
+    )
+    return classifier, history
+
+
+def tuned_image_features(
+    classifier: PromptTunedClassifier,
+    clip: ClipModel,
+    root: Path,
+    records: Sequence[ImageRecord],
+    config: FeatureConfig,
+    device,
+) -> FeatureTable:
+    """Unit-norm image embeddings of the tuned encoder (eval view), float32.
+
+    One pass serves both the tuned head and the forgetting guard (the same embeddings scored by
+    the untouched zero-shot template classifier).
+    """
+    return extract_features(classifier.image_features, root, records, eval_transform(clip.preprocess),
+                            config, device, dtype=torch.float32, module=classifier)
+
+
+def tuned_head_probabilities(classifier: PromptTunedClassifier, features: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.softmax(classifier.logits_from_features(features.to(classifier.head.weight.device)),
+                             dim=-1).cpu()
+
+
+def apply_wiseft(
+    classifier: PromptTunedClassifier, clip: ClipModel, cde: torch.Tensor, config: TuningConfig, alpha: float
+) -> None:
+    """Interpolate, in place, between the untuned (initial, seeded) and tuned trainable tensors."""
+    untuned = build_prompt_classifier(clip, cde, config).trainable_state_dict()
+    classifier.load_trainable_state_dict(interpolate_trainable(untuned, classifier.trainable_state_dict(), alpha))
+
+
+def text_checks(clip: ClipModel, spec: DatasetSpec, descriptions: Mapping[str, Sequence[str]]) -> dict:
+    """Class names that collide after normalisation, and descriptions CLIP will truncate; logged."""
+    collisions = colliding_class_names(spec.classes)
+    for group in collisions:
+        logger.warning("%s: class names %s are the same after case/space/plural folding", spec.name, group)
+    context = getattr(clip.tokenizer, "context_length", 77)
+    truncated = truncated_texts(clip_token_counter(clip.tokenizer), descriptions, context)
+    for name, count in truncated.items():
+        logger.warning("%s: %d description(s) of class %r exceed CLIP's %d-token context and are truncated",
+                       spec.name, count, name, context)
+    return {"collisions": collisions, "truncated": truncated, "context_length": context}
+
+
+def run_nola(
+    dataset_dir: str | Path,
+    config: NolaConfig = NolaConfig(),
+    descriptions: Mapping[str, Sequence[str]] | None = None,
+) -> NolaResult:
+    """Run the whole method on one dataset folder and return every intermediate result."""
+    device = resolve_device(config.device)
+    spec, manifest, labeled = load_dataset(dataset_dir)
+    texts = resolve_descriptions(spec, descriptions)
+    clip = load_clip(config.models, device)
+    checks = text_checks(clip, spec, texts)
+    dino = load_dino(config.models, device)
+    zero_shot, cde = text_classifiers(clip, spec, texts, device)
+
+    records = evaluation_records(manifest, labeled)
+    clip_table = image_features(clip, spec.root, records, config.features, device)
+    dino_table = image_features(dino, spec.root, records, config.features, device)
+    train_ids = training_ids(manifest, clip_table, dino_table)
+    if not train_ids:
+        raise RuntimeError(f"{spec.unlabeled_dir}: no image could be read at feature extraction")
+
+    selection = cde_pseudo_labels(clip_table.rows_for(train_ids), cde, config.alignment)
+    labels_by_id = known_labels(manifest, labeled) if labeled is not None else {}
+    report = selection_report(selection, spec.classes, train_ids, labels_by_id)
+    logger.info("top-%d pseudo-labels: %s", selection.k, report["per_class"])
+    empty = [name for name, count in report["per_class"].items() if count == 0]
+    if empty:
+        logger.warning("%s: no pseudo-label at all for classes %s: the DL network never sees them",
+                       spec.name, empty)
+    dl_network, _ = train_alignment(dino_table.rows_for(train_ids), selection, config.alignment, device)
+
+    by_id = {r.image_id: r for r in manifest.records}
+    classifier, history = tune_prompts(
+        clip, dino, dl_network, cde, spec.root, [by_id[i] for i in train_ids], config.tuning, device,
+        dino_features=dino_table.rows_for(train_ids) if config.tuning.fixed_pseudo_labels else None,
+    )
+    if config.wiseft_alpha is not None:
+        apply_wiseft(classifier, clip, cde, config.tuning, config.wiseft_alpha)
+    tuned_table = tuned_image_features(classifier, clip, spec.root, records, config.features, device)
+    probabilities = stage_probabilities(clip_table, dino_table, zero_shot, cde, dl_network, classifier, tuned_table,
+                                        config.alignment.logit_scale)
+    result = NolaResult(
+        spec=spec, manifest=manifest, zero_shot=zero_shot, cde=cde, selection=selection,
+        selection_report=report, dl_network=dl_network, classifier=classifier, history=history,
+        predictions=prediction_table(manifest, clip_table.ids, probabilities[TUNED_STAGE], spec.classes),
+        stages=evaluate_stages(probabilities, clip_table.ids, spec.classes, labeled, report),
+        random_models=config.models.clip_is_random or config.models.dino_is_random,
+        text_checks=checks,
+    )
+    logger.info("\n%s", result.stage_table())
+    return result
+
+
+def stage_probabilities(
+    clip_table: FeatureTable,
+    dino_table: FeatureTable,
+    zero_shot: torch.Tensor,
+    cde: torch.Tensor,
+    dl_network: torch.nn.Module,
+    classifier: PromptTunedClassifier,
+    tuned_table: FeatureTable,
+    logit_scale: float,
+) -> dict[str, torch.Tensor]:
+    """Class probabilities of every stage, rows in the order of `clip_table.ids` (what
+    `evaluate_stages` and `prediction_table` take); `tuned_table` is `tuned_image_features`."""
+    tuned_features = reindex_rows(tuned_table, clip_table.ids)
+    dl_probabilities = FeatureTable(dino_table.ids, predict_alignment(dl_network, dino_table.features))
+    return {
+        "zero-shot (templates)": cosine_probabilities(clip_table.features, zero_shot, logit_scale),
+        "CDE (descriptions)": cosine_probabilities(clip_table.features, cde, logit_scale),
+        "DL network (DINO)": reindex_rows(dl_probabilities, clip_table.ids),
+        TUNED_STAGE: tuned_head_probabilities(classifier, tuned_features),
+        "tuned encoder + templates": cosine_probabilities(tuned_features, zero_shot, logit_scale),
+    }
+
+
+def evaluate_stages(
+    stage_probabilities: dict[str, torch.Tensor],
+    ids: Sequence[str],
+    classes: Sequence[str],
+    labeled: Manifest | None,
+    selection_summary: dict | None = None,
+) -> dict[str, dict]:
+    """Accuracy of each stage on the labelled images (report only) and pseudo-label precision."""
+    stages: dict[str, dict] = {name: {} for name in stage_probabilities}
+    if selection_summary and "precision" in selection_summary:
+        stages = {"top-k pseudo-labels": {"precision": selection_summary["precision"]}, **stages}
+    if labeled is None or not len(labeled):
+        return stages
+    row = {image_id: i for i, image_id in enumerate(ids)}
+    pairs = [(row[r.image_id], r.label) for r in labeled.records if r.image_id in row]
+    if not pairs:
+        return stages
+    rows = torch.tensor([p[0] for p in pairs])
+    labels = torch.tensor([p[1] for p in pairs])
+    for name, probabilities in stage_probabilities.items():
+        stages[name] = accuracy_report(probabilities[rows].argmax(dim=-1), labels, classes)
+    return stages
+
+
+def prediction_table(
+    manifest: Manifest, ids: Sequence[str], probabilities: torch.Tensor, classes: Sequence[str]
+) -> pl.DataFrame:
+    row = {image_id: i for i, image_id in enumerate(ids)}
+    present = [r for r in manifest.records if r.image_id in row]
+    probs = probabilities[[row[r.image_id] for r in present]]
+    confidence, predicted = probs.max(dim=-1)
+    return pl.DataFrame(
+        {
+            "image_id": [r.image_id for r in present],
+            "path": [r.path for r in present],
+            "predicted_class": [classes[i] for i in predicted.tolist()],
+            "predicted_index": predicted.tolist(),
+            "confidence": confidence.tolist(),
+        }
+    )
+
+
+def cosine_probabilities(features: torch.Tensor, classifier: torch.Tensor, logit_scale: float) -> torch.Tensor:
+    weights = torch.nn.functional.normalize(classifier.float(), dim=-1)
+    return torch.softmax(logit_scale * torch.nn.functional.normalize(features.float(), dim=-1) @ weights.T, dim=-1)
+
+
+def reindex_rows(table: FeatureTable, ids: Sequence[str]) -> torch.Tensor:
+    """Rows of `table` in the order of `ids`; ids the table lacks (unreadable now) get zeros."""
+    out = torch.zeros(len(ids), table.features.shape[1])
+    row = {image_id: i for i, image_id in enumerate(table.ids)}
+    for position, image_id in enumerate(ids):
+        if image_id in row:
+            out[position] = table.features[row[image_id]]
+    return out

@@ -1,0 +1,149 @@
+"""The whole asset graph materialized on tiny random models: artifacts, metadata, checks, and the
+same predictions as `run_nola` for the same configuration."""
+
+import shutil
+
+import polars as pl
+import pytest
+import torch
+from dagster import AssetCheckSeverity, AssetSelection, AssetKey, DagsterInstance, materialize
+from safetensors.torch import save_file
+
+from assets_helpers import ALIGNMENT_EPOCHS, FAKE_DESCRIPTIONS, TUNING_EPOCHS, copy_demo, resources_for_test
+from nola_core.alignment import AlignmentConfig
+from nola_core.features import load_feature_table, save_feature_table
+from nola_core.models import ModelConfig
+from nola_core.pipeline import NolaConfig, run_nola
+from nola_core.tuning import TuningConfig
+from nola_assets.artifacts import ArtifactRef
+from nola_assets.assets import NOLA_ASSETS, PREDICTIONS_FILE, dino_features
+from nola_assets.checks import NOLA_CHECKS, coverage_result, finite_result, tuned_vs_zero_shot_result
+from nola_assets.partitions import DATASETS
+
+DATASET = "fashion_mini"
+
+
+@pytest.fixture(scope="module")
+def graph(tmp_path_factory):
+    root = tmp_path_factory.mktemp("graph")
+    copy_demo(root / "data", DATASET)
+    resources = resources_for_test(root / "data", root / "artifacts")
+    instance = DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(DATASETS, [DATASET])
+    result = materialize([*NOLA_ASSETS, *NOLA_CHECKS], instance=instance, partition_key=DATASET,
+                         resources=resources)
+    return result, resources["artifacts"], root
+
+
+def _metadata(result, asset: str) -> dict:
+    [event] = [e for e in result.get_asset_materialization_events() if e.asset_key == AssetKey(asset)]
+    return {key: value.value for key, value in event.materialization.metadata.items()}
+
+
+def test_every_asset_is_materialized_with_its_artifact(graph):
+    result, store, _ = graph
+    assert result.success
+    materialized = {e.asset_key.path[-1] for e in result.get_asset_materialization_events()}
+    assert materialized == {a.key.path[-1] for a in NOLA_ASSETS}
+    for asset in materialized:
+        ref = store.require_ref(asset, DATASET)
+        assert (store.root() / DATASET / asset / ref.digest / "key.json").is_file()
+        assert ref.path.startswith(str(store.root()))
+        assert any(p.suffix in (".parquet", ".safetensors", ".json") and p.name != "key.json"
+                   for p in store.root().joinpath(DATASET, asset, ref.digest).iterdir())
+    # Keys hold what changes the content.
+    features = store.require_ref("dino_features", DATASET)
+    assert features.key["model_key"]["model"]["dino_name"] == "nola-tiny-dino"
+    descriptions = store.require_ref("class_descriptions", DATASET)
+    assert store.require_ref("cde_classifier", DATASET).key["descriptions"] == descriptions.facts["content_hash"]
+
+
+def test_metadata_counts(graph):
+    result, store, _ = graph
+    manifest = _metadata(result, "dataset_manifest")
+    assert manifest["images"] == 120 and manifest["held_out_labelled_images"] == 40
+    assert manifest["labelled_copies_of_unlabeled"] == 120
+    assert _metadata(result, "dino_features")["computed"] == 160
+    assert _metadata(result, "class_descriptions")["descriptions"] == sum(map(len, FAKE_DESCRIPTIONS.values()))
+
+    pseudo = _metadata(result, "cde_pseudo_labels")
+    assert pseudo["k"] == 16  # max(16, floor(0.2 * 120 / 4))
+    assert sum(pseudo["per_class"].values()) == pseudo["selected"] <= 16 * 4
+    assert 0.0 <= pseudo["precision"] <= 1.0
+    frame = store.read_table(store.require_ref("cde_pseudo_labels", DATASET), "pseudo_labels.parquet")
+    assert frame.height == 120 and frame["selected"].sum() == pseudo["selected"]
+
+    assert _metadata(result, "alignment_checkpoint")["epochs"] == ALIGNMENT_EPOCHS
+    tuned = _metadata(result, "prompt_tuned_encoder")
+    assert tuned["epochs"] == TUNING_EPOCHS and tuned["training_images"] == 120
+    assert _metadata(result, "predictions")["images"] == 120
+
+    evaluation = _metadata(result, "evaluation")
+    assert evaluation["random_models"] is True and evaluation["labelled_split"] is True
+    assert "| zero-shot (templates) |" in evaluation["stages"]
+    assert "randomly initialised" in evaluation["stages"]
+    assert evaluation["accuracy"].startswith("![accuracy per stage](data:image/png;base64,")
+
+
+def test_asset_checks_ran_and_artifacts_are_finite(graph):
+    result, _, _ = graph
+    evaluations = {(e.asset_key.path[-1], e.check_name): e for e in result.get_asset_check_evaluations()}
+    assert len(evaluations) == len(NOLA_CHECKS)
+    assert all(e.passed for (asset, name), e in evaluations.items() if name == "no_nan_or_inf")
+    assert evaluations[("cde_pseudo_labels", "every_class_has_pseudo_labels")].passed
+    assert evaluations[("evaluation", "tuned_not_worse_than_zero_shot")].severity == AssetCheckSeverity.WARN
+
+
+def test_tuned_predictions_equal_run_nola(graph):
+    result, store, root = graph
+    config = NolaConfig(
+        models=ModelConfig.from_profile("tiny"),
+        alignment=AlignmentConfig(epochs=ALIGNMENT_EPOCHS),
+        tuning=TuningConfig(epochs=TUNING_EPOCHS),
+        device="cpu",
+    )
+    reference = run_nola(root / "data" / DATASET, config, descriptions=FAKE_DESCRIPTIONS)
+    ours = store.read_table(store.require_ref("predictions", DATASET), PREDICTIONS_FILE)
+    assert ours.equals(reference.predictions)
+    evaluation = store.read_json(store.require_ref("evaluation", DATASET), "evaluation.json")
+    for stage, values in reference.stages.items():
+        assert evaluation["stages"][stage] == values  # JSON round-trips floats exactly
+
+
+def test_nan_in_a_reused_feature_table_fails_the_blocking_check(graph, tmp_path):
+    _, store, root = graph
+    shutil.copytree(store.root(), tmp_path / "artifacts")  # the store is relocatable
+    resources = resources_for_test(root / "data", tmp_path / "artifacts")
+    path = resources["artifacts"].require_ref("dino_features", DATASET).file("features.safetensors")
+    table = load_feature_table(path)
+    table.features[5, 0] = float("nan")  # a corrupted cached row: reused as is, since no image changed
+    save_feature_table(table, path)
+    instance = DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(DATASETS, [DATASET])
+    rerun = materialize([*NOLA_ASSETS, *NOLA_CHECKS], selection=AssetSelection.assets(dino_features),
+                        instance=instance, partition_key=DATASET, resources=resources, raise_on_error=False)
+    assert not rerun.success  # a failed blocking ERROR check fails the run
+    [check] = rerun.get_asset_check_evaluations()
+    assert not check.passed and check.severity == AssetCheckSeverity.ERROR
+    assert check.metadata["nonfinite"].value == {"features.safetensors:features": 1}
+
+
+def test_check_judgements_on_crafted_input(tmp_path):
+    ref_dir = tmp_path / "artifact"
+    ref_dir.mkdir()
+    save_file({"w": torch.tensor([1.0, float("inf")]), "ids": torch.tensor([1, 2])}, str(ref_dir / "t.safetensors"))
+    pl.DataFrame({"score": [0.5, float("nan")], "n": [1, 2]}).write_parquet(ref_dir / "p.parquet")
+    bad = finite_result(ArtifactRef("x", "d", "0", str(ref_dir)))
+    assert not bad.passed and bad.severity == AssetCheckSeverity.ERROR
+    assert bad.metadata["nonfinite"].value == {"t.safetensors:w": 1, "p.parquet:score": 1}
+
+    report = {"k": 16, "per_class": {"cat": 16, "dog": 0}, "short_classes": ["dog"]}
+    coverage = coverage_result(report)
+    assert not coverage.passed and coverage.severity == AssetCheckSeverity.WARN and "dog" in coverage.description
+
+    stages = {"zero-shot (templates)": {"top1": 0.5}, "NoLA prompt-tuned": {"top1": 0.4}}
+    worse = tuned_vs_zero_shot_result({"stages": stages, "random_models": False})
+    assert not worse.passed and worse.severity == AssetCheckSeverity.WARN
+    unlabelled = tuned_vs_zero_shot_result({"stages": {"zero-shot (templates)": {}, "NoLA prompt-tuned": {}},
+                                            "random_models": True})
+    assert unlabelled.passed

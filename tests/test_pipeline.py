@@ -1,0 +1,70 @@
+"""NoLA end to end from Python alone, tiny random models, on the real demo images."""
+
+import json
+import shutil
+import time
+
+import pytest
+
+from nola_core.alignment import AlignmentConfig
+from nola_core.demo import demo_dataset_path
+from nola_core.models import ModelConfig
+from nola_core.pipeline import NolaConfig, run_nola
+from nola_core.tuning import TuningConfig
+
+FAST = NolaConfig(
+    models=ModelConfig.from_profile("tiny"),
+    alignment=AlignmentConfig(epochs=10),
+    tuning=TuningConfig(epochs=3, micro_batch_size=32),
+    device="cpu",
+)
+
+
+@pytest.fixture(scope="module")
+def demo_copy(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo") / "fashion_mini"
+    shutil.copytree(demo_dataset_path(), root)
+    descriptions = {
+        "t-shirt": ["a short-sleeved cotton top laid flat.", "a plain t-shirt with a round neck."],
+        "trouser": ["a pair of long trousers with two legs.", "straight-cut pants seen from the front."],
+        "sneaker": ["a low sports shoe with laces, seen from the side.", "a canvas sneaker with a rubber sole."],
+        "bag": ["a handbag with a strap or handles.", "a rectangular leather bag."],
+    }
+    (root / "descriptions.json").write_text(json.dumps(descriptions))
+    spec_file = root / "dataset.yaml"
+    spec_file.write_text(spec_file.read_text() + "\ndescriptions: descriptions.json\n")
+    return root
+
+
+def test_nola_end_to_end_on_real_images(demo_copy):
+    started = time.perf_counter()
+    result = run_nola(demo_copy, FAST)
+    elapsed = time.perf_counter() - started
+    assert elapsed < 120
+
+    assert result.predictions.height == len(result.manifest) == 120
+    assert set(result.predictions["predicted_class"]) <= set(result.spec.classes)
+    assert result.predictions["confidence"].min() >= 0.25 - 1e-6  # argmax of 4 classes
+
+    assert result.selection.k == 16  # max(16, floor(0.2 * 120 / 4) = 6)
+    assert sum(result.selection_report["per_class"].values()) == result.selection.indices.numel()
+    assert result.selection_report["labelled_selected"] == result.selection.indices.numel()
+    assert 0.0 <= result.selection_report["precision"] <= 1.0
+
+    stages = result.stages
+    assert list(stages) == ["top-k pseudo-labels", "zero-shot (templates)", "CDE (descriptions)",
+                            "DL network (DINO)", "NoLA prompt-tuned", "tuned encoder + templates"]
+    for name in list(stages)[1:]:
+        assert stages[name]["n"] == 160  # 120 labelled copies + 40 held-out images
+        assert 0.0 <= stages[name]["top1"] <= 1.0
+    # The descriptions really reached the CDE classifier.
+    assert not (result.cde - result.zero_shot).abs().max() < 1e-6
+    assert len(result.history) == 3
+    assert result.random_models and "randomly initialised" in result.stage_table()
+    assert result.text_checks["collisions"] == [] and result.text_checks["truncated"] == {}
+
+
+def test_same_config_gives_the_same_predictions(demo_copy):
+    first = run_nola(demo_copy, FAST)
+    second = run_nola(demo_copy, FAST)
+    assert first.predictions.equals(second.predictions)
