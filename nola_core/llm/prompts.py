@@ -8,8 +8,8 @@ question invalidates every cached answer made with it.
 
 Where the files are found, first match wins: the `prompts_dir` argument, the `NOLA_PROMPTS_DIR`
 environment variable, `prompts/` of the source checkout this module lives in (editable install),
-`./prompts` in the working directory. A non-editable install has no checkout, so point
-`NOLA_PROMPTS_DIR` at a copy of `prompts/` (or pass a YAML path as the prompt set).
+`./prompts` in the working directory, then `<sys.prefix>/share/nola/prompts`, where a wheel
+(non-editable install) puts its copy of `prompts/`.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,8 @@ from typing import Any
 import yaml
 
 PROMPTS_ENV = "NOLA_PROMPTS_DIR"
+INSTALLED_PROMPTS = Path("share") / "nola" / "prompts"
+"""Where a wheel installs `prompts/`, relative to the environment's prefix (pyproject data-files)."""
 
 
 def canonical_json(obj: Any) -> bytes:
@@ -101,6 +104,7 @@ def find_prompts_dir(explicit: str | Path | None = None) -> Path:
         Path(os.environ[PROMPTS_ENV]) if os.environ.get(PROMPTS_ENV) else None,
         Path(__file__).resolve().parents[2] / "prompts",
         Path.cwd() / "prompts",
+        Path(sys.prefix) / INSTALLED_PROMPTS,
     ]
     tried = [c for c in candidates if c is not None]
     for candidate in tried:
