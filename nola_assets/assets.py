@@ -631,9 +631,9 @@ def predictions(
                                        artifacts.read_tensors(cde_classifier, CLASSIFIERS_FILE)["cde"], device)
     tuned_table = pipeline.tuned_image_features(classifier, clip, spec.root, records, compute.feature_config(), device)
     save_feature_table(tuned_table, ref.file(TUNED_FEATURES_FILE))
-    ids = load_feature_table(clip_features.file(FEATURES_FILE)).ids
-    probabilities = pipeline.tuned_head_probabilities(classifier, pipeline.reindex_rows(tuned_table, ids))
-    frame = pipeline.prediction_table(unlabeled, ids, probabilities, dataset_manifest.facts["classes"])
+    ids = load_feature_table(clip_features.file(FEATURES_FILE), mmap=True).ids  # only the ids are read
+    top = pipeline.tuned_head_top_classes(classifier, tuned_table, ids)  # streamed, never [N, C]
+    frame = pipeline.prediction_table(unlabeled, ids, top, dataset_manifest.facts["classes"])
     artifacts.write_table(ref, PREDICTIONS_FILE, frame)
 
     counts = {c: 0 for c in dataset_manifest.facts["classes"]}
@@ -679,22 +679,23 @@ def evaluation(
     classifiers = artifacts.read_tensors(cde_classifier, CLASSIFIERS_FILE)
     classifier = load_tuned_classifier(artifacts, prompt_tuned_encoder, models.load_clip("cpu"),
                                        classifiers["cde"], torch.device("cpu"))
-    clip_table = load_feature_table(clip_features.file(FEATURES_FILE))
-    probabilities = pipeline.stage_probabilities(
+    # Memory-mapped and streamed: each stage keeps only every image's top class (never [N, C]).
+    clip_table = load_feature_table(clip_features.file(FEATURES_FILE), mmap=True)
+    top = pipeline.stage_predictions(
         clip_table,
-        load_feature_table(dino_features.file(FEATURES_FILE)),
+        load_feature_table(dino_features.file(FEATURES_FILE), mmap=True),
         classifiers["zero_shot"], classifiers["cde"],
         load_alignment_network(artifacts, alignment_checkpoint),
         classifier,
-        load_feature_table(predictions.file(TUNED_FEATURES_FILE)),
+        load_feature_table(predictions.file(TUNED_FEATURES_FILE), mmap=True),
         cde_pseudo_labels.facts["logit_scale"],
     )
     report = artifacts.read_json(cde_pseudo_labels, REPORT_FILE)
-    stages = pipeline.evaluate_stages(probabilities, clip_table.ids, classes, labeled, report)
+    stages = pipeline.evaluate_stages(top, clip_table.ids, classes, labeled, report)
     random_models = cde_classifier.facts["random_clip"] or dino_features.facts["random_weights"]
     note = pipeline.RANDOM_MODEL_NOTE if random_models else None
     artifacts.write_table(ref, METHOD_EVALUATION_FILE, _nola_method_evaluation(
-        name, classes, artifacts.read_table(cde_pseudo_labels, PSEUDO_LABELS_FILE), clip_table.ids, probabilities,
+        name, classes, artifacts.read_table(cde_pseudo_labels, PSEUDO_LABELS_FILE), clip_table.ids, top,
         prompt_tuned_encoder.facts["tuning"]["seed"], EvaluationLabels.from_manifests(unlabeled, labeled),
         random_models))
     artifacts.write_json(ref, EVALUATION_FILE, {"stages": _finite_or_none(stages), "random_models": random_models,
@@ -718,14 +719,15 @@ def evaluation(
     return _result(ref, started, metadata)
 
 
-def _nola_method_evaluation(dataset, classes, selected: pl.DataFrame, ids, probabilities, seed,
+def _nola_method_evaluation(dataset, classes, selected: pl.DataFrame, ids, top, seed,
                             labels: EvaluationLabels, random_models: bool) -> pl.DataFrame:
-    """NoLA's stages (top-k selection, DL network, tuned, tuned + templates) as evaluation rows."""
+    """NoLA's stages (top-k selection, DL network, tuned, tuned + templates) as evaluation rows;
+    `top` is `stage_predictions`' output."""
     train_ids = selected["image_id"].to_list()
     chosen = selected.filter(pl.col("selected"))
     selection = PseudoLabels(tuple(chosen["image_id"].to_list()),
                              torch.tensor(chosen["pseudo_label"].to_list(), dtype=torch.long), len(train_ids))
-    run = MethodRun(nola_method.METHOD, seed, nola_method.nola_stages(ids, probabilities, selection, train_ids))
+    run = MethodRun(nola_method.METHOD, seed, nola_method.nola_stages(ids, top, selection, train_ids))
     return evaluate_run(run, dataset=dataset, classes=classes, unlabeled_ids=train_ids, labels=labels,
                         random_models=random_models)
 

@@ -29,7 +29,7 @@ from nola_assets import assets
 from nola_assets.artifacts import ArtifactRef, ArtifactStore
 from nola_assets.partitions import datasets_partitions
 
-ZERO_SHOT_STAGE = "zero-shot (templates)"  # a stage name of nola_core.pipeline.stage_probabilities
+ZERO_SHOT_STAGE = "zero-shot (templates)"  # a stage name of nola_core.pipeline.stage_predictions
 
 
 def nonfinite_counts(artifact_dir: Path) -> dict[str, int]:

@@ -31,7 +31,7 @@ from nola_assets.assets import (
 from nola_assets.resources import ModelsResource
 
 EXPORT_ASSET = "exported_classifier"
-ZERO_SHOT_STAGE = "zero-shot (templates)"  # stage names of nola_core.pipeline.stage_probabilities
+ZERO_SHOT_STAGE = "zero-shot (templates)"  # stage names of nola_core.pipeline.stage_predictions
 TEMPLATES_STAGE = "tuned encoder + templates"
 
 

@@ -4,7 +4,8 @@ The store is one safetensors file per table: `features` [N, D] (float16), `ids` 
 UTF-8 bytes of each image id, zero-padded), and the unreadable ids in the metadata. Loaded
 with `mmap=True`, `features` is a torch tensor over a copy-on-write `numpy.memmap` of the
 file's data section, so a 1.3 M × 768 table (2 GB) is paged in only where it is read: chunked
-consumers (`alignment.class_log_odds`, `alignment.predict_alignment`) stream over it.
+consumers (`alignment.class_log_odds`, `alignment.predict_alignment`,
+`predictions.aligned_chunks` under `pipeline.stage_predictions`) stream over it.
 """
 
 from __future__ import annotations

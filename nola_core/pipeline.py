@@ -3,6 +3,11 @@
 descriptions → CDE classifier → DINO features → top-k pseudo-labels → DL network →
 prompt-tuned CLIP encoder → predictions. Each step is a function of `nola_core`; this module
 only chains them, the same way the Dagster assets do one step per asset.
+
+The end of the pipeline streams (`stage_predictions`, `nola_core.predictions`): each stage is
+scored chunk by chunk over the feature tables and keeps only each image's top classes, so the
+[N, C] probability matrices of a million-image dataset are never built. `cosine_probabilities`,
+`reindex_rows` and `tuned_head_probabilities` are the whole-table forms, for small tables.
 """
 
 from __future__ import annotations
@@ -22,7 +27,6 @@ from nola_core.alignment import (
     PseudoLabelSelection,
     class_log_odds,
     per_class_k,
-    predict_alignment,
     select_top_k,
     selection_report,
     train_alignment,
@@ -40,6 +44,14 @@ from nola_core.eval import accuracy_report, format_stage_table
 from nola_core.features import FeatureConfig, FeatureTable, extract_features
 from nola_core.models import ClipModel, DinoModel, ModelConfig, PromptTunedClassifier, load_clip, load_dino
 from nola_core.models.vpt import interpolate_trainable
+from nola_core.predictions import (
+    PREDICTION_CHUNK_SIZE,
+    TopClasses,
+    predicted_classes,
+    row_chunks,
+    streamed_top_classes,
+    top_classes_over_chunks,
+)
 from nola_core.runtime import resolve_device
 from nola_core.text import (
     cde_classifier,
@@ -71,6 +83,8 @@ class NolaConfig:
     # WiSE-FT post-step: mix untuned and tuned trainable tensors with this weight on the tuned
     # ones (0 = untuned, 1 = tuned). None (default) keeps the tuned model as trained.
     wiseft_alpha: float | None = None
+    # Rows scored at once by `stage_predictions` (memory ~ chunk × (classes + feature dims)).
+    prediction_chunk_size: int = PREDICTION_CHUNK_SIZE
 
 
 @dataclass
@@ -84,7 +98,7 @@ class NolaResult:
     dl_network: torch.nn.Module
     classifier: PromptTunedClassifier
     history: list[EpochStats]
-    predictions: pl.DataFrame  # one row per unlabeled image
+    predictions: pl.DataFrame  # one row per unlabeled image (`prediction_table`)
     stages: dict[str, dict]  # per-stage metrics; accuracy only where labels exist
     random_models: bool
     text_checks: dict  # class-name collisions and descriptions longer than CLIP's context
@@ -215,7 +229,8 @@ def tune_prompts(
     if config.fixed_pseudo_labels:
         if dino_features is None:
             raise ValueError("fixed_pseudo_labels needs the records' DINO features (dino_features=)")
-        fixed = predict_alignment(dl_network, dino_features).argmax(dim=-1)
+        fixed = top_classes_over_chunks(row_chunks(dino_features), len(dino_features),
+                                        dl_network_probabilities(dl_network)).predicted
     history = train_prompts(
         classifier, root, records, views, dino_pseudo_labeller(dino, dl_network, device), config, device, progress,
         fixed_labels=fixed, frozen_modules=(dino.model,), distributed=distributed, resume_dir=resume_dir,
@@ -241,6 +256,7 @@ def tuned_image_features(
 
 
 def tuned_head_probabilities(classifier: PromptTunedClassifier, features: torch.Tensor) -> torch.Tensor:
+    """Softmax of the tuned head on embeddings of `tuned_image_features`, [N, C] on the CPU."""
     with torch.no_grad():
         return torch.softmax(classifier.logits_from_features(features.to(classifier.head.weight.device)),
                              dim=-1).cpu()
@@ -306,13 +322,13 @@ def run_nola(
     if config.wiseft_alpha is not None:
         apply_wiseft(classifier, clip, cde, config.tuning, config.wiseft_alpha)
     tuned_table = tuned_image_features(classifier, clip, spec.root, records, config.features, device)
-    probabilities = stage_probabilities(clip_table, dino_table, zero_shot, cde, dl_network, classifier, tuned_table,
-                                        config.alignment.logit_scale)
+    predictions = stage_predictions(clip_table, dino_table, zero_shot, cde, dl_network, classifier, tuned_table,
+                                    config.alignment.logit_scale, chunk_size=config.prediction_chunk_size)
     result = NolaResult(
         spec=spec, manifest=manifest, zero_shot=zero_shot, cde=cde, selection=selection,
         selection_report=report, dl_network=dl_network, classifier=classifier, history=history,
-        predictions=prediction_table(manifest, clip_table.ids, probabilities[TUNED_STAGE], spec.classes),
-        stages=evaluate_stages(probabilities, clip_table.ids, spec.classes, labeled, report),
+        predictions=prediction_table(manifest, clip_table.ids, predictions[TUNED_STAGE], spec.classes),
+        stages=evaluate_stages(predictions, clip_table.ids, spec.classes, labeled, report),
         random_models=config.models.clip_is_random or config.models.dino_is_random,
         text_checks=checks,
     )
@@ -320,7 +336,7 @@ def run_nola(
     return result
 
 
-def stage_probabilities(
+def stage_predictions(
     clip_table: FeatureTable,
     dino_table: FeatureTable,
     zero_shot: torch.Tensor,
@@ -329,29 +345,88 @@ def stage_probabilities(
     classifier: PromptTunedClassifier,
     tuned_table: FeatureTable,
     logit_scale: float,
-) -> dict[str, torch.Tensor]:
-    """Class probabilities of every stage, rows in the order of `clip_table.ids` (what
-    `evaluate_stages` and `prediction_table` take); `tuned_table` is `tuned_image_features`."""
-    tuned_features = reindex_rows(tuned_table, clip_table.ids)
-    dl_probabilities = FeatureTable(dino_table.ids, predict_alignment(dl_network, dino_table.features))
+    *,
+    k: int = 1,
+    chunk_size: int = PREDICTION_CHUNK_SIZE,
+) -> dict[str, TopClasses]:
+    """The top `k` classes of every stage, rows in the order of `clip_table.ids` (what
+    `evaluate_stages` and `prediction_table` take); `tuned_table` is `tuned_image_features`.
+
+    Streamed: `chunk_size` rows at a time are read from the (possibly memory-mapped) tables,
+    scored and reduced to their top classes. An id that the DINO table lacks gets probability 0
+    for every class, one the tuned table lacks the scores of a zero embedding (as before: these
+    are images that became unreadable between two extractions).
+    """
+    ids = clip_table.ids
+
+    def cosine(table: FeatureTable, weights: torch.Tensor) -> TopClasses:
+        return streamed_top_classes(table, ids, lambda x, _: cosine_probabilities(x, weights, logit_scale), k,
+                                    chunk_size)
+
     return {
-        "zero-shot (templates)": cosine_probabilities(clip_table.features, zero_shot, logit_scale),
-        "CDE (descriptions)": cosine_probabilities(clip_table.features, cde, logit_scale),
-        "DL network (DINO)": reindex_rows(dl_probabilities, clip_table.ids),
-        TUNED_STAGE: tuned_head_probabilities(classifier, tuned_features),
-        "tuned encoder + templates": cosine_probabilities(tuned_features, zero_shot, logit_scale),
+        "zero-shot (templates)": cosine(clip_table, zero_shot),
+        "CDE (descriptions)": cosine(clip_table, cde),
+        "DL network (DINO)": dl_network_top_classes(dl_network, dino_table, ids, k, chunk_size),
+        TUNED_STAGE: tuned_head_top_classes(classifier, tuned_table, ids, k, chunk_size),
+        "tuned encoder + templates": cosine(tuned_table, zero_shot),
     }
 
 
+def tuned_head_top_classes(
+    classifier: PromptTunedClassifier,
+    tuned_table: FeatureTable,
+    ids: Sequence[str],
+    k: int = 1,
+    chunk_size: int = PREDICTION_CHUNK_SIZE,
+) -> TopClasses:
+    """The tuned model's top classes for `ids` (rows of `tuned_table`; missing ids score a zero
+    embedding), streamed: what the `predictions` asset writes."""
+    return streamed_top_classes(tuned_table, ids, lambda x, _: tuned_head_probabilities(classifier, x), k,
+                                chunk_size)
+
+
+def dl_network_top_classes(
+    dl_network: torch.nn.Module,
+    dino_table: FeatureTable,
+    ids: Sequence[str],
+    k: int = 1,
+    chunk_size: int = PREDICTION_CHUNK_SIZE,
+) -> TopClasses:
+    """The DL network's top classes for `ids` (rows of `dino_table`; missing ids get probability
+    0 for every class, so class 0 with confidence 0), streamed."""
+    return streamed_top_classes(dino_table, ids, dl_network_probabilities(dl_network), k, chunk_size)
+
+
+def dl_network_probabilities(dl_network: torch.nn.Module):
+    """(features chunk, present rows or None) → the DL network's class probabilities on the CPU,
+    all zeros for rows not present; the scorer of `nola_core.predictions`."""
+    device = next(dl_network.parameters()).device
+    num_classes = [m for m in dl_network.modules() if isinstance(m, torch.nn.Linear)][-1].out_features
+
+    def probabilities(features: torch.Tensor, present: torch.Tensor | None) -> torch.Tensor:
+        if present is None:
+            return torch.softmax(dl_network(features.to(device)), dim=-1).cpu()
+        out = torch.zeros(len(features), num_classes)
+        if bool(present.any()):
+            out[present] = torch.softmax(dl_network(features[present].to(device)), dim=-1).cpu()
+        return out
+
+    return probabilities
+
+
 def evaluate_stages(
-    stage_probabilities: dict[str, torch.Tensor],
+    stage_predictions: Mapping[str, TopClasses | torch.Tensor],
     ids: Sequence[str],
     classes: Sequence[str],
     labeled: Manifest | None,
     selection_summary: dict | None = None,
 ) -> dict[str, dict]:
-    """Accuracy of each stage on the labelled images (report only) and pseudo-label precision."""
-    stages: dict[str, dict] = {name: {} for name in stage_probabilities}
+    """Accuracy of each stage on the labelled images (report only) and pseudo-label precision.
+
+    `stage_predictions`: per stage, `TopClasses` (from `stage_predictions`) or [N, C]
+    probabilities, rows following `ids`; only the most probable class is read.
+    """
+    stages: dict[str, dict] = {name: {} for name in stage_predictions}
     if selection_summary and "precision" in selection_summary:
         stages = {"top-k pseudo-labels": {"precision": selection_summary["precision"]}, **stages}
     if labeled is None or not len(labeled):
@@ -362,18 +437,23 @@ def evaluate_stages(
         return stages
     rows = torch.tensor([p[0] for p in pairs])
     labels = torch.tensor([p[1] for p in pairs])
-    for name, probabilities in stage_probabilities.items():
-        stages[name] = accuracy_report(probabilities[rows].argmax(dim=-1), labels, classes)
+    for name, predictions in stage_predictions.items():
+        stages[name] = accuracy_report(predicted_classes(predictions)[rows], labels, classes)
     return stages
 
 
 def prediction_table(
-    manifest: Manifest, ids: Sequence[str], probabilities: torch.Tensor, classes: Sequence[str]
+    manifest: Manifest, ids: Sequence[str], predictions: TopClasses | torch.Tensor, classes: Sequence[str]
 ) -> pl.DataFrame:
+    """One row per manifest image that `ids` holds: its most probable class and that probability.
+
+    `predictions`: `TopClasses` (rows following `ids`), or [N, C] probabilities."""
+    if not isinstance(predictions, TopClasses):
+        predictions = TopClasses.of(predictions)
     row = {image_id: i for i, image_id in enumerate(ids)}
     present = [r for r in manifest.records if r.image_id in row]
-    probs = probabilities[[row[r.image_id] for r in present]]
-    confidence, predicted = probs.max(dim=-1)
+    rows = torch.tensor([row[r.image_id] for r in present], dtype=torch.long)
+    predicted, confidence = predictions.predicted[rows], predictions.confidence[rows]
     return pl.DataFrame(
         {
             "image_id": [r.image_id for r in present],
@@ -386,12 +466,15 @@ def prediction_table(
 
 
 def cosine_probabilities(features: torch.Tensor, classifier: torch.Tensor, logit_scale: float) -> torch.Tensor:
+    """Softmax of scaled cosine logits, [N, C] float32 (whole table; `stage_predictions` streams)."""
     weights = torch.nn.functional.normalize(classifier.float(), dim=-1)
     return torch.softmax(logit_scale * torch.nn.functional.normalize(features.float(), dim=-1) @ weights.T, dim=-1)
 
 
 def reindex_rows(table: FeatureTable, ids: Sequence[str]) -> torch.Tensor:
-    """Rows of `table` in the order of `ids`; ids the table lacks (unreadable now) get zeros."""
+    """Rows of `table` in the order of `ids`; ids the table lacks (unreadable now) get zeros.
+
+    A float32 [len(ids), D] copy: for small tables (`predictions.aligned_chunks` streams)."""
     out = torch.zeros(len(ids), table.features.shape[1])
     row = {image_id: i for i, image_id in enumerate(table.ids)}
     for position, image_id in enumerate(ids):

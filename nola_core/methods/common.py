@@ -1,9 +1,11 @@
 """What every method recipe hands back, and the few helpers they share beyond the core.
 
 A method run is a list of stages. Each stage gives class probabilities for the evaluation
-images (rows follow `ids`) and, when it is a labeller, the hard pseudo-labels it hands to the
-next stage. Nothing here sees a ground-truth label: `nola_core.methods.evaluation` is the only
-consumer of labels, and it takes these objects as they are.
+images (rows follow `ids`: the full [N, C] matrix, or only each row's top classes,
+`nola_core.predictions.TopClasses`, where the stage was streamed) and, when it is a
+labeller, the hard pseudo-labels it hands to the next stage. Nothing here sees a ground-truth
+label: `nola_core.methods.evaluation` is the only consumer of labels, and it takes these
+objects as they are.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
+
+from nola_core.predictions import TopClasses, predicted_classes
 
 
 @dataclass(frozen=True)
@@ -32,12 +36,14 @@ class PseudoLabels:
             raise ValueError(f"{len(self.ids)} ids for labels of shape {tuple(self.labels.shape)}")
 
     @classmethod
-    def argmax(cls, ids: Sequence[str], probabilities: torch.Tensor, unlabeled_ids: Sequence[str]) -> "PseudoLabels":
+    def argmax(
+        cls, ids: Sequence[str], probabilities: torch.Tensor | TopClasses, unlabeled_ids: Sequence[str]
+    ) -> "PseudoLabels":
         """The argmax class of every unlabeled image among `ids` (rows of `probabilities`)."""
         row = {image_id: i for i, image_id in enumerate(ids)}
         chosen = [image_id for image_id in unlabeled_ids if image_id in row]
         rows = torch.tensor([row[i] for i in chosen], dtype=torch.long)
-        labels = probabilities[rows].argmax(dim=-1) if len(chosen) else torch.zeros(0, dtype=torch.long)
+        labels = predicted_classes(probabilities)[rows] if len(chosen) else torch.zeros(0, dtype=torch.long)
         return cls(tuple(chosen), labels.long(), len(unlabeled_ids))
 
 
@@ -45,19 +51,20 @@ class PseudoLabels:
 class StageOutput:
     """One stage of a method.
 
-    `probabilities` is [len(ids), C] (None for a stage that only selects pseudo-labels, like
-    NoLA's top-k); `final` marks the stage that is the method's answer (what the report ranks).
+    `probabilities` is [len(ids), C], or the rows' `TopClasses` (None for a stage that only
+    selects pseudo-labels, like NoLA's top-k); `final` marks the stage that is the method's
+    answer (what the report ranks). Evaluation reads only each row's most probable class.
     """
 
     stage: str
     ids: tuple[str, ...]
-    probabilities: torch.Tensor | None
+    probabilities: torch.Tensor | TopClasses | None
     pseudo_labels: PseudoLabels | None = None
     final: bool = False
 
     def __post_init__(self) -> None:
-        if self.probabilities is not None and self.probabilities.shape[0] != len(self.ids):
-            raise ValueError(f"stage {self.stage!r}: {self.probabilities.shape[0]} rows for {len(self.ids)} ids")
+        if self.probabilities is not None and len(self.probabilities) != len(self.ids):
+            raise ValueError(f"stage {self.stage!r}: {len(self.probabilities)} rows for {len(self.ids)} ids")
 
 
 @dataclass

@@ -23,6 +23,7 @@ import torch
 
 from nola_core.data import Manifest
 from nola_core.methods.common import MethodRun, StageOutput
+from nola_core.predictions import predicted_classes
 
 PER_CLASS_TYPE = pl.List(pl.Struct({"class_name": pl.String, "accuracy": pl.Float64, "n": pl.Int64}))
 
@@ -105,7 +106,7 @@ def _stage_row(
         eval_ids = [i for i in eval_ids if i in in_stage]
         if eval_ids:
             row = {image_id: r for r, image_id in enumerate(stage.ids)}
-            predicted = stage.probabilities[[row[i] for i in eval_ids]].argmax(dim=-1)
+            predicted = predicted_classes(stage.probabilities)[[row[i] for i in eval_ids]]
             truth = torch.tensor([labels.by_id[i] for i in eval_ids])
             n_eval, top1, mean_per_class, per_class = len(eval_ids), *_accuracies(predicted, truth, classes)
         else:

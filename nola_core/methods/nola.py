@@ -2,7 +2,7 @@
 
 Nothing of NoLA is re-implemented here. `run_nola_method` calls the pipeline's own stage
 functions (`cde_pseudo_labels`, `train_alignment`, `tune_prompts`, `apply_wiseft`,
-`tuned_image_features`, `stage_probabilities`) on the shared inputs a comparison (or the
+`tuned_image_features`, `stage_predictions`) on the shared inputs a comparison (or the
 Dagster graph) already holds, and packages their outputs as `StageOutput`s for the common
 evaluation. `run_nola` stays the way to run NoLA alone on a folder.
 
@@ -27,12 +27,13 @@ from nola_core.data import ImageRecord
 from nola_core.features import FeatureConfig, FeatureTable
 from nola_core.methods.common import MethodRun, PseudoLabels, StageOutput, seeded
 from nola_core.models import ClipModel, DinoModel
+from nola_core.predictions import TopClasses
 from nola_core.pipeline import (
     TUNED_STAGE,
     NolaConfig,
     apply_wiseft,
     cde_pseudo_labels,
-    stage_probabilities,
+    stage_predictions,
     train_alignment,
     tune_prompts,
     tuned_image_features,
@@ -61,11 +62,11 @@ def selection_pseudo_labels(selection: PseudoLabelSelection, train_ids: Sequence
 
 def nola_stages(
     ids: Sequence[str],
-    probabilities: dict[str, torch.Tensor],
+    probabilities: dict[str, TopClasses | torch.Tensor],
     selection: PseudoLabels,
     train_ids: Sequence[str],
 ) -> list[StageOutput]:
-    """NoLA's stages for the common evaluation, from `stage_probabilities`' output (rows = `ids`)
+    """NoLA's stages for the common evaluation, from `stage_predictions`' output (rows = `ids`)
     and the top-k selection: what `run_nola_method` returns and the Dagster `evaluation` asset
     evaluates from its stored artifacts."""
     ids = tuple(ids)
@@ -102,9 +103,9 @@ def run_nola_method(
     if config.wiseft_alpha is not None:
         apply_wiseft(classifier, clip, cde, config.tuning, config.wiseft_alpha)
     tuned_table = tuned_image_features(classifier, clip, root, eval_records, features, device)
-    probabilities = stage_probabilities(clip_table, dino_table, zero_shot, cde, dl_network, classifier, tuned_table,
-                                        config.alignment.logit_scale)
-    stages = nola_stages(clip_table.ids, probabilities, selection_pseudo_labels(selection, train_ids), train_ids)
+    predictions = stage_predictions(clip_table, dino_table, zero_shot, cde, dl_network, classifier, tuned_table,
+                                    config.alignment.logit_scale, chunk_size=config.prediction_chunk_size)
+    stages = nola_stages(clip_table.ids, predictions, selection_pseudo_labels(selection, train_ids), train_ids)
     tensors = {f"dl_network.{name}": t.detach().cpu() for name, t in dl_network.state_dict().items()}
     tensors.update({f"tuned.{name}": t.cpu() for name, t in classifier.trainable_state_dict().items()})
     return MethodRun(
