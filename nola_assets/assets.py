@@ -15,7 +15,7 @@ inside a `MaterializeResult` with metadata and a data version. No training maths
 import dataclasses
 import shutil
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import polars as pl
 import torch
@@ -31,6 +31,7 @@ from dagster import (
 from nola_core import pipeline
 from nola_core.alignment import PseudoLabelSelection, alignment_network, selection_report, train_alignment
 from nola_core.data import Manifest, build_manifest, known_labels
+from nola_core.distributed import image_features_stage, init_distributed, launch, prompt_tuning_stage
 from nola_core.eval import format_stage_table
 from nola_core.features import FeatureTable, load_feature_table, save_feature_table, update_feature_table
 from nola_core.llm import DescriptionSet, LLMError, MissingAPIKeyError
@@ -38,7 +39,7 @@ from nola_core.methods import EvaluationLabels, MethodRun, PseudoLabels, evaluat
 from nola_core.methods import nola as nola_method
 from nola_core.models import ClipModel
 from nola_core.text import get_templates
-from nola_core.tuning import EpochStats, TuningConfig, load_trainable, save_trainable
+from nola_core.tuning import EpochStats, TuningConfig, load_trainable
 
 from nola_assets import reporting
 from nola_assets.artifacts import ArtifactRef, ArtifactStore, digest_of
@@ -113,6 +114,26 @@ def _image_progress(context: AssetExecutionContext, what: str, every: float = 0.
             context.log.info(f"{what}: {done}/{total} images")
 
     return progress
+
+
+def _on_processes(context: AssetExecutionContext, compute: ComputeResource, items: int, stage: Callable,
+                  *args: Any, progress: Callable | None = None) -> Any:
+    """`stage(distributed context, *args, progress)` on `compute`'s processes; rank 0's result.
+
+    One process (the default, or fewer `items` than processes): here, with live `progress`.
+    `nproc_per_node` N > 1: `nola_core.distributed.launch` spawns N processes (one GPU each, or
+    gloo on the CPU) that load their models from the configs in `args`; each logs its own lines
+    to stderr (the step's compute log). A run worker started by torchrun is already one rank of
+    a group: the stage joins that group here and nothing is spawned.
+    """
+    if compute.launched_by_torchrun():
+        return stage(init_distributed(compute.rank_device()), *args, progress)
+    processes = min(compute.processes(), items)
+    if processes == 1:
+        return launch(stage, 1, *args, progress, device=compute.torch_device())
+    context.log.info(f"{stage.__name__}: {items} item(s) over {processes} processes "
+                     f"(about {-(-items // processes)} each), progress in the compute log")
+    return launch(stage, processes, *args, None, device=compute.rank_device())
 
 
 # ── 1. the dataset ────────────────────────────────────────────────────────────────────────────
@@ -308,6 +329,8 @@ def _feature_asset(
     unlabeled, labeled = load_manifests(artifacts, dataset_manifest)
     records = pipeline.evaluation_records(unlabeled, labeled)
     config, device, feature_config = models.config(), compute.torch_device(), compute.feature_config()
+    # Not in the key: batch size, workers and the number of processes (`nproc_per_node`) change
+    # only float rounding, so switching 1 -> N processes reuses the table and computes new images only.
     model_key = {
         "model": config.clip_identity() if which == "clip" else config.dino_identity(),
         "precision": feature_config.precision,
@@ -316,12 +339,11 @@ def _feature_asset(
     previous_ref = artifacts.load_ref(asset_name, name)
     previous = (load_feature_table(previous_ref.file(FEATURES_FILE))
                 if previous_ref is not None and previous_ref.key["model_key"] == model_key else None)
-    load_model = models.load_clip if which == "clip" else models.load_dino
 
     def extract(todo) -> FeatureTable:
         context.log.info(f"{which.upper()} features for {len(todo)} image(s) on {device}")
-        return pipeline.image_features(load_model(device), spec.root, todo, feature_config, device,
-                                       _image_progress(context, f"{which} features"))
+        return _on_processes(context, compute, len(todo), image_features_stage, config, which, spec.root, list(todo),
+                             feature_config, progress=_image_progress(context, f"{which} features"))
 
     table, computed = update_feature_table(previous, records, extract)
     ref = artifacts.allocate(asset_name, name, {"model_key": model_key,
@@ -553,11 +575,13 @@ def prompt_tuned_encoder(
         "cde": cde_classifier.digest, "pseudo_labels": cde_pseudo_labels.digest,
         "alignment": alignment_checkpoint.digest, "tuning": dataclasses.asdict(tuning), "wiseft_alpha": alpha,
         "device_type": device.type,
-    })
-    clip, dino = models.load_clip(device), models.load_dino(device)
+    })  # no process count: every optimizer step sees the same images whatever the split (nola_core.tuning)
     dl_network = load_alignment_network(artifacts, alignment_checkpoint)
 
+    logged: set[int] = set()
+
     def progress(stats: EpochStats) -> None:
+        logged.add(stats.epoch)
         context.log.info(f"prompt tuning epoch {stats.epoch}/{tuning.epochs}: loss {stats.loss:.4f}, "
                          f"agreement with pseudo-labels {stats.agreement:.3f}, entropy {stats.mean_entropy:.3f}")
 
@@ -565,11 +589,12 @@ def prompt_tuned_encoder(
     # Per-epoch resumable state, under this artifact's content-keyed folder: a killed run (SIGKILL,
     # pre-empted node) resumes after its last saved epoch when the same key is materialized again.
     resume_dir = ref.file(RESUME_DIR)
-    classifier, history = pipeline.tune_prompts(clip, dino, dl_network, cde, spec.root, records, tuning, device,
-                                                progress, resume_dir=resume_dir)
-    if alpha is not None:
-        pipeline.apply_wiseft(classifier, clip, cde, tuning, alpha)
-    save_trainable(classifier, ref.file(TRAINABLE_FILE), {"tuning": str(dataclasses.asdict(tuning))})
+    trainable, history = _on_processes(context, compute, len(records), prompt_tuning_stage, config, dl_network, cde,
+                                       spec.root, records, tuning, alpha, resume_dir, progress=progress)
+    for stats in history:  # epochs logged elsewhere (a spawned rank 0's compute log, an earlier resumed run)
+        if stats.epoch not in logged:
+            progress(stats)
+    artifacts.write_tensors(ref, TRAINABLE_FILE, trainable, {"tuning": str(dataclasses.asdict(tuning))})
     shutil.rmtree(resume_dir, ignore_errors=True)  # the artifact is complete: nothing left to resume
     ref = ref.with_facts(tuning=dataclasses.asdict(tuning))
     return _result(ref, started, {
@@ -577,7 +602,7 @@ def prompt_tuned_encoder(
         "training_images": len(records),
         "final_loss": history[-1].loss,
         "final_agreement": history[-1].agreement,
-        "trainable_parameters": sum(t.numel() for t in classifier.trainable_state_dict().values()),
+        "trainable_parameters": sum(t.numel() for t in trainable.values()),
         "wiseft_alpha": "off" if alpha is None else alpha,
         "history": MetadataValue.md(reporting.markdown_table(
             ["epoch", "loss", "entropy", "agreement", "images", "unreadable"],

@@ -82,9 +82,42 @@ class ComputeResource(EnvSettings):
     num_workers: Optional[int] = Field(
         default=None, description="data-loader worker processes (env NOLA_NUM_WORKERS; default 2)"
     )
+    nproc_per_node: Optional[int] = Field(
+        default=None, description="processes for feature extraction and prompt tuning (DDP), one per GPU, or gloo "
+        "processes on the CPU (env NOLA_NPROC_PER_NODE; default 1 = in the run worker; ignored under torchrun)"
+    )
 
     def torch_device(self) -> torch.device:
         return resolve_device(self.setting("device", "auto"))
+
+    def processes(self) -> int:
+        """`nproc_per_node`, checked: at least 1; on CUDA one GPU per process, so at most the
+        visible GPUs and no single named GPU (`cuda:N`)."""
+        count = self.setting("nproc_per_node", 1)
+        where = f"nproc_per_node={count} (env {env_name('nproc_per_node')})"
+        if count < 1:
+            raise ValueError(f"{where}: must be at least 1")
+        if count == 1:
+            return 1
+        device, named = self.torch_device(), self.setting("device", "auto")
+        if device.type not in ("cuda", "cpu"):
+            raise ValueError(f"{where}: several processes need CUDA GPUs or the CPU, not {device.type}")
+        if device.type == "cuda":
+            gpus = torch.cuda.device_count()
+            if count > gpus:
+                raise ValueError(f"{where}: more processes than the {gpus} visible GPU(s); one process per GPU")
+            if device.index is not None:
+                raise ValueError(f"{where} with device {named!r} (env {env_name('device')}): each process takes "
+                                 "its own GPU; set the device to auto or cuda")
+        return count
+
+    def rank_device(self) -> str:
+        """The device of every process: `cpu` (gloo), else `auto` (NCCL, process r on GPU r)."""
+        return "cpu" if self.torch_device().type == "cpu" else "auto"
+
+    def launched_by_torchrun(self) -> bool:
+        """The run worker itself is one rank of a torchrun group (WORLD_SIZE > 1): join it, spawn nothing."""
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
     def feature_config(self) -> FeatureConfig:
         return dataclasses.replace(

@@ -4,9 +4,11 @@
   MASTER_PORT) and joins the process group: NCCL on GPUs (one device per local rank), gloo on
   CPU. Without those variables (or WORLD_SIZE=1) it returns a single-process context and
   everything below runs as if there were no `torch.distributed`.
-- `launch(fn, nprocs, *args)` starts `nprocs` local processes itself (spawn) and returns rank 0's
+- `launch(fn, nprocs, *args)` starts `nprocs` local processes itself and returns rank 0's
   result: what an orchestrator (the Dagster resource field `nproc_per_node`, env
-  `NOLA_NPROC_PER_NODE`) uses when the run is not already under torchrun.
+  `NOLA_NPROC_PER_NODE`) uses when the run is not already under torchrun. The stages it runs
+  there are `image_features_stage` and `prompt_tuning_stage`: module-level functions taking
+  configs, paths and small tensors; CLIP and DINO are loaded in each rank, never pickled.
 - Feature extraction: `extract_features_distributed` gives rank r the records r, r+W, ...
   and gathers every rank's rows back into record order, so the table equals one process's
   (up to float rounding of different batch compositions).
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import logging
 import os
 import socket
 import tempfile
@@ -33,9 +36,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from nola_core.data import ImageRecord
-from nola_core.features import FeatureConfig, FeatureTable, extract_features
+from nola_core.data import ImageRecord, eval_transform
+from nola_core.features import FeatureConfig, FeatureTable, extract_features, save_feature_table
+from nola_core.models import ModelConfig, load_clip, load_dino
+from nola_core.pipeline import apply_wiseft, evaluation_records, load_dataset, tune_prompts
 from nola_core.runtime import resolve_device
+from nola_core.tuning import EpochStats, TuningConfig
+
+logger = logging.getLogger(__name__)
 
 NPROC_ENV = "NOLA_NPROC_PER_NODE"
 """The environment variable behind the Dagster resource field `nproc_per_node` (default 1)."""
@@ -105,10 +113,15 @@ def extract_features_distributed(
     context: DistributedContext,
     dtype: torch.dtype = torch.float16,
     module: nn.Module | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> FeatureTable:
-    """`extract_features` with the records sharded over ranks; every rank returns the whole table."""
+    """`extract_features` with the records sharded over ranks; every rank returns the whole table.
+
+    `progress(done, total)` counts this rank's share.
+    """
     mine = [records[i] for i in shard_positions(len(records), context)]
-    local = extract_features(encode, root, mine, transform, config, context.device, dtype=dtype, module=module)
+    local = extract_features(encode, root, mine, transform, config, context.device, progress, dtype=dtype,
+                             module=module)
     return gather_feature_table(local, records, context)
 
 
@@ -147,6 +160,58 @@ def gather_feature_table(local: FeatureTable, records: Sequence[ImageRecord],
     )
 
 
+def image_features_stage(
+    context: DistributedContext,
+    models: ModelConfig,
+    which: str,
+    root: Path,
+    records: Sequence[ImageRecord],
+    config: FeatureConfig,
+    progress: Callable[[int, int], None] | None = None,
+) -> FeatureTable:
+    """The CLIP (`which="clip"`) or DINO (`"dino"`) feature table of `records`, for `launch`.
+
+    The model is loaded from `models` on this rank's device; the rank encodes its share and
+    every rank returns the whole table. With one process it is `pipeline.image_features`, bit
+    for bit.
+    """
+    if which not in ("clip", "dino"):
+        raise ValueError(f"which={which!r}: expected 'clip' or 'dino'")
+    model = load_clip(models, context.device) if which == "clip" else load_dino(models, context.device)
+    tower = model.visual if which == "clip" else model.model  # what encode_image runs
+    if context.enabled:
+        logger.info("%s features: %d of %d image(s) on %s", which, len(shard_positions(len(records), context)),
+                    len(records), context.device)
+    return extract_features_distributed(model.encode_image, root, records, eval_transform(model.preprocess), config,
+                                        context, module=tower, progress=progress)
+
+
+def prompt_tuning_stage(
+    context: DistributedContext,
+    models: ModelConfig,
+    dl_network: nn.Module,
+    cde: torch.Tensor,
+    root: Path,
+    records: Sequence[ImageRecord],
+    config: TuningConfig,
+    wiseft_alpha: float | None = None,
+    resume_dir: Path | None = None,
+    progress: Callable[[EpochStats], None] | None = None,
+) -> tuple[dict[str, torch.Tensor], list[EpochStats]]:
+    """NoLA's prompt tuning (`pipeline.tune_prompts`, then WiSE-FT when `wiseft_alpha` is set), for `launch`.
+
+    CLIP and DINO are loaded from `models` on this rank's device; the DL network (a small MLP)
+    and the CDE come as they are. Returns the trainable tensors on the CPU (the same on every
+    rank: DDP keeps them in sync) and the per-epoch statistics.
+    """
+    clip, dino = load_clip(models, context.device), load_dino(models, context.device)
+    classifier, history = tune_prompts(clip, dino, dl_network, cde, root, records, config, context.device, progress,
+                                       distributed=context, resume_dir=resume_dir)
+    if wiseft_alpha is not None:
+        apply_wiseft(classifier, clip, cde, config, wiseft_alpha)
+    return {name: tensor.detach().cpu() for name, tensor in classifier.trainable_state_dict().items()}, history
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -157,6 +222,10 @@ def _launched(rank: int, fn: Callable, nprocs: int, port: int, result_path: str,
               args: tuple) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(nprocs), LOCAL_WORLD_SIZE=str(nprocs))
+    # A new process has no logging set up: nola_core's INFO lines (counts per rank, rank 0's epochs)
+    # go to stderr, which the caller's log capture (a Dagster step's compute log) inherits.
+    logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s rank {rank}/{nprocs} %(name)s: %(message)s")
+    logging.getLogger("nola_core").setLevel(logging.INFO)
     context = init_distributed(device, backend)
     try:
         result = fn(context, *args)
@@ -166,30 +235,37 @@ def _launched(rank: int, fn: Callable, nprocs: int, port: int, result_path: str,
         shutdown(context)
 
 
-def launch(fn: Callable[..., Any], nprocs: int, *args: Any, device: str = "auto", backend: str | None = None) -> Any:
+_PRELOADED = ["nola_core.distributed"]
+"""What the fork server imports once (torch, torchvision, open_clip, timm, polars: seconds)."""
+
+
+def launch(fn: Callable[..., Any], nprocs: int, *args: Any, device: str | torch.device = "auto",
+           backend: str | None = None) -> Any:
     """Run `fn(context, *args)` in `nprocs` fresh local processes; return rank 0's result.
 
-    `fn` must be importable (a module-level function): processes are spawned, not forked.
+    `fn` must be importable (a module-level function), its arguments picklable. The processes
+    are never forks of the caller (no CUDA state or threads inherited): they fork from
+    multiprocessing's fork server, a clean process started at the first call, which imports
+    nola_core once and keeps the environment of that moment, so later calls start in
+    milliseconds instead of re-importing torch in every process.
     With `nprocs == 1` it runs here, in a single-process context.
     """
     if nprocs <= 1:
         return fn(DistributedContext(0, 1, 0, resolve_device(device)), *args)
+    import multiprocessing
+
     import torch.multiprocessing as mp
 
+    multiprocessing.set_forkserver_preload(_PRELOADED)  # used when the server starts, i.e. once
     with tempfile.TemporaryDirectory(prefix="nola-launch-") as folder:
         result_path = os.path.join(folder, "result.pt")
         mp.start_processes(_launched, args=(fn, nprocs, _free_port(), result_path, device, backend, args),
-                           nprocs=nprocs, join=True, start_method="spawn")
+                           nprocs=nprocs, join=True, start_method="forkserver")
         # Our own file, written a moment ago by rank 0 of this call: trusted, so full unpickling.
         return torch.load(result_path, weights_only=False)
 
 
 def _features_command(options: argparse.Namespace) -> None:
-    from nola_core.features import save_feature_table
-    from nola_core.models import ModelConfig, load_clip, load_dino
-    from nola_core.pipeline import evaluation_records, load_dataset
-    from nola_core.data import eval_transform
-
     context = init_distributed(options.device)
     try:
         spec, manifest, labeled = load_dataset(options.dataset)
@@ -197,10 +273,8 @@ def _features_command(options: argparse.Namespace) -> None:
         models = ModelConfig.from_profile(options.profile)
         config = FeatureConfig(batch_size=options.batch_size, num_workers=options.num_workers,
                                precision=options.precision)
-        for name, model in (("clip", load_clip(models, context.device)), ("dino", load_dino(models, context.device))):
-            tower = model.visual if name == "clip" else model.model
-            table = extract_features_distributed(model.encode_image, spec.root, records,
-                                                 eval_transform(model.preprocess), config, context, module=tower)
+        for name in ("clip", "dino"):
+            table = image_features_stage(context, models, name, spec.root, records, config)
             if context.is_main:
                 save_feature_table(table, Path(options.out) / f"{name}_features.safetensors")
                 print(f"{name}: {len(table)} rows, {len(table.failed)} unreadable -> {options.out}")

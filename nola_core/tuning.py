@@ -179,8 +179,10 @@ def train_prompts(
     transform = _StrongOnly(views) if fixed_labels is not None else views
     dataset = _SeededItems(ManifestImageDataset(Path(root), records, transform))
     micro = max(1, min(config.micro_batch_size, len(dataset)))
-    accumulation = max(1, config.batch_size // (micro * world))
-    step_size = min(micro * accumulation * world, len(dataset))
+    # Images per optimizer step: the same for any number of processes (each takes its share of the
+    # step in micro-batches), so the process count changes only float rounding, not the training.
+    step_size = min(micro * max(1, config.batch_size // micro), len(dataset))
+    accumulation = math.ceil(step_size / (micro * world))  # micro-batches per process per step, at most
     lr = config.lr * min(1.0, step_size / config.reference_batch_size)
     trainable = [p for p in classifier.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=config.weight_decay)
