@@ -231,6 +231,8 @@ def class_descriptions(
     except MissingAPIKeyError:
         raise
     except LLMError as error:
+        if not error.transient:  # a rejected key or request: asking again in a minute cannot help
+            raise
         # The provider retried each request already: wait out a longer outage (rate limits, a local
         # server restarting). Classes already answered are cached, so a retry asks only for the rest.
         raise RetryRequested(max_retries=2, seconds_to_wait=60) from error

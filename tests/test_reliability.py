@@ -6,6 +6,7 @@ pickle refusal in test_security.py; docs/reliability.md lists every case and its
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import signal
@@ -428,6 +429,66 @@ def test_the_api_key_appears_nowhere_a_run_writes(tmp_path, monkeypatch, capfd, 
     assert secret not in caplog.text
     assert secret not in repr([r.__dict__ for r in caplog.records])
     assert sum(map(len, logs)) > 50 and all(secret not in repr(entry) for run_logs in logs for entry in run_logs)
+
+
+def test_a_rejected_key_fails_the_descriptions_at_once_an_outage_is_retried(tmp_path, monkeypatch):
+    """HTTP 401 from the vendor: one request per class, no step retry (waiting cannot fix a key).
+    HTTP 503: the provider's own retries, then the asset asks Dagster for a retry of the step."""
+    import httpx2
+    from dagster import DagsterInstance, RetryRequested, materialize
+
+    import nola_core.llm as llm
+    from nola_assets import assets as assets_module
+    from assets_helpers import copy_demo, resources_for_test
+    from nola_assets.assets import class_descriptions
+    from nola_assets.partitions import DATASETS
+    from nola_assets.resources import DescriptionsResource
+
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-not-a-real-key")
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    requests = []
+
+    def server(request):
+        requests.append(request)
+        kind = "authentication_error" if server.status == 401 else "overloaded_error"
+        return httpx2.Response(server.status, json={"type": "error", "error": {"type": kind, "message": kind}})
+
+    real_make_provider = llm.make_provider
+
+    def make_provider(name, **kwargs):
+        kwargs.update(http_client=httpx2.Client(transport=httpx2.MockTransport(server)),
+                      policy=llm.CallPolicy(max_retries=1, base_delay_s=0.0), sleep=lambda s: None)
+        return real_make_provider(name, **kwargs)
+
+    monkeypatch.setattr(llm, "make_provider", make_provider)
+
+    class RetryAtOnce(RetryRequested):
+        def __init__(self, max_retries=1, seconds_to_wait=None):
+            super().__init__(max_retries=max_retries, seconds_to_wait=0)
+
+    monkeypatch.setattr(assets_module, "RetryRequested", RetryAtOnce)
+    copy_demo(tmp_path / "data", "ds")
+    resources = resources_for_test(tmp_path / "data", tmp_path / "artifacts")
+    outcome = {}
+    with DagsterInstance.get() as instance:
+        instance.add_dynamic_partitions(DATASETS, ["ds"])
+        for status in (401, 503):
+            server.status, requests[:] = status, []
+            resources["descriptions"] = DescriptionsResource(
+                descriptions="anthropic", descriptions_count=2, descriptions_cache=str(tmp_path / f"cache{status}"))
+            result = materialize([class_descriptions], instance=instance, partition_key="ds",
+                                 resources=resources, raise_on_error=False)
+            assert not result.success
+            events = [e.event_type_value for e in result.all_events]
+            asked = collections.Counter(r.content for r in requests)
+            outcome[status] = (min(asked.values()), max(asked.values()), events.count("STEP_UP_FOR_RETRY"))
+    # (How many classes are asked before the first failure ends the set depends on thread timing.)
+    # 401: no request is sent twice and the step is not retried.
+    # 503: every request is repeated by the provider (max_retries=1) and the step is tried 1 + 2 times.
+    assert outcome[401] == (1, 1, 0)
+    fewest, _, step_retries = outcome[503]
+    assert fewest >= 2 and step_retries == 2
 
 
 # ── images that vanish ─────────────────────────────────────────────────────────────────────────

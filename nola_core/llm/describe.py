@@ -305,7 +305,8 @@ def _from_llm(
             else "no cache_dir was given, so finished classes are not kept"
         )
         also = f"; also failed: {list(errors)[1:]}" if len(errors) > 1 else ""
-        raise DescriptionError(f"class {name!r}: {error} ({kept}{also})") from error
+        raise DescriptionError(f"class {name!r}: {error} ({kept}{also})",
+                               transient=all(getattr(e, "transient", True) for e in errors.values())) from error
 
     descriptions = {}
     for c in classes:

@@ -55,7 +55,16 @@ T = TypeVar("T")
 
 
 class LLMError(RuntimeError):
-    """A provider could not deliver usable text."""
+    """A provider could not deliver usable text.
+
+    `transient` is False when asking again cannot help (a rejected key, a bad request, a model
+    that does not exist: HTTP 4xx other than 408/409/429), so callers fail at once instead of
+    waiting out an outage that is not one.
+    """
+
+    def __init__(self, message: str, *, transient: bool = True):
+        super().__init__(message)
+        self.transient = transient
 
 
 class MissingAPIKeyError(LLMError):
@@ -191,7 +200,7 @@ def call_with_retries(
             # `from None`: the vendor's exception repeats the server's body unmasked (a server may echo
             # the key), and Dagster stores the whole cause chain in its event log and compute logs.
             if status is not None and status not in RETRY_STATUSES and status < 500:
-                raise LLMError(f"{what} failed: {summary}") from None
+                raise LLMError(f"{what} failed: {summary}", transient=False) from None
             if attempt >= policy.max_retries:
                 raise LLMError(f"{what} failed after {attempt + 1} attempts: {summary}") from None
             response = getattr(exc, "response", None)
