@@ -554,6 +554,7 @@ def prompt_tuned_encoder(
     cde_classifier: ArtifactRef,
     cde_pseudo_labels: ArtifactRef,
     alignment_checkpoint: ArtifactRef,
+    dino_features: ArtifactRef,
     data: DatasetsResource,
     models: ModelsResource,
     method: MethodResource,
@@ -562,7 +563,8 @@ def prompt_tuned_encoder(
 ) -> MaterializeResult:
     """CLIP's vision encoder with learnable visual prompts, LayerNorm affines and a CDE-initialised
     head, trained FixMatch-style: the DL network labels a weak view, CLIP learns from a strong view.
-    Only the trainable tensors are stored. The last epoch is kept: nothing is chosen on labels."""
+    Only the trainable tensors are stored. The last epoch is kept: nothing is chosen on labels.
+    With `fixed_pseudo_labels` the DL network labels each image once, from its stored DINO features."""
     started = time.perf_counter()
     name = context.partition_key
     spec = data.spec(name)
@@ -572,12 +574,18 @@ def prompt_tuned_encoder(
     cde = artifacts.read_tensors(cde_classifier, CLASSIFIERS_FILE)["cde"]
     config, device = models.config(), compute.torch_device()
     tuning, alpha = method.tuning_config(compute), method.setting("wiseft_alpha")
-    ref = artifacts.allocate("prompt_tuned_encoder", name, {
+    key = {
         "clip": config.clip_identity(), "dino": config.dino_identity(), "manifest": dataset_manifest.digest,
         "cde": cde_classifier.digest, "pseudo_labels": cde_pseudo_labels.digest,
         "alignment": alignment_checkpoint.digest, "tuning": dataclasses.asdict(tuning), "wiseft_alpha": alpha,
         "device_type": device.type,
-    })  # no process count: every optimizer step sees the same images whatever the split (nola_core.tuning)
+    }  # no process count: every optimizer step sees the same images whatever the split (nola_core.tuning)
+    fixed_features = None
+    if tuning.fixed_pseudo_labels:  # only then do the stored DINO features shape the result
+        key["dino_features"] = dino_features.digest
+        dino_table = load_feature_table(dino_features.file(FEATURES_FILE), mmap=True)
+        fixed_features = dino_table.rows_for([r.image_id for r in records]).clone()
+    ref = artifacts.allocate("prompt_tuned_encoder", name, key)
     dl_network = load_alignment_network(artifacts, alignment_checkpoint)
 
     logged: set[int] = set()
@@ -592,7 +600,8 @@ def prompt_tuned_encoder(
     # pre-empted node) resumes after its last saved epoch when the same key is materialized again.
     resume_dir = ref.file(RESUME_DIR)
     trainable, history = _on_processes(context, compute, len(records), prompt_tuning_stage, config, dl_network, cde,
-                                       spec.root, records, tuning, alpha, resume_dir, progress=progress)
+                                       spec.root, records, tuning, alpha, resume_dir, fixed_features,
+                                       progress=progress)
     for stats in history:  # epochs logged elsewhere (a spawned rank 0's compute log, an earlier resumed run)
         if stats.epoch not in logged:
             progress(stats)
@@ -606,6 +615,7 @@ def prompt_tuned_encoder(
         "final_agreement": history[-1].agreement,
         "trainable_parameters": sum(t.numel() for t in trainable.values()),
         "wiseft_alpha": "off" if alpha is None else alpha,
+        "pseudo_labels_per": "image (fixed, from stored DINO features)" if tuning.fixed_pseudo_labels else "weak view",
         "history": MetadataValue.md(reporting.markdown_table(
             ["epoch", "loss", "entropy", "agreement", "images", "unreadable"],
             [(s.epoch, s.loss, s.mean_entropy, s.agreement, s.images, s.failed_images) for s in history])),

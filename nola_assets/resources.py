@@ -184,6 +184,7 @@ _TUNING_FIELDS = {
     "micro_batch_size": "micro_batch_size",
     "tuning_epochs": "epochs",
     "seed": "seed",
+    "fixed_pseudo_labels": "fixed_pseudo_labels",
 }
 
 
@@ -208,6 +209,11 @@ class MethodResource(EnvSettings):
     wiseft_alpha: Optional[float] = Field(
         default=None, description="WiSE-FT weight on the tuned tensors, unset = off (env NOLA_WISEFT_ALPHA)"
     )
+    fixed_pseudo_labels: Optional[bool] = Field(
+        default=None,
+        description="DL-network labels computed once per image from the stored DINO features instead of a DINO "
+        "forward per weak view: faster tuning, labels of the unaugmented image (env NOLA_FIXED_PSEUDO_LABELS; false)",
+    )
 
     def alignment_config(self) -> AlignmentConfig:
         return dataclasses.replace(AlignmentConfig(), **_overrides(self, _ALIGNMENT_FIELDS))
@@ -218,11 +224,12 @@ class MethodResource(EnvSettings):
     def lafter_config(self, compute: ComputeResource):
         """LaFTer's config (50 prompts, its text-classifier settings) with the shared tuning knobs
         (`tuning_epochs`, `tuning_lr`, batch sizes, `seed`, loader settings); `num_prompts` and
-        `deep_prompts` stay LaFTer's own."""
+        `deep_prompts` stay LaFTer's own; `fixed_pseudo_labels` is NoLA's (LaFTer has no DINO)."""
         from nola_core.methods import LaFTerConfig
 
         base = LaFTerConfig()
-        shared = {k: v for k, v in _TUNING_FIELDS.items() if k not in ("num_prompts", "deep_prompts")}
+        shared = {k: v for k, v in _TUNING_FIELDS.items()
+                  if k not in ("num_prompts", "deep_prompts", "fixed_pseudo_labels")}
         tuning = dataclasses.replace(base.tuning, **compute.loader_overrides(), **_overrides(self, shared))
         text = dataclasses.replace(base.text, **_overrides(self, {"seed": "seed"}))
         return dataclasses.replace(base, tuning=tuning, text=text)

@@ -1,0 +1,45 @@
+"""`fixed_pseudo_labels` (MethodResource, env NOLA_FIXED_PSEUDO_LABELS) reaches prompt tuning in the graph.
+
+The labels then come from the stored DINO features, so the DINO feature artifact enters the
+tuned encoder's key; with the paper's per-view labels it does not (DINO runs live on each weak
+view), so existing artifacts keep their keys.
+"""
+
+from dagster import AssetKey, AssetSelection, DagsterInstance, materialize
+
+from assets_helpers import copy_demo, resources_for_test
+from nola_assets.assets import NOLA_ASSETS, TRAINABLE_FILE, prompt_tuned_encoder
+from nola_assets.partitions import DATASETS
+from nola_assets.resources import MethodResource
+
+DATASET = "fixed"
+
+
+def _tune(resources, selection):
+    instance = DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(DATASETS, [DATASET])
+    result = materialize(NOLA_ASSETS, selection=selection, instance=instance, partition_key=DATASET,
+                         resources=resources)
+    assert result.success
+    [event] = [e for e in result.get_asset_materialization_events() if e.asset_key == AssetKey("prompt_tuned_encoder")]
+    store = resources["artifacts"]
+    ref = store.require_ref("prompt_tuned_encoder", DATASET)
+    return ref, store.read_tensors(ref, TRAINABLE_FILE), event.materialization.metadata
+
+
+def test_fixed_pseudo_labels_flag_trains_from_the_stored_dino_features(tmp_path):
+    copy_demo(tmp_path / "data", DATASET, labeled=False)
+    settings = dict(tuning_epochs=1, tuning_batch_size=16, micro_batch_size=8)
+    resources = resources_for_test(tmp_path / "data", tmp_path / "artifacts", **settings)
+    per_view, per_view_tensors, per_view_meta = _tune(resources, AssetSelection.assets(prompt_tuned_encoder).upstream())
+    assert "dino_features" not in per_view.key and per_view_meta["pseudo_labels_per"].value == "weak view"
+
+    resources["method"] = MethodResource(fixed_pseudo_labels=True, **settings)
+    fixed, fixed_tensors, fixed_meta = _tune(resources, [prompt_tuned_encoder])
+    store = resources["artifacts"]
+    dino = store.require_ref("dino_features", DATASET)
+    assert fixed.key["dino_features"] == dino.digest and fixed.key["tuning"]["fixed_pseudo_labels"] is True
+    assert fixed.digest != per_view.digest
+    assert fixed_meta["pseudo_labels_per"].value.startswith("image")
+    assert max((fixed_tensors[n] - per_view_tensors[n]).abs().max().item() for n in fixed_tensors) > 1e-6
+
