@@ -240,6 +240,36 @@ def test_run_containers_reserve_a_gpu_only_in_the_gpu_variant():
     assert config["DeviceRequests"][0]["Capabilities"] == [["gpu"]]
 
 
+def test_run_containers_switch_off_the_code_servers_healthcheck():
+    """Run containers are the user-code image, whose HEALTHCHECK probes the gRPC port only the
+    code server listens on: left on, every run shows "unhealthy" (seen with compose, see
+    deploy/README.md "Verified offline")."""
+    from docker.types import Healthcheck
+
+    text = (DOCKER / "Dockerfile.cpu").read_text()
+    assert "grpc-health-check" in text
+    for variant in COMPOSE_VARIANTS:
+        kwargs = _yaml(DAGSTER / variant)["run_launcher"]["config"]["container_kwargs"]
+        assert Healthcheck(**kwargs["healthcheck"])["Test"] == ["NONE"], variant
+
+
+@pytest.mark.parametrize("dockerfile", ALL_DOCKERFILES, ids=lambda p: p.name)
+def test_pip_mirror_build_args_change_nothing_unless_set(dockerfile):
+    """deploy/offline_build.sh points pip at a mirror through these; a default would leak into
+    every production build."""
+    build = _dockerfile_stages(dockerfile)[1]
+    for name in ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL"):
+        assert f"ARG {name}" in build, f"{dockerfile.name}: no ARG {name} in the build stage"
+    assert not any(re.match(r"ARG PIP_\w+=", line) for stage in _dockerfile_stages(dockerfile) for line in stage)
+    assert not any(line.startswith("ARG PIP_") for line in _dockerfile_stages(dockerfile)[-1])
+
+
+def test_offline_build_script_parses():
+    script = DEPLOY / "offline_build.sh"
+    assert script.stat().st_mode & 0o111, "executable"
+    subprocess.run(["bash", "-n", str(script)], check=True, timeout=30)
+
+
 def test_every_forwarded_variable_is_set_in_the_daemon_and_every_setting_is_documented():
     """DockerRunLauncher raises at launch on a listed variable that the daemon lacks."""
     compose = _compose()
