@@ -132,6 +132,24 @@ def test_build_context_excludes_everything_the_dockerfile_does_not_copy(dockerfi
                         f"{dockerfile.name} copies {source}, which its .dockerignore leaves out"
 
 
+@pytest.mark.parametrize("dockerfile", USER_CODE_DOCKERFILES, ids=lambda p: p.name)
+def test_build_stage_copies_everything_the_wheel_is_built_from(dockerfile):
+    """`pip install --no-deps /src` builds the wheel from what the build stage copied to /src:
+    packages and data files of pyproject.toml (a missing data file fails the image build)."""
+    import tomllib
+
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    needed = {"pyproject.toml", "README.md"}
+    needed |= {pattern.rstrip("*") for pattern in setuptools["packages"]["find"]["include"]}
+    needed |= {path.split("/")[0] for paths in setuptools.get("data-files", {}).values() for path in paths}
+    copied = set()
+    for instruction in _dockerfile_stages(dockerfile)[1]:
+        words = instruction.split()
+        if words[0] == "COPY" and words[-1].startswith("/src"):
+            copied |= {w for w in words[1:-1] if not w.startswith("--")}
+    assert needed <= copied, f"{dockerfile.name}: the build stage does not copy {sorted(needed - copied)} to /src"
+
+
 def test_hadolint_finds_nothing():
     hadolint = shutil.which("hadolint") or shutil.which("hadolint", path=str(Path(sys.executable).parent))
     if hadolint is None:
