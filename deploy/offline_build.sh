@@ -14,6 +14,11 @@
 #                                     dataset dropped on the data volume, one run launched by the daemon
 #   deploy/offline_build.sh all       the four in order
 #
+# The engine used here was a second dockerd with overlay2 (the machine's own ran vfs, a full copy
+# per layer, ~60 GB for the user-code build):
+#   dockerd --data-root /var/lib/docker-nola --exec-root /var/run/docker-nola --pidfile \
+#     /var/run/docker-nola.pid -H unix:///var/run/docker-nola.sock --storage-driver=overlay2 \
+#     --iptables=false --bridge=none &   export DOCKER_HOST=unix:///var/run/docker-nola.sock
 # Settings (environment): DOCKER_HOST (which engine), WORK (scratch space), MIRROR_ROOT (folder of
 # PEP 503 indexes served over HTTP; torch's index at $MIRROR_ROOT/pypi-more/simple), TAG.
 # The build context is `git archive HEAD`: committed code only, exactly what the per-Dockerfile
@@ -28,6 +33,7 @@ TAG=${TAG:-$(git -C "$ROOT" rev-parse --short HEAD)-offline}
 PORT=${PORT:-8765}
 MIRROR_ROOT=${MIRROR_ROOT:-/opt}
 M=http://127.0.0.1:$PORT
+SOCK=${DOCKER_HOST:-unix:///var/run/docker.sock}; SOCK=${SOCK#unix://}
 TORCH_INDEX=${TORCH_INDEX:-$M/pypi-more/simple}
 PIP_EXTRA=${PIP_EXTRA:-$M/pypi/simple https://pypi.org/simple}
 mkdir -p "$WORK"
@@ -126,15 +132,15 @@ services:
   postgres:
     image: $PG_IMAGE
   daemon:
-    volumes: ["${DOCKER_HOST#unix://}:/var/run/docker.sock"]
+    volumes: ["$SOCK:/var/run/docker.sock"]
   webserver:
-    volumes: ["${DOCKER_HOST#unix://}:/var/run/docker.sock"]
+    volumes: ["$SOCK:/var/run/docker.sock"]
 EOF
   local pw; pw=$(sed -n 's/^POSTGRES_PASSWORD=//p' "$WORK/compose.env" 2>/dev/null | tail -1)  # the volume's
   [ -n "$pw" ] || pw=$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')
   { cat "$ROOT/deploy/.env.example"
     printf '%s\n' "NOLA_IMAGE_TAG=$TAG" NOLA_VARIANT=cpu NOLA_DAGSTER_YAML=dagster.cpu.yaml "POSTGRES_PASSWORD=$pw" \
-      "DOCKER_GID=$(stat -c %g "${DOCKER_HOST#unix://}")" NOLA_MODEL_PROFILE=tiny NOLA_DEVICE=cpu NOLA_NUM_WORKERS=0 \
+      "DOCKER_GID=$(stat -c %g "$SOCK")" NOLA_MODEL_PROFILE=tiny NOLA_DEVICE=cpu NOLA_NUM_WORKERS=0 \
       "NOLA_WEBSERVER_PORT=${NOLA_WEBSERVER_PORT:-3300}"; } > "$WORK/compose.env"
   dc() { docker-compose --project-directory "$ROOT/deploy" -p nola --env-file "$WORK/compose.env" \
            -f "$WORK/compose.v1.yaml" -f "$WORK/compose.override.yaml" "$@"; }
