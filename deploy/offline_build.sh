@@ -21,8 +21,8 @@
 #     --iptables=false --bridge=none &   export DOCKER_HOST=unix:///var/run/docker-nola.sock
 # Settings (environment): DOCKER_HOST (which engine), WORK (scratch space), MIRROR_ROOT (folder of
 # PEP 503 indexes served over HTTP; torch's index at $MIRROR_ROOT/pypi-more/simple), TAG.
-# The build context is `git archive HEAD`: committed code only, exactly what the per-Dockerfile
-# .dockerignore files allow (the classic builder does not read those files).
+# The build context is `git archive HEAD`: committed code only (the root .dockerignore, which the
+# classic builder reads, allows the same files).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)

@@ -116,9 +116,12 @@ def test_cuda_image_is_built_on_a_cuda_base_and_cpu_image_on_cpu_wheels():
 
 
 @pytest.mark.parametrize("dockerfile", ALL_DOCKERFILES, ids=lambda p: p.name)
-def test_build_context_excludes_everything_the_dockerfile_does_not_copy(dockerfile):
-    ignore = Path(f"{dockerfile}.dockerignore").read_text().splitlines()
-    rules = [line.strip() for line in ignore if line.strip() and not line.startswith("#")]
+@pytest.mark.parametrize("ignore_file", ["per-Dockerfile", "root"])
+def test_build_context_excludes_everything_the_dockerfile_does_not_copy(dockerfile, ignore_file):
+    """BuildKit reads `<Dockerfile>.dockerignore`; the classic builder and compose v1 only the
+    root `.dockerignore`: both deny by default and allow what the Dockerfile copies."""
+    path = Path(f"{dockerfile}.dockerignore") if ignore_file == "per-Dockerfile" else ROOT / ".dockerignore"
+    rules = [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
     assert rules[0] == "*", "deny by default: .venv, .env, data and artifacts never reach the daemon"
     allowed = {rule[1:].rstrip("/") for rule in rules if rule.startswith("!")}
     assert not any(".env" in a or "venv" in a for a in allowed)
@@ -129,7 +132,7 @@ def test_build_context_excludes_everything_the_dockerfile_does_not_copy(dockerfi
                 for source in sources:
                     assert (ROOT / source).exists(), source
                     assert any(source == a or source.startswith(a + "/") for a in allowed), \
-                        f"{dockerfile.name} copies {source}, which its .dockerignore leaves out"
+                        f"{dockerfile.name} copies {source}, which {path.name} leaves out"
 
 
 @pytest.mark.parametrize("dockerfile", USER_CODE_DOCKERFILES, ids=lambda p: p.name)
