@@ -80,7 +80,8 @@ class ComputeResource(EnvSettings):
     )
     batch_size: Optional[int] = Field(default=None, description="feature-extraction batch (env NOLA_BATCH_SIZE; default 128)")
     num_workers: Optional[int] = Field(
-        default=None, description="data-loader worker processes (env NOLA_NUM_WORKERS; default 2)"
+        default=None, description="data-loader worker processes (env NOLA_NUM_WORKERS; default 2; on the CPU at most "
+        "a quarter of the cores)"
     )
     nproc_per_node: Optional[int] = Field(
         default=None, description="processes for feature extraction and prompt tuning (DDP), one per GPU, or gloo "

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 
 from nola_core.acceleration import reduced_precision
 from nola_core.data import ImageRecord, ManifestImageDataset, collate_skipping_failures
-from nola_core.runtime import atomic_output, resolve_device
+from nola_core.runtime import atomic_output, cpu_thread_budget, loader_workers, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class FeatureConfig:
     """
 
     batch_size: int = 128
-    num_workers: int = 2
+    num_workers: int = 2  # on the CPU at most a quarter of the cores (`runtime.loader_workers`)
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     fused_attention: bool = True
     precast_weights: bool = True
@@ -89,10 +89,11 @@ class FeatureTable:
         return self.features[rows]
 
 
-def _loader_workers(config: FeatureConfig, num_records: int) -> int:
-    """Workers only pay when one batch can be decoded while another is encoded."""
+def _loader_workers(config: FeatureConfig, num_records: int, device: torch.device) -> int:
+    """Workers only pay when one batch can be decoded while another is encoded (and, on the CPU,
+    when there are cores to spare: `runtime.loader_workers`)."""
     batches = -(-num_records // max(config.batch_size, 1))
-    return max(0, min(config.num_workers, batches - 1))
+    return max(0, min(loader_workers(device, config.num_workers), batches - 1))
 
 
 @torch.inference_mode()
@@ -116,7 +117,7 @@ def extract_features(
     """
     device = resolve_device(device)
     dataset = ManifestImageDataset(Path(root), records, transform)
-    workers = _loader_workers(config, len(records))
+    workers = _loader_workers(config, len(records), device)
     loader = DataLoader(
         dataset,
         batch_size=config.batch_size,
@@ -131,6 +132,7 @@ def extract_features(
     failed: list[int] = []
     done, started = 0, time.perf_counter()
     with contextlib.ExitStack() as stack:
+        stack.enter_context(cpu_thread_budget(device, workers))
         stack.enter_context(reduced_precision(module, device, config.precision, config.fused_attention,
                                               config.precast_weights))
         wanted = config.compile and len(records) >= config.compile_min_images

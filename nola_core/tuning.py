@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 from nola_core.acceleration import compute_dtype, fused_attention, precast_weights, resolve_precision
 from nola_core.data import ImageRecord, ManifestImageDataset, MultiView, collate_skipping_failures
 from nola_core.models.vpt import PromptTunedClassifier
-from nola_core.runtime import atomic_output, autocast_context, resolve_device
+from nola_core.runtime import atomic_output, autocast_context, cpu_thread_budget, loader_workers, resolve_device
 
 if TYPE_CHECKING:
     from nola_core.distributed import DistributedContext
@@ -68,7 +68,7 @@ class TuningConfig:
     label_smoothing: float = 0.1
     logit_scale: float = 100.0
     lr_schedule: str = "cosine"  # cosine | constant
-    num_workers: int = 2
+    num_workers: int = 2  # on the CPU at most a quarter of the cores (`runtime.loader_workers`)
     precision: str = "auto"
     seed: int = 0
     fixed_pseudo_labels: bool = False
@@ -204,11 +204,12 @@ def train_prompts(
         start, history = _load_resume_state(Path(resume_dir), fingerprint, classifier, optimizer, scheduler)
         if start and rank == 0:
             logger.info("prompt tuning: resuming after epoch %d/%d from %s", start, config.epochs, resume_dir)
-    with _fast_modules([classifier, *frozen_modules], device, config):
+    workers = loader_workers(device, config.num_workers)
+    with _fast_modules([classifier, *frozen_modules], device, config), cpu_thread_budget(device, workers, world):
         for epoch in range(start, config.epochs):
             plan = epoch_plan(len(dataset), step_size, micro, config.seed, epoch, rank, world)
             stats = _train_epoch(model, classifier, dataset, plan, pseudo_labeller, labels_on_device, optimizer,
-                                 scheduler, config, device, world)
+                                 scheduler, config, device, world, workers)
             stats.epoch = epoch + 1
             history.append(stats)
             if resume_dir is not None and rank == 0:
@@ -234,12 +235,12 @@ def _fast_modules(modules: Sequence[nn.Module], device: torch.device, config: Tu
 
 
 def _train_epoch(model, classifier, dataset, plan, pseudo_labeller, fixed_labels, optimizer, scheduler,
-                 config: TuningConfig, device: torch.device, world: int) -> EpochStats:
+                 config: TuningConfig, device: torch.device, world: int, workers: int) -> EpochStats:
     micro_batches = [batch for _, batches in plan for batch in batches]
     loader = DataLoader(
         dataset,
         batch_sampler=micro_batches,
-        num_workers=config.num_workers if len(micro_batches) > 1 else 0,
+        num_workers=workers if len(micro_batches) > 1 else 0,
         collate_fn=collate_skipping_failures,
         pin_memory=device.type == "cuda",
     )
