@@ -347,6 +347,31 @@ def test_a_linked_dataset_folder_keeps_its_paths_inside_its_own_folder(tmp_path)
 FAKE_KEY = "sk-ant-api03-TESTSECRET-d41d8cd98f00b204e9800998ecf8427e"
 
 
+def _serve_llm_from(monkeypatch, server) -> None:
+    """Providers made from now on send their requests (the vendors' real clients) to `server`
+    through an httpx2 MockTransport and retry once without waiting; the asset's step retry after
+    an outage does not wait its 60 s."""
+    import httpx2
+    from dagster import RetryRequested
+
+    import nola_core.llm as llm
+    from nola_assets import assets as assets_module
+
+    real_make_provider = llm.make_provider
+
+    def make_provider(name, **kwargs):
+        kwargs.update(http_client=httpx2.Client(transport=httpx2.MockTransport(server)),
+                      policy=llm.CallPolicy(max_retries=1, base_delay_s=0.0), sleep=lambda s: None)
+        return real_make_provider(name, **kwargs)
+
+    class RetryAtOnce(RetryRequested):
+        def __init__(self, max_retries=1, seconds_to_wait=None):
+            super().__init__(max_retries=max_retries, seconds_to_wait=0)
+
+    monkeypatch.setattr(llm, "make_provider", make_provider)
+    monkeypatch.setattr(assets_module, "RetryRequested", RetryAtOnce)
+
+
 def test_the_api_key_appears_nowhere_a_run_writes(tmp_path, monkeypatch, capfd, caplog):
     """ANTHROPIC_API_KEY set to a recognisable fake; a Dagster run on a SQLite DAGSTER_HOME gets its
     descriptions from the Anthropic provider (real client, fake transport), then a second run's
@@ -356,10 +381,8 @@ def test_the_api_key_appears_nowhere_a_run_writes(tmp_path, monkeypatch, capfd, 
     import logging
 
     import httpx2
-    from dagster import AssetSelection, DagsterInstance, RetryRequested, materialize
+    from dagster import AssetSelection, DagsterInstance, materialize
 
-    import nola_core.llm as llm
-    from nola_assets import assets as assets_module
     from assets_helpers import copy_demo, resources_for_test
     from nola_assets.assets import NOLA_ASSETS, class_descriptions, predictions
     from nola_assets.partitions import DATASETS
@@ -384,20 +407,7 @@ def test_the_api_key_appears_nowhere_a_run_writes(tmp_path, monkeypatch, capfd, 
             "stop_reason": "end_turn", "stop_sequence": None, "usage": {"input_tokens": 1, "output_tokens": 1}})
 
     server.fail = False
-    real_make_provider = llm.make_provider
-
-    def make_provider(name, **kwargs):
-        kwargs.update(http_client=httpx2.Client(transport=httpx2.MockTransport(server)),
-                      policy=llm.CallPolicy(max_retries=1, base_delay_s=0.0), sleep=lambda s: None)
-        return real_make_provider(name, **kwargs)
-
-    monkeypatch.setattr(llm, "make_provider", make_provider)
-
-    class RetryAtOnce(RetryRequested):  # the asset's retry after an LLM outage, without the 60 s wait
-        def __init__(self, max_retries=1, seconds_to_wait=None):
-            super().__init__(max_retries=max_retries, seconds_to_wait=0)
-
-    monkeypatch.setattr(assets_module, "RetryRequested", RetryAtOnce)
+    _serve_llm_from(monkeypatch, server)
     copy_demo(tmp_path / "data", "ds")
     resources = resources_for_test(tmp_path / "data", tmp_path / "artifacts")
     resources["descriptions"] = DescriptionsResource(descriptions="anthropic", descriptions_count=2,
@@ -435,10 +445,8 @@ def test_a_rejected_key_fails_the_descriptions_at_once_an_outage_is_retried(tmp_
     """HTTP 401 from the vendor: one request per class, no step retry (waiting cannot fix a key).
     HTTP 503: the provider's own retries, then the asset asks Dagster for a retry of the step."""
     import httpx2
-    from dagster import DagsterInstance, RetryRequested, materialize
+    from dagster import DagsterInstance, materialize
 
-    import nola_core.llm as llm
-    from nola_assets import assets as assets_module
     from assets_helpers import copy_demo, resources_for_test
     from nola_assets.assets import class_descriptions
     from nola_assets.partitions import DATASETS
@@ -454,20 +462,7 @@ def test_a_rejected_key_fails_the_descriptions_at_once_an_outage_is_retried(tmp_
         kind = "authentication_error" if server.status == 401 else "overloaded_error"
         return httpx2.Response(server.status, json={"type": "error", "error": {"type": kind, "message": kind}})
 
-    real_make_provider = llm.make_provider
-
-    def make_provider(name, **kwargs):
-        kwargs.update(http_client=httpx2.Client(transport=httpx2.MockTransport(server)),
-                      policy=llm.CallPolicy(max_retries=1, base_delay_s=0.0), sleep=lambda s: None)
-        return real_make_provider(name, **kwargs)
-
-    monkeypatch.setattr(llm, "make_provider", make_provider)
-
-    class RetryAtOnce(RetryRequested):
-        def __init__(self, max_retries=1, seconds_to_wait=None):
-            super().__init__(max_retries=max_retries, seconds_to_wait=0)
-
-    monkeypatch.setattr(assets_module, "RetryRequested", RetryAtOnce)
+    _serve_llm_from(monkeypatch, server)
     copy_demo(tmp_path / "data", "ds")
     resources = resources_for_test(tmp_path / "data", tmp_path / "artifacts")
     outcome = {}
