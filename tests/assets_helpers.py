@@ -61,3 +61,18 @@ def resources_for_test(data_root: Path, artifact_root: Path, **method) -> dict:
         "descriptions": DescriptionsResource(descriptions="file", descriptions_path="fake_descriptions.json"),
         "data": DatasetsResource(data_root=str(data_root)),
     }
+
+
+def materialize_partition(resources: dict, selection, partition: str):
+    """Materialize `selection` of the NoLA graph for one dataset on a fresh ephemeral instance; must succeed."""
+    from dagster import DagsterInstance, materialize
+
+    from nola_assets.assets import NOLA_ASSETS
+    from nola_assets.partitions import DATASETS
+
+    instance = DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(DATASETS, [partition])
+    result = materialize(NOLA_ASSETS, selection=selection, instance=instance, partition_key=partition,
+                         resources=resources)
+    assert result.success
+    return result

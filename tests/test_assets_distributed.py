@@ -16,20 +16,18 @@ import time
 
 import pytest
 import torch
-from dagster import AssetKey, AssetSelection, DagsterInstance, materialize
+from dagster import AssetKey, AssetSelection
 
-from assets_helpers import copy_demo, resources_for_test
+from assets_helpers import copy_demo, materialize_partition, resources_for_test
 from nola_core.distributed import NPROC_ENV
 from nola_core.features import load_feature_table
 from nola_assets.assets import (
     FEATURES_FILE,
-    NOLA_ASSETS,
     TRAINABLE_FILE,
     clip_features,
     dino_features,
     prompt_tuned_encoder,
 )
-from nola_assets.partitions import DATASETS
 from nola_assets.resources import ComputeResource, env_name
 
 FEATURE_TOLERANCE = 2e-3
@@ -51,27 +49,18 @@ def _resources(data, artifacts, processes: int) -> dict:
     return resources
 
 
-def _materialize(resources, selection):
-    instance = DagsterInstance.ephemeral()
-    instance.add_dynamic_partitions(DATASETS, [DATASET])
-    result = materialize(NOLA_ASSETS, selection=selection, instance=instance, partition_key=DATASET,
-                         resources=resources)
-    assert result.success
-    return result
-
-
 def test_two_processes_give_the_features_and_tuned_tensors_of_one(tmp_path):
     unlabeled = copy_demo(tmp_path / "data", DATASET, labeled=False) / "unlabeled"
     for path in sorted(unlabeled.iterdir())[NUM_IMAGES:]:
         path.unlink()
     one = _resources(tmp_path / "data", tmp_path / "one", processes=1)
-    _materialize(one, AssetSelection.assets(prompt_tuned_encoder).upstream())
+    materialize_partition(one, AssetSelection.assets(prompt_tuned_encoder).upstream(), DATASET)
     shutil.copytree(tmp_path / "one", tmp_path / "two")  # the store is relocatable
     two = _resources(tmp_path / "data", tmp_path / "two", processes=2)
     single, store = one["artifacts"], two["artifacts"]
 
     # Switching 1 -> 2 processes recomputes nothing: the process count is not in the feature key.
-    reused = _materialize(two, [clip_features, dino_features])
+    reused = materialize_partition(two, [clip_features, dino_features], DATASET)
     for asset in FEATURES:
         assert _metadata(reused, asset)["computed"] == 0
         assert store.require_ref(asset, DATASET).digest == single.require_ref(asset, DATASET).digest
@@ -80,7 +69,7 @@ def test_two_processes_give_the_features_and_tuned_tensors_of_one(tmp_path):
     for asset in FEATURES:
         store.ref_path(asset, DATASET).unlink()
     started = time.perf_counter()
-    result = _materialize(two, [clip_features, dino_features, prompt_tuned_encoder])
+    result = materialize_partition(two, [clip_features, dino_features, prompt_tuned_encoder], DATASET)
     print(f"two-process features + tuning: {time.perf_counter() - started:.1f} s")
     for asset in FEATURES:
         assert _metadata(result, asset)["computed"] == NUM_IMAGES

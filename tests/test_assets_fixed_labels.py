@@ -5,22 +5,17 @@ tuned encoder's key; with the paper's per-view labels it does not (DINO runs liv
 view), so existing artifacts keep their keys.
 """
 
-from dagster import AssetKey, AssetSelection, DagsterInstance, materialize
+from dagster import AssetKey, AssetSelection
 
-from assets_helpers import copy_demo, resources_for_test
-from nola_assets.assets import NOLA_ASSETS, TRAINABLE_FILE, prompt_tuned_encoder
-from nola_assets.partitions import DATASETS
+from assets_helpers import copy_demo, materialize_partition, resources_for_test
+from nola_assets.assets import TRAINABLE_FILE, prompt_tuned_encoder
 from nola_assets.resources import MethodResource
 
 DATASET = "fixed"
 
 
 def _tune(resources, selection):
-    instance = DagsterInstance.ephemeral()
-    instance.add_dynamic_partitions(DATASETS, [DATASET])
-    result = materialize(NOLA_ASSETS, selection=selection, instance=instance, partition_key=DATASET,
-                         resources=resources)
-    assert result.success
+    result = materialize_partition(resources, selection, DATASET)
     [event] = [e for e in result.get_asset_materialization_events() if e.asset_key == AssetKey("prompt_tuned_encoder")]
     store = resources["artifacts"]
     ref = store.require_ref("prompt_tuned_encoder", DATASET)

@@ -95,15 +95,21 @@ def store(tmp_path_factory):
     return path, expected
 
 
+def measure_in_fresh_process(module: str, argument) -> dict:
+    """`<module>.measure(str(argument))` in a new interpreter (no earlier allocations in the heap;
+    glibc returns freed chunks above 128 KiB to the kernel, so RssAnon follows live memory)."""
+    environment = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(128 * 1024), PYTHONPATH=str(Path(__file__).parent))
+    done = subprocess.run([sys.executable, "-c", f"import json, {module} as t; "
+                           f"print(json.dumps(t.measure({str(argument)!r})))"],
+                          env=environment, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def test_top_k_streams_over_a_memory_mapped_store_in_bounded_memory(store):
     path, expected = store
     assert path.stat().st_size > 4 * MEMORY_BOUND
-    environment = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(128 * 1024), PYTHONPATH=str(Path(__file__).parent))
-    done = subprocess.run([sys.executable, "-c", f"import json, test_feature_store as t; "
-                           f"print(json.dumps(t.measure({str(path)!r})))"],
-                          env=environment, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = measure_in_fresh_process("test_feature_store", path)
     assert result["select"] < MEMORY_BOUND, f"streamed top-k grew anonymous memory by {result['select'] / 2**20:.0f} MiB"
     assert result["predict"] < MEMORY_BOUND, f"streamed prediction grew it by {result['predict'] / 2**20:.0f} MiB"
     assert result["materialise"] > 3 * MEMORY_BOUND  # the measurement does see a full copy

@@ -14,9 +14,6 @@ twice these rows); streaming the five stages in chunks of 2,048 rows must grow a
 memory by less than 16 MiB, a quarter of one matrix. The control scores one stage the old way.
 """
 
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -161,12 +158,9 @@ def stores(tmp_path_factory):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_streamed_stages_stay_in_bounded_memory_on_memory_mapped_tables(stores):
-    environment = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(128 * 1024), PYTHONPATH=str(Path(__file__).parent))
-    done = subprocess.run([sys.executable, "-c", f"import json, test_stage_predictions as t; "
-                           f"print(json.dumps(t.measure({str(stores)!r})))"],
-                          env=environment, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    from test_feature_store import measure_in_fresh_process
+
+    result = measure_in_fresh_process("test_stage_predictions", stores)
     one_matrix = ROWS * CLASSES * 4
     assert result["streamed"] < MEMORY_BOUND, f"streamed stages grew anonymous memory by {result['streamed'] / 2**20:.0f} MiB"
     assert result["full"] > one_matrix  # the measurement does see one full matrix
