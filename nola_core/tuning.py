@@ -19,12 +19,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -160,8 +161,9 @@ def train_prompts(
 
     With `resume_dir`, the resumable state (trainable tensors, optimizer, scheduler, RNG, epoch,
     history) is written there atomically after every epoch (rank 0), and a rerun with the same
-    records and config resumes after the last saved epoch: a run killed at any point ends with
-    the same tensors as an uninterrupted one (the epoch plans depend on the seed and epoch only).
+    records and config resumes after the last saved epoch, under any number of processes: a run
+    killed at any point ends with the same tensors as an uninterrupted one (the epoch plans depend
+    on the seed and epoch only).
     A state saved for other records or another config is ignored (training restarts).
     """
     device = resolve_device(device)
@@ -198,18 +200,23 @@ def train_prompts(
                     config.epochs, "fixed" if fixed_labels is not None else "per-view",
                     resolve_precision(device, config.precision))
     history: list[EpochStats] = []
-    fingerprint = _resume_fingerprint(records, config, world, fixed_labels)
+    fingerprint = _resume_fingerprint(records, config, fixed_labels)
     start = 0
     if resume_dir is not None:
         start, history = _load_resume_state(Path(resume_dir), fingerprint, classifier, optimizer, scheduler)
         if start and rank == 0:
             logger.info("prompt tuning: resuming after epoch %d/%d from %s", start, config.epochs, resume_dir)
     workers = loader_workers(device, config.num_workers)
+    epochs = range(start, config.epochs)
+    # The plans are made lazily, once each, for the loop and the loader; the loader runs ahead of the
+    # loop by its prefetch only, so `tee` holds no more than the plans between the two.
+    plans, sampled = itertools.tee(epoch_plan(len(dataset), step_size, micro, config.seed, epoch, rank, world)
+                                   for epoch in epochs)
     with _fast_modules([classifier, *frozen_modules], device, config), cpu_thread_budget(device, workers, world):
-        for epoch in range(start, config.epochs):
-            plan = epoch_plan(len(dataset), step_size, micro, config.seed, epoch, rank, world)
-            stats = _train_epoch(model, classifier, dataset, plan, pseudo_labeller, labels_on_device, optimizer,
-                                 scheduler, config, device, world, workers)
+        batches = _micro_batches(dataset, sampled, workers, device, config.seed)
+        for epoch, plan in zip(epochs, plans):
+            stats = _train_epoch(model, classifier, batches, plan, pseudo_labeller, labels_on_device, optimizer,
+                                 scheduler, config, device, world)
             stats.epoch = epoch + 1
             history.append(stats)
             if resume_dir is not None and rank == 0:
@@ -234,17 +241,28 @@ def _fast_modules(modules: Sequence[nn.Module], device: torch.device, config: Tu
         yield
 
 
-def _train_epoch(model, classifier, dataset, plan, pseudo_labeller, fixed_labels, optimizer, scheduler,
-                 config: TuningConfig, device: torch.device, world: int, workers: int) -> EpochStats:
-    micro_batches = [batch for _, batches in plan for batch in batches]
+def _micro_batches(dataset: Dataset, plans: Iterator, workers: int, device: torch.device, seed: int) -> Iterator:
+    """The collated micro-batches of every plan in turn, from one loader for the whole run: its
+    workers start once and prefetch across epoch boundaries (a loader per epoch re-spawned them at
+    each, seconds on spawn / forkserver while the GPU waited). No workers for one micro-batch in
+    all. Its own generator seeds the workers, so the caller's RNG is not drawn (items carry seeds).
+    """
+    keys = (batch for plan in plans for _, batches in plan for batch in batches)
+    head = list(itertools.islice(keys, 2))
     loader = DataLoader(
         dataset,
-        batch_sampler=micro_batches,
-        num_workers=workers if len(micro_batches) > 1 else 0,
+        batch_sampler=itertools.chain(head, keys),
+        num_workers=workers if len(head) > 1 else 0,
         collate_fn=collate_skipping_failures,
         pin_memory=device.type == "cuda",
+        generator=torch.Generator().manual_seed(seed),
     )
-    batches = iter(loader)
+    return iter(loader)
+
+
+def _train_epoch(model, classifier, batches: Iterator, plan, pseudo_labeller, fixed_labels, optimizer, scheduler,
+                 config: TuningConfig, device: torch.device, world: int) -> EpochStats:
+    """One epoch's optimizer steps; takes exactly the plan's micro-batches from `batches`."""
     totals = torch.zeros(5, dtype=torch.float64)  # loss, entropy, agreement, images, failed
     classifier.train()
     last_input: torch.Tensor | None = None
@@ -312,12 +330,16 @@ def _schedule(optimizer, name: str, total_steps: int):
 RESUME_FILE = "resume.pt"
 
 
-def _resume_fingerprint(records: Sequence[ImageRecord], config: TuningConfig, world: int,
+def _resume_fingerprint(records: Sequence[ImageRecord], config: TuningConfig,
                         fixed_labels: torch.Tensor | None) -> str:
-    """What a saved state must have been trained on to be resumed from (speed-only knobs excluded)."""
+    """What a saved state must have been trained on to be resumed from (speed-only knobs excluded).
+
+    Not the number of processes: the step's images, learning rate and schedule do not depend on
+    it, and every saved tensor is the same on all ranks, so a run killed under N processes
+    resumes under M.
+    """
     trained_on = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("num_workers",)}
     digest = hashlib.sha256(json.dumps(trained_on, sort_keys=True, default=str).encode())
-    digest.update(str(world).encode())
     for record in records:
         digest.update(f"\0{record.image_id}\0{record.path}".encode())
     if fixed_labels is not None:
