@@ -226,8 +226,8 @@ def _feature_config(options, compile_everything: bool = False):
 
 
 def phase_extraction(options, size: Size, device) -> dict:
-    """The project's path, `pipeline.image_features`, over the whole dataset; tables saved."""
-    from nola_core.features import save_feature_table
+    """The project's path, `pipeline.image_features`, over the whole dataset, written to the
+    store file batch by batch as the assets do."""
     from nola_core.pipeline import image_features, load_dataset
 
     _, clip, dino = _models(size, device)
@@ -241,9 +241,9 @@ def phase_extraction(options, size: Size, device) -> dict:
         with Timer() as warm:  # warm-up (and compilation, with --compile), reported apart
             image_features(model, spec.root, records[:2], config, device)
         with Timer() as timer:
-            table = image_features(model, spec.root, records, config, device)
+            table = image_features(model, spec.root, records, config, device,
+                                   output=options.work / f"{name}_features.safetensors")
             _sync(device)
-        save_feature_table(table, options.work / f"{name}_features.safetensors")
         result[name] = {**_timed(timer.seconds, len(table), timer), "warm_up_seconds": round(warm.seconds, 2),
                         "images_per_s_including_warm_up": round(len(table) / (timer.seconds + warm.seconds), 3)}
     result["peak_memory"] = _peak_memory(device)
@@ -255,7 +255,7 @@ def phase_incremental(options, size: Size, device) -> dict:
     import polars as pl
 
     from nola_core.data import Manifest, build_manifest
-    from nola_core.features import load_feature_table, save_feature_table, update_feature_table
+    from nola_core.features import load_feature_table, update_feature_table
     from nola_core.pipeline import image_features, load_dataset
 
     _, clip, dino = _models(size, device)
@@ -271,8 +271,8 @@ def phase_incremental(options, size: Size, device) -> dict:
             path = options.work / f"{name}_features.safetensors"
             previous = load_feature_table(path, mmap=True)
             table, computed[name] = update_feature_table(
-                previous, manifest.records, lambda todo, model=model: image_features(model, spec.root, todo, config, device))
-            save_feature_table(table, path.with_name(f"{name}_features.next.safetensors"))
+                previous, manifest.records, lambda todo, model=model: image_features(model, spec.root, todo, config, device),
+                output=path.with_name(f"{name}_features.next.safetensors"))  # merged chunk by chunk, as the assets do
         _sync(device)
     return {"previous_images": len(previous_manifest), "images": len(manifest), "computed": computed,
             "rerun": _timed(timer.seconds, len(manifest), timer), "peak_memory": _peak_memory(device)}

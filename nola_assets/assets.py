@@ -33,7 +33,7 @@ from nola_core.alignment import PseudoLabelSelection, alignment_network, selecti
 from nola_core.data import Manifest, build_manifest, known_labels
 from nola_core.distributed import image_features_stage, init_distributed, launch, prompt_tuning_stage
 from nola_core.eval import format_stage_table
-from nola_core.features import FeatureTable, load_feature_table, save_feature_table, update_feature_table
+from nola_core.features import FeatureTable, load_feature_table, update_feature_table
 from nola_core.llm import DescriptionSet, LLMError, MissingAPIKeyError
 from nola_core.methods import EvaluationLabels, MethodRun, PseudoLabels, evaluate_run
 from nola_core.methods import nola as nola_method
@@ -339,18 +339,24 @@ def _feature_asset(
         "device_type": device.type,
     }
     previous_ref = artifacts.load_ref(asset_name, name)
-    previous = (load_feature_table(previous_ref.file(FEATURES_FILE))
+    previous = (load_feature_table(previous_ref.file(FEATURES_FILE), mmap=True)
                 if previous_ref is not None and previous_ref.key["model_key"] == model_key else None)
+    ref = artifacts.allocate(asset_name, name, {"model_key": model_key,
+                                                "images": digest_of([r.image_id for r in records])})
+    # New rows go to a scratch file, then old and new rows are merged chunk by chunk into the
+    # table: neither is ever whole in RAM (1.3 M x 768 float16 is 2 GB).
+    fresh = ref.file(f".new-{FEATURES_FILE}")
 
     def extract(todo) -> FeatureTable:
         context.log.info(f"{which.upper()} features for {len(todo)} image(s) on {device}")
-        return _on_processes(context, compute, len(todo), image_features_stage, config, which, spec.root, list(todo),
-                             feature_config, progress=_image_progress(context, f"{which} features"))
+        _on_processes(context, compute, len(todo), image_features_stage, config, which, spec.root, list(todo),
+                      feature_config, fresh, progress=_image_progress(context, f"{which} features"))
+        return load_feature_table(fresh, mmap=True)
 
-    table, computed = update_feature_table(previous, records, extract)
-    ref = artifacts.allocate(asset_name, name, {"model_key": model_key,
-                                                "images": digest_of([r.image_id for r in records])})
-    save_feature_table(table, ref.file(FEATURES_FILE))
+    try:
+        table, computed = update_feature_table(previous, records, extract, output=ref.file(FEATURES_FILE))
+    finally:
+        fresh.unlink(missing_ok=True)
     random_weights = config.clip_is_random if which == "clip" else config.dino_is_random
     ref = ref.with_facts(random_weights=random_weights, computed=computed)
 
@@ -366,13 +372,19 @@ def _feature_asset(
     }
     if table.failed:
         metadata["unreadable_ids"] = MetadataValue.json(list(table.failed[:100]))
-    finite = torch.isfinite(table.features).all(dim=1).tolist()  # NaN rows are the no_nan_or_inf check's
-    if sum(finite) >= 3:
+    # A plot needs no more points than this: evenly spaced rows keep the picture and the memory small.
+    rows = torch.linspace(0, len(table) - 1, min(len(table), PCA_POINTS)).round().long().unique()
+    sample = table.features[rows]
+    finite = torch.isfinite(sample).all(dim=1)  # NaN rows are the no_nan_or_inf check's
+    if int(finite.sum()) >= 3:
+        ids = [table.ids[row] for row in rows[finite].tolist()]
         metadata["pca"] = reporting.png_markdown(reporting.scatter_2d(
-            _pca_2d(table.features[torch.tensor(finite)]),
-            [labels.get(i, -1) for i, ok in zip(table.ids, finite) if ok] if labels else None,
-            f"{which.upper()} features, PCA (colour: known label)"), "PCA of features")
+            _pca_2d(sample[finite]), [labels.get(i, -1) for i in ids] if labels else None,
+            f"{which.upper()} features, PCA of {len(ids)} images (colour: known label)"), "PCA of features")
     return _result(ref, started, metadata)
+
+
+PCA_POINTS = 5000
 
 
 def _pca_2d(features: torch.Tensor):
@@ -429,8 +441,8 @@ def cde_pseudo_labels(
     started = time.perf_counter()
     name = context.partition_key
     unlabeled, labeled = load_manifests(artifacts, dataset_manifest)
-    clip_table = load_feature_table(clip_features.file(FEATURES_FILE))
-    dino_table = load_feature_table(dino_features.file(FEATURES_FILE))
+    clip_table = load_feature_table(clip_features.file(FEATURES_FILE), mmap=True)
+    dino_table = load_feature_table(dino_features.file(FEATURES_FILE), mmap=True)
     train_ids = pipeline.training_ids(unlabeled, clip_table, dino_table)
     if not train_ids:
         raise RuntimeError(f"{name}: no unlabeled image could be read by both CLIP and DINO")
@@ -512,7 +524,7 @@ def alignment_checkpoint(
     name = context.partition_key
     frame = artifacts.read_table(cde_pseudo_labels, PSEUDO_LABELS_FILE)
     selection = selection_from_frame(frame, cde_pseudo_labels.facts["k"], cde_pseudo_labels.facts["num_classes"])
-    features = load_feature_table(dino_features.file(FEATURES_FILE)).rows_for(frame["image_id"].to_list())
+    features = load_feature_table(dino_features.file(FEATURES_FILE), mmap=True).rows_for(frame["image_id"].to_list())
     config, device = method.alignment_config(), compute.torch_device()
     ref = artifacts.allocate("alignment_checkpoint", name, {
         "pseudo_labels": cde_pseudo_labels.digest, "dino_features": dino_features.digest,
@@ -666,8 +678,8 @@ def predictions(
     clip = models.load_clip(device)
     classifier = load_tuned_classifier(artifacts, prompt_tuned_encoder, clip,
                                        artifacts.read_tensors(cde_classifier, CLASSIFIERS_FILE)["cde"], device)
-    tuned_table = pipeline.tuned_image_features(classifier, clip, spec.root, records, compute.feature_config(), device)
-    save_feature_table(tuned_table, ref.file(TUNED_FEATURES_FILE))
+    tuned_table = pipeline.tuned_image_features(classifier, clip, spec.root, records, compute.feature_config(), device,
+                                                output=ref.file(TUNED_FEATURES_FILE))  # written as computed
     ids = load_feature_table(clip_features.file(FEATURES_FILE), mmap=True).ids  # only the ids are read
     top = pipeline.tuned_head_top_classes(classifier, tuned_table, ids)  # streamed, never [N, C]
     frame = pipeline.prediction_table(unlabeled, ids, top, dataset_manifest.facts["classes"])

@@ -6,6 +6,7 @@ judgement itself is a plain function of the artifact, tested on crafted input.
 """
 
 
+import math
 import warnings
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from dagster import (
     PreviewWarning,
     asset_check,
 )
-from safetensors.torch import load_file
+from safetensors import safe_open
 
 from nola_core.pipeline import TUNED_STAGE
 
@@ -32,13 +33,30 @@ from nola_assets.partitions import datasets_partitions
 ZERO_SHOT_STAGE = "zero-shot (templates)"  # a stage name of nola_core.pipeline.stage_predictions
 
 
+CHECK_CHUNK_ELEMENTS = 2**24
+"""Values read at once per tensor (32 MB of float16): a 2 GB feature table is checked in slices."""
+
+
+FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+
+
 def nonfinite_counts(artifact_dir: Path) -> dict[str, int]:
     """NaN/Inf count of every float tensor (safetensors) and float column (parquet) in a folder."""
     counts: dict[str, int] = {}
     for path in sorted(artifact_dir.glob("*.safetensors")):
-        for name, tensor in load_file(str(path)).items():
-            if tensor.is_floating_point():
-                counts[f"{path.name}:{name}"] = int((~torch.isfinite(tensor)).sum())
+        with safe_open(str(path), framework="pt") as handle:
+            for name in handle.keys():
+                tensor = handle.get_slice(name)
+                if tensor.get_dtype() not in FLOAT_DTYPES:
+                    continue
+                shape = tensor.get_shape()
+                if not shape:  # a scalar
+                    counts[f"{path.name}:{name}"] = int(~torch.isfinite(handle.get_tensor(name)))
+                    continue
+                row = max(1, math.prod(shape[1:]))
+                step = max(1, CHECK_CHUNK_ELEMENTS // row)
+                counts[f"{path.name}:{name}"] = sum(int((~torch.isfinite(tensor[start : start + step])).sum())
+                                                    for start in range(0, shape[0], step))
     for path in sorted(artifact_dir.glob("*.parquet")):
         frame = pl.read_parquet(path)
         for name, dtype in frame.schema.items():

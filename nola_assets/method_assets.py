@@ -93,7 +93,7 @@ class _Inputs:
 
 def _inputs(artifacts: ArtifactStore, dataset_manifest: ArtifactRef, clip_features: ArtifactRef, name: str) -> _Inputs:
     unlabeled, labeled = load_manifests(artifacts, dataset_manifest)
-    clip_table = load_feature_table(clip_features.file(FEATURES_FILE))
+    clip_table = load_feature_table(clip_features.file(FEATURES_FILE), mmap=True)
     train_ids = pipeline.training_ids(unlabeled, clip_table)
     if not train_ids:
         raise RuntimeError(f"{name}: no unlabeled image could be read by CLIP")

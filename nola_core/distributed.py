@@ -9,9 +9,10 @@
   `NOLA_NPROC_PER_NODE`) uses when the run is not already under torchrun. The stages it runs
   there are `image_features_stage` and `prompt_tuning_stage`: module-level functions taking
   configs, paths and small tensors; CLIP and DINO are loaded in each rank, never pickled.
-- Feature extraction: `extract_features_distributed` gives rank r the records r, r+W, ...
-  and gathers every rank's rows back into record order, so the table equals one process's
-  (up to float rounding of different batch compositions).
+- Feature extraction: `extract_features_distributed` gives rank r the records r, r+W, ...;
+  each rank writes its rows to a shard file and rank 0 merges them, in record order, into the
+  store file, so the table equals one process's (up to float rounding of different batch
+  compositions) and no process holds it whole.
 - Prompt tuning: `nola_core.tuning.train_prompts(..., distributed=context)` wraps the
   classifier in DDP; the per-step image sets and the per-image augmentation seeds are those of
   one process, so the trained tensors match one process's (see tests/test_distributed.py).
@@ -37,7 +38,7 @@ import torch.distributed as dist
 from torch import nn
 
 from nola_core.data import ImageRecord, eval_transform
-from nola_core.features import FeatureConfig, FeatureTable, extract_features, save_feature_table
+from nola_core.features import FeatureConfig, FeatureTable, extract_features, load_feature_table, write_feature_table
 from nola_core.models import ModelConfig, load_clip, load_dino
 from nola_core.pipeline import apply_wiseft, evaluation_records, load_dataset, tune_prompts
 from nola_core.runtime import resolve_device
@@ -111,53 +112,38 @@ def extract_features_distributed(
     transform: Callable,
     config: FeatureConfig,
     context: DistributedContext,
+    output: Path,
     dtype: torch.dtype = torch.float16,
     module: nn.Module | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> FeatureTable:
-    """`extract_features` with the records sharded over ranks; every rank returns the whole table.
+    """`extract_features` with the records sharded over ranks, into the store file `output`;
+    every rank returns that table, memory-mapped.
 
-    `progress(done, total)` counts this rank's share.
+    Each rank writes its share to a shard file next to `output` (so `output` must be on a file
+    system every rank reaches, as the artifact store is); rank 0 then merges the shards in record
+    order chunk by chunk, so no rank ever holds the whole table in RAM. `progress(done, total)`
+    counts this rank's share.
     """
-    mine = [records[i] for i in shard_positions(len(records), context)]
-    local = extract_features(encode, root, mine, transform, config, context.device, progress, dtype=dtype,
-                             module=module)
-    return gather_feature_table(local, records, context)
-
-
-def gather_feature_table(local: FeatureTable, records: Sequence[ImageRecord],
-                         context: DistributedContext) -> FeatureTable:
-    """Every rank's rows, in the order of `records` (ids found nowhere are dropped), on every rank."""
+    output = Path(output)
     if not context.enabled:
-        return local
-    pieces: list[Any] = [None] * context.world_size
-    dist.all_gather_object(pieces, (local.ids, local.failed, tuple(local.features.shape[1:]), local.features.dtype))
-    counts = [len(ids) for ids, _, _, _ in pieces]
-    shape, dtype = next(((s, d) for ids, _, s, d in pieces if ids), (tuple(local.features.shape[1:]), local.features.dtype))
-    width = int(torch.Size(shape).numel()) * torch.empty(0, dtype=dtype).element_size()
-    # Ship raw bytes: the same code serves float16 and float32 tables on gloo and NCCL.
-    padded = torch.zeros(max(counts), width, dtype=torch.uint8)
-    if len(local):
-        padded[: len(local)] = local.features.to(dtype).contiguous().view(len(local), -1).view(torch.uint8)
-    on_device = padded.to(context.device)
-    gathered = [torch.empty_like(on_device) for _ in range(context.world_size)]
-    dist.all_gather(gathered, on_device)
-    row_of: dict[str, tuple[int, int]] = {}
-    for source, (ids, _, _, _) in enumerate(pieces):
-        row_of.update({image_id: (source, row) for row, image_id in enumerate(ids)})
-    ordered = [r.image_id for r in records if r.image_id in row_of]
-    blob = torch.empty(len(ordered), width, dtype=torch.uint8)
-    cpu = [g.cpu() for g in gathered]
-    for i, image_id in enumerate(ordered):
-        source, row = row_of[image_id]
-        blob[i] = cpu[source][row]
-    features = blob.view(dtype).view(len(ordered), *shape) if ordered else torch.empty(0, *shape, dtype=dtype)
-    failed = {image_id for _, fails, _, _ in pieces for image_id in fails}
-    return FeatureTable(
-        ids=tuple(ordered),
-        features=features,
-        failed=tuple(r.image_id for r in records if r.image_id in failed),
-    )
+        return extract_features(encode, root, records, transform, config, context.device, progress, dtype=dtype,
+                                module=module, output=output)
+    shards = [output.with_name(f".{output.name}.rank{rank}-of-{context.world_size}")
+              for rank in range(context.world_size)]
+    mine = [records[i] for i in shard_positions(len(records), context)]
+    extract_features(encode, root, mine, transform, config, context.device, progress, dtype=dtype, module=module,
+                     output=shards[context.rank])
+    dist.barrier()
+    if context.is_main:
+        tables = [load_feature_table(shard, mmap=True) for shard in shards]
+        ordered = [r.image_id for r in records if any(r.image_id in t.row_index for t in tables)]
+        failed = {image_id for table in tables for image_id in table.failed}
+        write_feature_table(output, ordered, tables, [r.image_id for r in records if r.image_id in failed], dtype)
+        for shard in shards:
+            shard.unlink()
+    dist.barrier()
+    return load_feature_table(output, mmap=True)
 
 
 def image_features_stage(
@@ -167,13 +153,15 @@ def image_features_stage(
     root: Path,
     records: Sequence[ImageRecord],
     config: FeatureConfig,
+    output: Path,
     progress: Callable[[int, int], None] | None = None,
-) -> FeatureTable:
-    """The CLIP (`which="clip"`) or DINO (`"dino"`) feature table of `records`, for `launch`.
+) -> None:
+    """Write the CLIP (`which="clip"`) or DINO (`"dino"`) feature table of `records` to `output`, for `launch`.
 
-    The model is loaded from `models` on this rank's device; the rank encodes its share and
-    every rank returns the whole table. With one process it is `pipeline.image_features`, bit
-    for bit.
+    The model is loaded from `models` on this rank's device; the rank encodes its share (see
+    `extract_features_distributed`). With one process it is `pipeline.image_features` written
+    to `output`, bit for bit. Nothing is returned: the caller maps the file, no table travels
+    between processes.
     """
     if which not in ("clip", "dino"):
         raise ValueError(f"which={which!r}: expected 'clip' or 'dino'")
@@ -182,8 +170,8 @@ def image_features_stage(
     if context.enabled:
         logger.info("%s features: %d of %d image(s) on %s", which, len(shard_positions(len(records), context)),
                     len(records), context.device)
-    return extract_features_distributed(model.encode_image, root, records, eval_transform(model.preprocess), config,
-                                        context, module=tower, progress=progress)
+    extract_features_distributed(model.encode_image, root, records, eval_transform(model.preprocess), config,
+                                 context, output, module=tower, progress=progress)
 
 
 def prompt_tuning_stage(
@@ -276,10 +264,11 @@ def _features_command(options: argparse.Namespace) -> None:
         config = FeatureConfig(batch_size=options.batch_size, num_workers=options.num_workers,
                                precision=options.precision)
         for name in ("clip", "dino"):
-            table = image_features_stage(context, models, name, spec.root, records, config)
+            output = Path(options.out) / f"{name}_features.safetensors"
+            image_features_stage(context, models, name, spec.root, records, config, output)
             if context.is_main:
-                save_feature_table(table, Path(options.out) / f"{name}_features.safetensors")
-                print(f"{name}: {len(table)} rows, {len(table.failed)} unreadable -> {options.out}")
+                table = load_feature_table(output, mmap=True)
+                print(f"{name}: {len(table)} rows, {len(table.failed)} unreadable -> {output}")
     finally:
         shutdown(context)
 

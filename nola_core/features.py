@@ -1,11 +1,16 @@
 """Batched, mixed-precision image feature extraction into float16 tables keyed by image id.
 
-The store is one safetensors file per table: `features` [N, D] (float16), `ids` [N, W] (the
-UTF-8 bytes of each image id, zero-padded), and the unreadable ids in the metadata. Loaded
-with `mmap=True`, `features` is a torch tensor over a copy-on-write `numpy.memmap` of the
-file's data section, so a 1.3 M × 768 table (2 GB) is paged in only where it is read: chunked
-consumers (`alignment.class_log_odds`, `alignment.predict_alignment`,
-`predictions.aligned_chunks` under `pipeline.stage_predictions`) stream over it.
+The store is one safetensors file per table: `features` [N, D] (float16), `ids` [N, W] and
+`failed` [F, W'] (the UTF-8 bytes of each image id, zero-padded; `failed` are the unreadable
+ones). A table never has to sit in RAM whole, neither when written nor when read:
+
+- `FeatureTableWriter` appends rows to the file as they come: `extract_features(output=...)`
+  writes each batch's rows there, and `update_feature_table(output=...)` / `write_feature_table`
+  merge tables chunk by chunk (safetensors' `save_file` takes whole in-memory tensors).
+- Loaded with `mmap=True`, `features` is a torch tensor over a copy-on-write `numpy.memmap` of
+  the file's data section, so a 1.3 M × 768 table (2 GB) is paged in only where it is read:
+  chunked consumers (`alignment.class_log_odds`, `alignment.predict_alignment`,
+  `predictions.aligned_chunks` under `pipeline.stage_predictions`) stream over it.
 """
 
 from __future__ import annotations
@@ -13,17 +18,17 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import struct
 import time
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -33,11 +38,22 @@ from nola_core.runtime import atomic_output, cpu_thread_budget, loader_workers, 
 
 logger = logging.getLogger(__name__)
 
-STORE_FORMAT = "nola-features/2"
-"""Version 2 keeps the ids in a uint8 tensor; version 1 (ids as JSON metadata) still loads.
-safetensors caps its header at 100 MB, which 1.3 M JSON ids would nearly fill."""
+STORE_FORMAT = "nola-features/3"
+"""Version 3 keeps the failed ids in a uint8 tensor too, so the header has a fixed size and can
+be written after the rows; version 2 (failed ids as JSON metadata) and version 1 (all ids as
+JSON metadata) still load. safetensors caps its header at 100 MB, which 1.3 M JSON ids would
+nearly fill."""
 
-_NUMPY_DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "U8": np.uint8}
+_NUMPY_DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "U8": np.uint8,
+                 "BF16": np.int16}  # numpy has no bfloat16: mapped as int16, viewed as bfloat16
+_SAFETENSORS_DTYPES = {torch.float16: "F16", torch.float32: "F32", torch.bfloat16: "BF16", torch.float64: "F64"}
+_HEADER_BYTES = 1016
+"""Space reserved for the JSON header, padded with spaces as the format allows; 8 + 1016 puts
+the rows at an 8-byte-aligned offset. The header holds only dtypes, shapes and offsets."""
+ID_CHUNK = 65536
+"""Ids encoded at once when a table's ids are written."""
+MERGE_CHUNK_BYTES = 4 * 2**20
+"""Bytes of rows copied at once when tables are merged (2,730 rows at 768 float16 dims)."""
 
 
 @dataclass(frozen=True)
@@ -107,13 +123,16 @@ def extract_features(
     progress: Callable[[int, int], None] | None = None,
     dtype: torch.dtype = torch.float16,
     module: nn.Module | None = None,
+    output: Path | None = None,
 ) -> FeatureTable:
     """Run `encode` over every record's image, in record order, under `torch.inference_mode`.
 
     `module`, when given, is the frozen network `encode` runs (e.g. `clip.visual`): under
     reduced precision its attention is fused and its weights pre-cast for the duration (see
     `nola_core.acceleration`; the module is restored after). Output rows go straight into one
-    preallocated tensor. Unreadable images are dropped and reported in `failed`, never fatal.
+    preallocated tensor, or with `output` batch by batch into that store file (written
+    atomically; the table comes back memory-mapped), so RAM holds a batch, not the table.
+    Unreadable images are dropped and reported in `failed`, never fatal.
     """
     device = resolve_device(device)
     dataset = ManifestImageDataset(Path(root), records, transform)
@@ -132,6 +151,7 @@ def extract_features(
     failed: list[int] = []
     done, started = 0, time.perf_counter()
     with contextlib.ExitStack() as stack:
+        writer = stack.enter_context(FeatureTableWriter(output, dtype)) if output is not None else None
         stack.enter_context(cpu_thread_budget(device, workers))
         stack.enter_context(reduced_precision(module, device, config.precision, config.fused_attention,
                                               config.precast_weights))
@@ -147,15 +167,23 @@ def extract_features(
                     features = run(torch.cat([images, pad]))[: len(indices)]
                 else:
                     features = run(images)
-                if out is None:
-                    out = torch.empty(len(records), *features.shape[1:], dtype=dtype)
-                out[len(kept) : len(kept) + len(indices)] = features.float().cpu().to(dtype)
+                rows = features.float().cpu().to(dtype)
+                if writer is not None:
+                    writer.append([records[i].image_id for i in indices.tolist()], rows)
+                else:
+                    if out is None:
+                        out = torch.empty(len(records), *features.shape[1:], dtype=dtype)
+                    out[len(kept) : len(kept) + len(indices)] = rows
                 kept.extend(indices.tolist())
             if progress is not None:
                 progress(done, len(records))
+        if writer is not None:
+            writer.failed.extend(records[i].image_id for i in failed)
     elapsed = time.perf_counter() - started
     logger.info("extracted %d features in %.1fs (%.1f images/s, %d workers), %d unreadable",
                 len(kept), elapsed, len(kept) / max(elapsed, 1e-9), workers, len(failed))
+    if output is not None:
+        return load_feature_table(output, mmap=True)
     features = out[: len(kept)] if out is not None else torch.empty(0, 0, dtype=dtype)
     if out is not None and len(kept) < len(records):
         features = features.clone()  # do not keep the unused tail alive
@@ -181,13 +209,16 @@ def update_feature_table(
     previous: FeatureTable | None,
     records: Sequence[ImageRecord],
     extract: Callable[[Sequence[ImageRecord]], FeatureTable],
+    output: Path | None = None,
 ) -> tuple[FeatureTable, int]:
     """Features for `records` (in record order), computing only images `previous` lacks.
 
     Images are matched by content id, so renamed or moved files are reused; images no longer
     in `records` drop out; images that failed before are tried again. `previous` must come from
     the same model and preprocessing (it may be memory-mapped: only its kept rows are read).
-    Returns the table and how many images were computed.
+    With `output`, the table is written there chunk by chunk and returned memory-mapped (it may
+    be the file `previous` maps: that mapping stays valid). Returns the table and how many
+    images were computed.
     """
     known = previous.row_index if previous is not None else {}
     todo = [r for r in records if r.image_id not in known]
@@ -196,26 +227,141 @@ def update_feature_table(
         raise ValueError("no features: nothing to reuse and no image could be read")
     fresh_rows = fresh.row_index if fresh is not None else {}
     kept = [r.image_id for r in records if r.image_id in known or r.image_id in fresh_rows]
-    template = previous.features if previous is not None else fresh.features
-    features = torch.empty(len(kept), *template.shape[1:], dtype=template.dtype)
-    from_previous = [(i, known[image_id]) for i, image_id in enumerate(kept) if image_id in known]
-    from_fresh = [(i, fresh_rows[image_id]) for i, image_id in enumerate(kept) if image_id not in known]
-    for source, pairs in ((previous, from_previous), (fresh, from_fresh)):
-        if pairs:
-            target, rows = (torch.tensor(column) for column in zip(*pairs))
-            features[target] = source.features[rows].to(features.dtype)
-    table = FeatureTable(ids=tuple(kept), features=features, failed=fresh.failed if fresh is not None else ())
+    failed = fresh.failed if fresh is not None else ()
+    sources = [table for table in (previous, fresh) if table is not None]
+    dtype = sources[0].features.dtype
+    if output is not None:
+        table = write_feature_table(output, kept, sources, failed, dtype)
+    else:
+        features, done = torch.empty(len(kept), *_row_shape(sources), dtype=dtype), 0
+        for chunk, rows in merged_chunks(kept, sources, dtype):
+            features[done : done + len(chunk)] = rows
+            done += len(chunk)
+        table = FeatureTable(ids=tuple(kept), features=features, failed=failed)
     logger.info("features: %d reused, %d computed, %d dropped", len(records) - len(todo), len(todo),
                 len(known) - (len(records) - len(todo)))
     return table, len(todo)
 
 
+def table_rows(table: FeatureTable, ids: Sequence[str]) -> torch.Tensor:
+    """[len(ids)] long: the row of each id in `table`, -1 where the table lacks it."""
+    return torch.tensor([table.row_index.get(image_id, -1) for image_id in ids], dtype=torch.long)
+
+
+def merged_chunks(
+    ids: Sequence[str], sources: Sequence[FeatureTable], dtype: torch.dtype, chunk_bytes: int = MERGE_CHUNK_BYTES
+) -> Iterator[tuple[Sequence[str], torch.Tensor]]:
+    """(ids, their rows as `dtype`) about `chunk_bytes` of rows at a time, each row from the
+    first of `sources` that holds it; only one chunk's rows are read at once (sources may be mapped)."""
+    width = _row_shape(sources)
+    row_bytes = math.prod(width) * torch.empty(0, dtype=dtype).element_size()
+    chunk_size = max(1, chunk_bytes // max(row_bytes, 1))
+    for start in range(0, len(ids), chunk_size):
+        chunk = ids[start : start + chunk_size]
+        rows = torch.empty(len(chunk), *width, dtype=dtype)
+        filled = torch.zeros(len(chunk), dtype=torch.bool)
+        for source in sources:
+            found = table_rows(source, chunk)
+            take = (found >= 0) & ~filled
+            if bool(take.any()):
+                rows[take] = source.features[found[take]].to(dtype)
+                filled |= take
+        if not bool(filled.all()):
+            missing = [image_id for image_id, ok in zip(chunk, filled.tolist()) if not ok]
+            raise KeyError(f"{len(missing)} id(s) in no source table, e.g. {missing[:3]}")
+        yield chunk, rows
+
+
+def _row_shape(tables: Sequence[FeatureTable]) -> tuple[int, ...]:
+    """The shape of a row, the same in every non-empty table."""
+    shapes = {tuple(table.features.shape[1:]) for table in tables if len(table)}
+    if len(shapes) > 1:
+        raise ValueError(f"tables of different widths cannot be merged: {sorted(shapes)}")
+    return shapes.pop() if shapes else tuple(tables[0].features.shape[1:])
+
+
+def write_feature_table(
+    path: Path, ids: Sequence[str], sources: Sequence[FeatureTable], failed: Sequence[str] = (),
+    dtype: torch.dtype | None = None,
+) -> FeatureTable:
+    """Write the table of `ids` (in that order, rows from `sources`, see `merged_chunks`) to
+    `path` chunk by chunk; return it memory-mapped."""
+    dtype = dtype or sources[0].features.dtype
+    with FeatureTableWriter(path, dtype) as writer:
+        for chunk, rows in merged_chunks(ids, sources, dtype):
+            writer.append(chunk, rows)
+        writer.failed.extend(failed)
+    return load_feature_table(path, mmap=True)
+
+
+class FeatureTableWriter:
+    """Appends rows to a store file as they come, so no table has to sit in RAM whole.
+
+    `with FeatureTableWriter(path) as writer: writer.append(ids, rows); writer.failed.append(id)`.
+    The rows go to a temporary file at once; on leaving the block, the ids, the failed ids and
+    the header (written last, into space reserved up front) complete it and it is renamed onto
+    `path`. On an error nothing at `path` changes. The result is a plain safetensors file.
+    """
+
+    def __init__(self, path: Path, dtype: torch.dtype = torch.float16):
+        if dtype not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"feature tables hold {sorted(map(str, _SAFETENSORS_DTYPES))}, not {dtype}")
+        self.path, self.dtype = Path(path), dtype
+        self.ids: list[str] = []
+        self.failed: list[str] = []
+        self._width: tuple[int, ...] | None = None
+
+    def __enter__(self) -> "FeatureTableWriter":
+        self._stack = contextlib.ExitStack()
+        temporary = self._stack.enter_context(atomic_output(self.path))
+        self._file = self._stack.enter_context(open(temporary, "wb"))
+        self._file.write(bytes(8 + _HEADER_BYTES))
+        return self
+
+    def append(self, ids: Sequence[str], rows: torch.Tensor) -> None:
+        rows = rows.detach().to("cpu", self.dtype).contiguous()
+        if rows.ndim < 1 or len(ids) != rows.shape[0]:
+            raise ValueError(f"{len(ids)} ids for rows of shape {tuple(rows.shape)}")
+        if self._width is None:
+            self._width = tuple(rows.shape[1:])
+        elif tuple(rows.shape[1:]) != self._width:
+            raise ValueError(f"rows of shape {tuple(rows.shape[1:])} after rows of shape {self._width}")
+        self._file.write(rows.view(-1).view(torch.uint8).numpy())
+        self.ids.extend(ids)
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if kind is not None:  # the block failed: the temporary file goes, `path` is untouched
+            self._stack.__exit__(kind, error, traceback)
+            return
+        with self._stack:  # renamed onto `path` only if finishing succeeds
+            self._finish()
+
+    def _finish(self) -> None:
+        rows_end = self._file.tell() - 8 - _HEADER_BYTES
+        header: dict = {"__metadata__": {"format": STORE_FORMAT},
+                        "features": {"dtype": _SAFETENSORS_DTYPES[self.dtype],
+                                     "shape": [len(self.ids), *(self._width or (0,))],
+                                     "data_offsets": [0, rows_end]}}
+        offset = rows_end
+        for name, ids in (("ids", self.ids), ("failed", self.failed)):
+            width = max((len(image_id.encode("utf-8")) for image_id in ids), default=1)
+            for start in range(0, len(ids), ID_CHUNK):  # the bytes of 1.3 M ids never exist at once
+                self._file.write(_encode_ids(ids[start : start + ID_CHUNK], width))
+            header[name] = {"dtype": "U8", "shape": [len(ids), width],
+                            "data_offsets": [offset, offset + len(ids) * width]}
+            offset += len(ids) * width
+        text = json.dumps(header, separators=(",", ":")).encode()
+        if len(text) > _HEADER_BYTES:
+            raise RuntimeError(f"feature table header of {len(text)} bytes exceeds the {_HEADER_BYTES} reserved")
+        self._file.seek(0)
+        self._file.write(struct.pack("<Q", _HEADER_BYTES) + text.ljust(_HEADER_BYTES, b" "))
+
+
 def save_feature_table(table: FeatureTable, path: Path) -> None:
-    """Safetensors (features, ids as bytes, failed ids in metadata); temp file, then renamed."""
-    metadata = {"format": STORE_FORMAT, "failed": json.dumps(list(table.failed))}
-    tensors = {"features": table.features.contiguous(), "ids": _encode_ids(table.ids)}
-    with atomic_output(path) as temporary:
-        save_file(tensors, str(temporary), metadata=metadata)
+    """Write `table` (features, ids and failed ids) to `path` atomically (`FeatureTableWriter`)."""
+    with FeatureTableWriter(path, table.features.dtype) as writer:
+        writer.append(table.ids, table.features)
+        writer.failed.extend(table.failed)
 
 
 def load_feature_table(path: Path, mmap: bool = False) -> FeatureTable:
@@ -227,19 +373,20 @@ def load_feature_table(path: Path, mmap: bool = False) -> FeatureTable:
         metadata = handle.metadata() or {}
         names = set(handle.keys())
         ids = _decode_ids(handle.get_tensor("ids")) if "ids" in names else tuple(json.loads(metadata["ids"]))
+        failed = (_decode_ids(handle.get_tensor("failed")) if "failed" in names
+                  else tuple(json.loads(metadata.get("failed", "[]"))))
         features = None if mmap else handle.get_tensor("features")
     if mmap:
         features = _memmap_tensor(Path(path), "features")
-    return FeatureTable(ids=ids, features=features, failed=tuple(json.loads(metadata.get("failed", "[]"))))
+    return FeatureTable(ids=ids, features=features, failed=failed)
 
 
-def _encode_ids(ids: Sequence[str]) -> torch.Tensor:
+def _encode_ids(ids: Sequence[str], width: int) -> bytes:
+    """The rows of a [len(ids), width] uint8 tensor: each id's UTF-8 bytes, zero-padded."""
     encoded = [image_id.encode("utf-8") for image_id in ids]
-    width = max((len(b) for b in encoded), default=1)
     if any(b.endswith(b"\0") for b in encoded):
         raise ValueError("image ids must not end in NUL bytes")
-    array = np.frombuffer(b"".join(b.ljust(width, b"\0") for b in encoded), dtype=np.uint8)
-    return torch.from_numpy(array.reshape(len(encoded), width).copy())
+    return b"".join(b.ljust(width, b"\0") for b in encoded)
 
 
 def _decode_ids(tensor: torch.Tensor) -> tuple[str, ...]:
@@ -260,7 +407,7 @@ def _memmap_tensor(path: Path, name: str) -> torch.Tensor:
     start, end = entry["data_offsets"]
     shape = tuple(entry["shape"])
     dtype = _NUMPY_DTYPES[entry["dtype"]]
-    if end == start:
-        return torch.from_numpy(np.zeros(shape, dtype=dtype))
-    array = np.memmap(path, dtype=dtype, mode="c", offset=8 + header_size + start, shape=shape)
-    return torch.from_numpy(array)
+    array = (np.zeros(shape, dtype=dtype) if end == start
+             else np.memmap(path, dtype=dtype, mode="c", offset=8 + header_size + start, shape=shape))
+    tensor = torch.from_numpy(array)
+    return tensor.view(torch.bfloat16) if entry["dtype"] == "BF16" else tensor

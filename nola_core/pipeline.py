@@ -148,10 +148,13 @@ def image_features(
     config: FeatureConfig,
     device,
     progress: Callable[[int, int], None] | None = None,
+    output: Path | None = None,
 ) -> FeatureTable:
+    """The model's float16 image embeddings of `records`; with `output`, written there batch by
+    batch and returned memory-mapped (`features.extract_features`)."""
     tower = model.visual if isinstance(model, ClipModel) else model.model  # what encode_image runs
     return extract_features(model.encode_image, root, records, eval_transform(model.preprocess), config, device,
-                            progress, module=tower)
+                            progress, module=tower, output=output)
 
 
 def build_prompt_classifier(clip: ClipModel, class_embeddings: torch.Tensor, config: TuningConfig) -> PromptTunedClassifier:
@@ -245,14 +248,16 @@ def tuned_image_features(
     records: Sequence[ImageRecord],
     config: FeatureConfig,
     device,
+    output: Path | None = None,
 ) -> FeatureTable:
     """Unit-norm image embeddings of the tuned encoder (eval view), float32.
 
     One pass serves both the tuned head and the forgetting guard (the same embeddings scored by
-    the untouched zero-shot template classifier).
+    the untouched zero-shot template classifier). With `output`, rows go to that store file as
+    they are computed and the table comes back memory-mapped (`features.extract_features`).
     """
     return extract_features(classifier.image_features, root, records, eval_transform(clip.preprocess),
-                            config, device, dtype=torch.float32, module=classifier)
+                            config, device, dtype=torch.float32, module=classifier, output=output)
 
 
 def tuned_head_probabilities(classifier: PromptTunedClassifier, features: torch.Tensor) -> torch.Tensor:

@@ -14,12 +14,11 @@ k = 1 the same index (`max`, like `argmax`, keeps the first of tied classes).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
-if TYPE_CHECKING:
-    from nola_core.features import FeatureTable
+from nola_core.features import FeatureTable, table_rows
 
 PREDICTION_CHUNK_SIZE = 65536
 """Rows scored at once: at 1000 classes and 768 dims, ~0.5 GB of float32 temporaries."""
@@ -86,8 +85,7 @@ def aligned_chunks(
         if aligned:
             yield table.features[start : start + chunk_size].float(), None
             continue
-        rows = torch.tensor([table.row_index.get(image_id, -1) for image_id in ids[start : start + chunk_size]],
-                            dtype=torch.long)
+        rows = table_rows(table, ids[start : start + chunk_size])
         present = rows >= 0
         if bool(present.all()) and bool((rows.diff() == 1).all()):
             yield table.features[int(rows[0]) : int(rows[-1]) + 1].float(), None

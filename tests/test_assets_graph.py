@@ -17,6 +17,7 @@ from nola_core.pipeline import NolaConfig, run_nola
 from nola_core.tuning import TuningConfig
 from nola_assets.artifacts import ArtifactRef
 from nola_assets.assets import NOLA_ASSETS, PREDICTIONS_FILE, dino_features
+from nola_assets import checks
 from nola_assets.checks import NOLA_CHECKS, coverage_result, finite_result, tuned_vs_zero_shot_result
 from nola_assets.partitions import DATASETS
 
@@ -128,14 +129,19 @@ def test_nan_in_a_reused_feature_table_fails_the_blocking_check(graph, tmp_path)
     assert check.metadata["nonfinite"].value == {"features.safetensors:features": 1}
 
 
-def test_check_judgements_on_crafted_input(tmp_path):
+def test_check_judgements_on_crafted_input(tmp_path, monkeypatch):
     ref_dir = tmp_path / "artifact"
     ref_dir.mkdir()
-    save_file({"w": torch.tensor([1.0, float("inf")]), "ids": torch.tensor([1, 2])}, str(ref_dir / "t.safetensors"))
+    table = torch.randn(1000, 7).to(torch.float16)
+    table[3, 2], table[998, 6] = float("nan"), float("-inf")  # in the first and the last slice
+    save_file({"w": torch.tensor([1.0, float("inf")]), "ids": torch.tensor([1, 2]), "table": table,
+               "scalar": torch.tensor(float("nan"))}, str(ref_dir / "t.safetensors"))
     pl.DataFrame({"score": [0.5, float("nan")], "n": [1, 2]}).write_parquet(ref_dir / "p.parquet")
+    monkeypatch.setattr(checks, "CHECK_CHUNK_ELEMENTS", 50)  # the table is read in 143 slices of 7 rows
     bad = finite_result(ArtifactRef("x", "d", "0", str(ref_dir)))
     assert not bad.passed and bad.severity == AssetCheckSeverity.ERROR
-    assert bad.metadata["nonfinite"].value == {"t.safetensors:w": 1, "p.parquet:score": 1}
+    assert bad.metadata["nonfinite"].value == {"t.safetensors:w": 1, "t.safetensors:table": 2,
+                                               "t.safetensors:scalar": 1, "p.parquet:score": 1}
 
     report = {"k": 16, "per_class": {"cat": 16, "dog": 0}, "short_classes": ["dog"]}
     coverage = coverage_result(report)

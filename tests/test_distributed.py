@@ -21,7 +21,7 @@ from nola_core.distributed import (
     launch,
     shard_positions,
 )
-from nola_core.features import FeatureConfig, extract_features
+from nola_core.features import FeatureConfig, extract_features, load_feature_table
 from nola_core.models import ModelConfig, PromptTunedClassifier, load_clip, load_dino
 from nola_core.tuning import TuningConfig, epoch_plan, train_prompts
 
@@ -35,11 +35,12 @@ def _first_pixel_labels(weak: torch.Tensor) -> torch.Tensor:
     return (weak[:, 0, 0, 0] * 1000).long().remainder(4)
 
 
-def _features_and_tuning(context: DistributedContext, root, records, cde):
+def _features_and_tuning(context: DistributedContext, root, records, cde, output):
     tiny = ModelConfig.from_profile("tiny")
     dino = load_dino(tiny)
     table = extract_features_distributed(dino.encode_image, root, records, eval_transform(dino.preprocess),
-                                         FeatureConfig(batch_size=4, num_workers=0), context, module=dino.model)
+                                         FeatureConfig(batch_size=4, num_workers=0), context, output,
+                                         module=dino.model)
     clip = load_clip(tiny)
     classifier = PromptTunedClassifier(copy.deepcopy(clip.visual), cde, num_prompts=4)
     views = MultiView((weak_transform(clip.preprocess), strong_transform(clip.preprocess)))
@@ -57,12 +58,16 @@ def inputs():
     return spec.root, records, cde
 
 
-def test_two_gloo_processes_match_one_process(inputs):
+def test_two_gloo_processes_match_one_process(inputs, tmp_path):
     root, records, cde = inputs
-    single = _features_and_tuning(init_distributed("cpu"), root, records, cde)
-    table, trained, history = launch(_features_and_tuning, 2, root, records, cde, device="cpu", backend="gloo")
+    single = _features_and_tuning(init_distributed("cpu"), root, records, cde, tmp_path / "one.safetensors")
+    output = tmp_path / "two.safetensors"
+    table, trained, history = launch(_features_and_tuning, 2, root, records, cde, output, device="cpu",
+                                     backend="gloo")
 
     assert table.ids == single[0].ids == tuple(r.image_id for r in records)
+    assert load_feature_table(output).ids == table.ids  # the merged store file, in record order
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.safetensors", "two.safetensors"]  # shards gone
     assert table.features.dtype == torch.float16
     assert (table.features.float() - single[0].features.float()).abs().max() <= FEATURE_TOLERANCE
     assert set(trained) == set(single[1])
@@ -85,12 +90,35 @@ def test_shards_and_step_plans_partition_the_data():
     assert epoch_plan(23, 8, 2, seed=1, epoch=5) != single  # a new order every epoch
 
 
-def test_single_process_extraction_equals_plain_extraction(inputs):
+def test_single_process_extraction_equals_plain_extraction(inputs, tmp_path):
     root, records, _ = inputs
     dino = load_dino(ModelConfig.from_profile("tiny"))
     config = FeatureConfig(batch_size=8, num_workers=0)
     plain = extract_features(dino.encode_image, root, records[:6], eval_transform(dino.preprocess), config, "cpu")
     same = extract_features_distributed(dino.encode_image, root, records[:6], eval_transform(dino.preprocess),
-                                        config, init_distributed("cpu"))
+                                        config, init_distributed("cpu"), tmp_path / "features.safetensors")
     assert same.ids == plain.ids and torch.equal(same.features, plain.features)
 
+
+
+def _features_only(context: DistributedContext, root, records, output):
+    dino = load_dino(ModelConfig.from_profile("tiny"))
+    return extract_features_distributed(dino.encode_image, root, records, eval_transform(dino.preprocess),
+                                        FeatureConfig(batch_size=3, num_workers=0), context, output,
+                                        module=dino.model).failed
+
+
+def test_an_unreadable_image_in_one_shard_is_reported_once_and_the_rest_merged_in_order(inputs, tmp_path):
+    root, records, _ = inputs
+    copy_root = tmp_path / "data"
+    for record in records[:9]:
+        (copy_root / record.path).parent.mkdir(parents=True, exist_ok=True)
+        (copy_root / record.path).write_bytes((root / record.path).read_bytes())
+    (copy_root / records[4].path).write_bytes(b"not an image")  # rank 0's share: records 0, 2, 4, ...
+    failed = launch(_features_only, 2, copy_root, records[:9], tmp_path / "two.safetensors", device="cpu",
+                    backend="gloo")
+    _features_only(init_distributed("cpu"), copy_root, records[:9], tmp_path / "one.safetensors")
+    two, one = load_feature_table(tmp_path / "two.safetensors"), load_feature_table(tmp_path / "one.safetensors")
+    assert failed == two.failed == one.failed == (records[4].image_id,)
+    assert two.ids == one.ids == tuple(r.image_id for i, r in enumerate(records[:9]) if i != 4)
+    assert (two.features.float() - one.features.float()).abs().max() <= FEATURE_TOLERANCE

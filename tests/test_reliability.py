@@ -123,12 +123,12 @@ def test_a_killed_prompt_tuned_encoder_run_resumes_from_its_content_keyed_state(
 
 
 def _full_disk(real_write):
-    """A writer that starts the file, then fails the way a full disk does."""
+    """A writer that starts the file (when it is given its path), then fails the way a full disk does."""
     import errno
 
     def write(*args, **kwargs):
-        target = next(a for a in list(args) + list(kwargs.values()) if isinstance(a, (str, Path)) and ".tmp" in str(a))
-        Path(target).write_bytes(b"half a file")
+        for target in [a for a in list(args) + list(kwargs.values()) if isinstance(a, (str, Path)) and ".tmp" in str(a)]:
+            Path(target).write_bytes(b"half a file")
         raise OSError(errno.ENOSPC, "No space left on device")
 
     return write
@@ -161,7 +161,8 @@ def _writers(store, ref):
          (pl.DataFrame, "write_parquet"), lambda: store.read_table(ref, "table.parquet")["v"][0]),
         ("features.safetensors",
          lambda v: save_feature_table(FeatureTable(("a",), torch.full((1, 2), float(v)), ()), folder / "features.safetensors"),
-         (features_module, "save_file"), lambda: float(load_feature_table(folder / "features.safetensors").features[0, 0])),
+         # fails after the rows are in the temporary file, before its ids and header
+         (features_module, "_encode_ids"), lambda: float(load_feature_table(folder / "features.safetensors").features[0, 0])),
         ("trainable.safetensors", lambda v: tuning_module.save_trainable(Trainable(v), folder / "trainable.safetensors"),
          (tuning_module, "save_file"), lambda: float(load_file(folder / "trainable.safetensors")["p"][0])),
     ]
