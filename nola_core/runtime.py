@@ -62,9 +62,11 @@ def loader_workers(device: torch.device, requested: int) -> int:
 
 
 @contextlib.contextmanager
-def cpu_thread_budget(device: torch.device, loader_workers: int = 0, processes: int = 1) -> Iterator[int]:
+def cpu_thread_budget(device: torch.device, loader_workers: int = 0, processes: int | None = None) -> Iterator[int]:
     """On the CPU, run the block with at most `available_cpus() / processes - loader_workers`
-    (at least 1) torch threads, then restore the count; yields the count used.
+    (at least 1) torch threads, then restore the count; yields the count used. `processes`: how
+    many processes share this machine's CPUs, by default `LOCAL_WORLD_SIZE` (set by torchrun and
+    `distributed.launch` for the ranks on this node), else 1.
 
     OpenMP threads wait for each other at every parallel region, so compute threads whose cores
     loader workers, other ranks or a container's CPU quota take run no faster than fewer threads,
@@ -84,6 +86,8 @@ def cpu_thread_budget(device: torch.device, loader_workers: int = 0, processes: 
         except ValueError:
             raise ValueError(f"{CPU_THREADS_ENV}={explicit!r}: expected a number of threads") from None
     else:
+        if processes is None:
+            processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
         wanted = min(before, max(1, available_cpus() // max(1, processes) - loader_workers))
     if wanted == before:
         yield before

@@ -212,7 +212,7 @@ def train_prompts(
     # loop by its prefetch only, so `tee` holds no more than the plans between the two.
     plans, sampled = itertools.tee(epoch_plan(len(dataset), step_size, micro, config.seed, epoch, rank, world)
                                    for epoch in epochs)
-    with _fast_modules([classifier, *frozen_modules], device, config), cpu_thread_budget(device, workers, world):
+    with _fast_modules([classifier, *frozen_modules], device, config), cpu_thread_budget(device, workers):
         batches = _micro_batches(dataset, sampled, workers, device, config.seed)
         for epoch, plan in zip(epochs, plans):
             stats = _train_epoch(model, classifier, batches, plan, pseudo_labeller, labels_on_device, optimizer,

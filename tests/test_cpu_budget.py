@@ -35,6 +35,10 @@ def test_the_thread_budget_lowers_and_restores_the_count_on_the_cpu_only(monkeyp
         assert torch.get_num_threads() == 8
         with cpu_thread_budget(CPU, loader_workers=0, processes=2) as threads:  # two gloo ranks share the CPUs
             assert threads == torch.get_num_threads() == 4
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # what torchrun / distributed.launch set in each rank
+        with cpu_thread_budget(CPU, loader_workers=1) as threads:
+            assert threads == torch.get_num_threads() == 1
+        monkeypatch.delenv("LOCAL_WORLD_SIZE")
         with cpu_thread_budget(CPU, loader_workers=9) as threads:
             assert threads == 1
         with cpu_thread_budget(GPU, loader_workers=2) as threads:
