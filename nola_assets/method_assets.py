@@ -54,6 +54,7 @@ from nola_assets.assets import (
     FEATURES_FILE,
     GPU_POOL,
     METHOD_EVALUATION_FILE,
+    TUNED_FEATURES_FILE,
     _result,
     nola_asset,
 )
@@ -188,7 +189,8 @@ def lafter_encoder(
     (noise + label smoothing), then CLIP's vision tower with 50 visual prompts, LayerNorm affines
     and that classifier as head, FixMatch-style on its own online pseudo-labels. Epochs, seed and
     batch sizes follow the shared tuning settings (`NOLA_TUNING_EPOCHS`, ...). Stored: the text
-    classifier and the trainable tensors (lafter.safetensors)."""
+    classifier and the trainable tensors (lafter.safetensors), and the tuned encoder's embeddings
+    (tuned_features.safetensors, written as computed and scored from the file)."""
     started = time.perf_counter()
     name = context.partition_key
     spec = data.spec(name)
@@ -206,7 +208,7 @@ def lafter_encoder(
     clip = models.load_clip(device)
     text_set = lafter_text_set(clip, spec.classes, config.templates or spec.templates, texts, device)
     run = run_lafter(clip, text_set, len(spec.classes), spec.root, inputs.train_records, inputs.eval_records,
-                     inputs.clip_table, config, features, device)
+                     inputs.clip_table, config, features, device, tuned_output=ref.file(TUNED_FEATURES_FILE))
     artifacts.write_tensors(ref, LAFTER_FILE, run.tensors, {"config": str(dataclasses.asdict(config))})
     frame = _evaluate(name, spec.classes, [run], inputs, model_config.clip_is_random)
     artifacts.write_table(ref, METHOD_EVALUATION_FILE, frame)
@@ -308,7 +310,8 @@ def latteclip_encoder(
     mixer over image / group / class texts, dual pseudo-labels (frozen zero-shot and the
     prototypes) and the FLYP contrastive loss; inference is the nearest prototype. The paper's
     per-dataset lr; `NOLA_TUNING_EPOCHS` caps its epochs. Stored: prototypes and the fine-tuned
-    weights (latteclip.safetensors)."""
+    weights (latteclip.safetensors), and the fine-tuned encoder's embeddings
+    (tuned_features.safetensors, written as computed and scored from the file)."""
     started = time.perf_counter()
     name = context.partition_key
     spec = data.spec(name)
@@ -326,7 +329,7 @@ def latteclip_encoder(
                      f"{config.max_iterations} iterations, lr {config.lr:g}, device {device}")
     clip = models.load_clip(device)
     run = run_latteclip(clip, spec.classes, spec.root, inputs.train_records, inputs.eval_records, inputs.clip_table,
-                        texts, config, features, device)
+                        texts, config, features, device, tuned_output=ref.file(TUNED_FEATURES_FILE))
     artifacts.write_tensors(ref, LATTECLIP_FILE, run.tensors, {"config": str(dataclasses.asdict(config))})
     frame = _evaluate(name, spec.classes, [run], inputs, model_config.clip_is_random)
     artifacts.write_table(ref, METHOD_EVALUATION_FILE, frame)

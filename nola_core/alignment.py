@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from nola_core.runtime import resolve_device
+from nola_core.runtime import cpu_thread_budget, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -168,7 +168,11 @@ def train_alignment(
     device: str | torch.device = "auto",
     progress: Callable[[int, int, float], None] | None = None,
 ) -> tuple[nn.Sequential, list[float]]:
-    """Fit the DL network on the selected rows of `features`; returns it (CPU, eval) and epoch losses."""
+    """Fit the DL network on the selected rows of `features`; returns it (CPU, eval) and epoch losses.
+
+    The selected rows sit in memory, so the loader has no workers (they would only pickle
+    batches); on the CPU the loop runs within `runtime.cpu_thread_budget`, like every other loop.
+    """
     device = resolve_device(device)
     generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
@@ -183,26 +187,28 @@ def train_alignment(
     optimizer = torch.optim.Adam(network.parameters(), lr=config.lr)
     history: list[float] = []
     network.train()
-    for epoch in range(config.epochs):
-        total, seen = 0.0, 0
-        for batch, labels in loader:
-            batch, labels = batch.to(device), labels.to(device)
-            loss = F.cross_entropy(network(batch), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * len(labels)
-            seen += len(labels)
-        history.append(total / max(seen, 1))
-        if progress is not None:
-            progress(epoch + 1, config.epochs, history[-1])
+    with cpu_thread_budget(device):
+        for epoch in range(config.epochs):
+            total, seen = 0.0, 0
+            for batch, labels in loader:
+                batch, labels = batch.to(device), labels.to(device)
+                loss = F.cross_entropy(network(batch), labels)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total += loss.item() * len(labels)
+                seen += len(labels)
+            history.append(total / max(seen, 1))
+            if progress is not None:
+                progress(epoch + 1, config.epochs, history[-1])
     logger.info("DL network: %d epochs, final loss %.4f", config.epochs, history[-1] if history else float("nan"))
     return network.cpu().eval(), history
 
 
 @torch.inference_mode()
 def predict_alignment(network: nn.Module, features: torch.Tensor, chunk_size: int = 65536) -> torch.Tensor:
-    """Class probabilities of the DL network for every row: [N, C] float32."""
+    """Class probabilities of the DL network for every row: [N, C] float32, for small feature
+    sets (the pipeline keeps only each row's top classes: `pipeline.dl_network_top_classes`)."""
     device = next(network.parameters()).device
     chunks = [torch.softmax(network(features[i : i + chunk_size].float().to(device)), dim=-1).cpu()
               for i in range(0, features.shape[0], chunk_size)]

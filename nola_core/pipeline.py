@@ -6,8 +6,10 @@ only chains them, the same way the Dagster assets do one step per asset.
 
 The end of the pipeline streams (`stage_predictions`, `nola_core.predictions`): each stage is
 scored chunk by chunk over the feature tables and keeps only each image's top classes, so the
-[N, C] probability matrices of a million-image dataset are never built. `cosine_probabilities`,
-`reindex_rows` and `tuned_head_probabilities` are the whole-table forms, for small tables.
+[N, C] probability matrices of a million-image dataset are never built. `cosine_probabilities`
+and `tuned_head_probabilities` score one chunk of rows; `cosine_top_classes`,
+`tuned_head_top_classes` and `dl_network_top_classes` stream them over a table (the method
+recipes of `nola_core.methods` use them too).
 """
 
 from __future__ import annotations
@@ -261,7 +263,8 @@ def tuned_image_features(
 
 
 def tuned_head_probabilities(classifier: PromptTunedClassifier, features: torch.Tensor) -> torch.Tensor:
-    """Softmax of the tuned head on embeddings of `tuned_image_features`, [N, C] on the CPU."""
+    """Softmax of the tuned head on a chunk of `tuned_image_features` embeddings, [n, C] on the
+    CPU (`tuned_head_top_classes` streams it over a table)."""
     with torch.no_grad():
         return torch.softmax(classifier.logits_from_features(features.to(classifier.head.weight.device)),
                              dim=-1).cpu()
@@ -363,18 +366,27 @@ def stage_predictions(
     are images that became unreadable between two extractions).
     """
     ids = clip_table.ids
-
-    def cosine(table: FeatureTable, weights: torch.Tensor) -> TopClasses:
-        return streamed_top_classes(table, ids, lambda x, _: cosine_probabilities(x, weights, logit_scale), k,
-                                    chunk_size)
-
     return {
-        "zero-shot (templates)": cosine(clip_table, zero_shot),
-        "CDE (descriptions)": cosine(clip_table, cde),
+        "zero-shot (templates)": cosine_top_classes(clip_table, ids, zero_shot, logit_scale, k, chunk_size),
+        "CDE (descriptions)": cosine_top_classes(clip_table, ids, cde, logit_scale, k, chunk_size),
         "DL network (DINO)": dl_network_top_classes(dl_network, dino_table, ids, k, chunk_size),
         TUNED_STAGE: tuned_head_top_classes(classifier, tuned_table, ids, k, chunk_size),
-        "tuned encoder + templates": cosine(tuned_table, zero_shot),
+        "tuned encoder + templates": cosine_top_classes(tuned_table, ids, zero_shot, logit_scale, k, chunk_size),
     }
+
+
+def cosine_top_classes(
+    table: FeatureTable,
+    ids: Sequence[str],
+    classifier: torch.Tensor,
+    logit_scale: float,
+    k: int = 1,
+    chunk_size: int = PREDICTION_CHUNK_SIZE,
+) -> TopClasses:
+    """The top classes of a cosine classifier ([C, D] rows, softmax at `logit_scale`) for `ids`
+    (rows of `table`; missing ids score a zero embedding, so every class ties), streamed."""
+    return streamed_top_classes(table, ids, lambda x, _: cosine_probabilities(x, classifier, logit_scale), k,
+                                chunk_size)
 
 
 def tuned_head_top_classes(
@@ -471,18 +483,7 @@ def prediction_table(
 
 
 def cosine_probabilities(features: torch.Tensor, classifier: torch.Tensor, logit_scale: float) -> torch.Tensor:
-    """Softmax of scaled cosine logits, [N, C] float32 (whole table; `stage_predictions` streams)."""
+    """Softmax of scaled cosine logits of a chunk of rows, [n, C] float32 (`cosine_top_classes`
+    streams it over a table)."""
     weights = torch.nn.functional.normalize(classifier.float(), dim=-1)
     return torch.softmax(logit_scale * torch.nn.functional.normalize(features.float(), dim=-1) @ weights.T, dim=-1)
-
-
-def reindex_rows(table: FeatureTable, ids: Sequence[str]) -> torch.Tensor:
-    """Rows of `table` in the order of `ids`; ids the table lacks (unreadable now) get zeros.
-
-    A float32 [len(ids), D] copy: for small tables (`predictions.aligned_chunks` streams)."""
-    out = torch.zeros(len(ids), table.features.shape[1])
-    row = {image_id: i for i, image_id in enumerate(table.ids)}
-    for position, image_id in enumerate(ids):
-        if image_id in row:
-            out[position] = table.features[row[image_id]]
-    return out

@@ -9,7 +9,7 @@ from dagster import AssetKey, DagsterInstance, materialize
 from assets_helpers import copy_demo, resources_for_test
 from nola_core.methods import EVALUATION_SCHEMA
 from nola_core.report import connect
-from nola_assets.assets import GPU_POOL, METHOD_EVALUATION_FILE, NOLA_ASSETS
+from nola_assets.assets import GPU_POOL, METHOD_EVALUATION_FILE, NOLA_ASSETS, TUNED_FEATURES_FILE
 from nola_assets.checks import NOLA_CHECKS
 from nola_assets.method_assets import (
     LAFTER_FILE,
@@ -54,6 +54,8 @@ def test_method_assets_store_their_artifacts(graph):
         assert ref.file(name).is_file() and ref.file("key.json").is_file()
     for asset in ("zero_shot_classifier", "lafter_encoder", "latteclip_encoder", "evaluation"):
         assert store.require_ref(asset, DATASET).file(METHOD_EVALUATION_FILE).is_file()
+    for asset in ("lafter_encoder", "latteclip_encoder"):  # tuned embeddings: written as computed, scored from disk
+        assert store.require_ref(asset, DATASET).file(TUNED_FEATURES_FILE).is_file()
     # Upstream assets are shared, not recomputed: the method keys name their digests.
     clip = store.require_ref("clip_features", DATASET)
     assert store.require_ref("lafter_encoder", DATASET).key["clip_features"] == clip.digest

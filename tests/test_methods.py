@@ -55,6 +55,7 @@ from nola_core.methods import (
 from nola_core.methods.latteclip import latteclip_step, text_bank
 from nola_core.methods.nola import selection_pseudo_labels
 from nola_core.pipeline import cde_pseudo_labels, dino_pseudo_labeller
+from nola_core.predictions import predicted_classes
 from nola_core.tuning import TuningConfig, train_prompts
 
 # --- synthetic images whose pixels are the features -------------------------------------------
@@ -145,8 +146,9 @@ class ToyPromptClassifier(nn.Module):
         return self.logit_scale * self.head(F.normalize(self.encoder(x), dim=-1))
 
 
-def accuracy(scores: torch.Tensor, labels: torch.Tensor) -> float:
-    return (scores.argmax(-1) == labels).float().mean().item()
+def accuracy(scores, labels: torch.Tensor) -> float:
+    """Top-1 accuracy of [N, C] scores or of a stage's `TopClasses`."""
+    return (predicted_classes(scores) == labels).float().mean().item()
 
 
 # --- zero-shot and CDE -------------------------------------------------------------------------
@@ -201,7 +203,7 @@ def test_zero_shot_recovers_aligned_classes_and_cde_improves_on_it(one_template)
     assert cde_accuracy > zs_accuracy + 0.25, (cde_accuracy, zs_accuracy)
     # Each is one final stage whose pseudo-labels are its argmax over the unlabeled images.
     assert [s.stage for s in cde.stages] == ["CDE (descriptions)"] and cde.seed is None
-    assert torch.equal(cde.final.pseudo_labels.labels, cde.final.probabilities.argmax(-1))
+    assert torch.equal(cde.final.pseudo_labels.labels, cde.final.probabilities.predicted)
 
 
 # --- LaFTer ------------------------------------------------------------------------------------

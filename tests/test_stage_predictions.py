@@ -28,7 +28,6 @@ from nola_core.pipeline import (
     cosine_probabilities,
     evaluate_stages,
     prediction_table,
-    reindex_rows,
     stage_predictions,
     tuned_head_probabilities,
 )
@@ -50,6 +49,17 @@ class Head(torch.nn.Module):
 
     def logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
         return self.logit_scale * self.head(features)
+
+
+def reindex_rows(table: FeatureTable, ids) -> torch.Tensor:
+    """The whole-table reference: a float32 [len(ids), D] copy of `table`'s rows in the order of
+    `ids`, zeros for ids it lacks (what the streamed code must reproduce chunk by chunk)."""
+    out = torch.zeros(len(ids), table.features.shape[1])
+    row = {image_id: i for i, image_id in enumerate(table.ids)}
+    for position, image_id in enumerate(ids):
+        if image_id in row:
+            out[position] = table.features[row[image_id]]
+    return out
 
 
 def full_matrix_probabilities(clip, dino, zero_shot, cde, dl_network, classifier, tuned, logit_scale):

@@ -7,10 +7,17 @@ from the shared inputs (features, text classifiers, descriptions) into a `Method
     zero-shot   `zero_shot`:  ZeroShotConfig,  zero_shot_weights → run_zero_shot
     cde         `cde`:        CDEConfig,       cde_weights → run_cde
     lafter      `lafter`:     LaFTerConfig,    lafter_text_set → train_text_classifier →
-                                               build_lafter_classifier → tune_lafter → run_lafter
-    latteclip   `latteclip`:  LatteCLIPConfig, generate_latteclip_texts, class_text_weights →
-                                               tune_latteclip → latteclip_probabilities → run_latteclip
+                                               text_classifier_top_classes, build_lafter_classifier →
+                                               tune_lafter → run_lafter
+    latteclip   `latteclip`:  LatteCLIPConfig, latteclip_zero_shot, generate_latteclip_texts →
+                                               tune_latteclip → latteclip_top_classes → run_latteclip
     nola        `nola`:       NolaConfig,      the stages of `nola_core.pipeline` → run_nola_method
+
+A stage's predictions are each image's top class and its probability (`TopClasses`), scored
+chunk by chunk over the (possibly memory-mapped, float16) feature tables: no recipe builds an
+[N, C] probability matrix or a float32 copy of a feature table. LaFTer and LatteCLIP write the
+embeddings of their tuned encoders to `tuned_output` as they compute them, when given one (the
+Dagster assets give one), instead of holding them in RAM.
 
 `evaluation` turns runs into the metrics table (the only place labels are read); `compare`
 runs any subset of the methods over seeds on one dataset folder.
@@ -37,6 +44,7 @@ from nola_core.methods.lafter import (
     lafter_views,
     run_lafter,
     text_classifier_probabilities,
+    text_classifier_top_classes,
     train_text_classifier,
     tune_lafter,
 )
@@ -49,7 +57,7 @@ from nola_core.methods.latteclip import (
     generate_latteclip_texts,
     latteclip_config_for,
     latteclip_groups,
-    latteclip_probabilities,
+    latteclip_top_classes,
     latteclip_zero_shot,
     mixer_weights,
     momentum_update,
@@ -92,7 +100,7 @@ __all__ = [
     "lafter_views",
     "latteclip_config_for",
     "latteclip_groups",
-    "latteclip_probabilities",
+    "latteclip_top_classes",
     "latteclip_zero_shot",
     "mixer_weights",
     "momentum_update",
@@ -104,6 +112,7 @@ __all__ = [
     "run_zero_shot",
     "selection_pseudo_labels",
     "text_classifier_probabilities",
+    "text_classifier_top_classes",
     "train_latteclip_loop",
     "train_text_classifier",
     "tune_lafter",

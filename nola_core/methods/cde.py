@@ -17,6 +17,7 @@ from nola_core.features import FeatureTable
 from nola_core.methods.common import MethodRun
 from nola_core.methods.zero_shot import classifier_run
 from nola_core.models import ClipModel
+from nola_core.predictions import PREDICTION_CHUNK_SIZE
 from nola_core.text import cde_classifier, get_templates
 
 METHOD = "cde"
@@ -47,6 +48,7 @@ def run_cde(
     weights: torch.Tensor,
     unlabeled_ids: Sequence[str],
     config: CDEConfig = CDEConfig(),
+    chunk_size: int = PREDICTION_CHUNK_SIZE,
 ) -> MethodRun:
-    """The CDE classifier on precomputed CLIP features (the shared feature table)."""
-    return classifier_run(METHOD, STAGE, clip_table, weights, unlabeled_ids, config.logit_scale)
+    """The CDE classifier on precomputed CLIP features (the shared feature table), streamed."""
+    return classifier_run(METHOD, STAGE, clip_table, weights, unlabeled_ids, config.logit_scale, chunk_size)

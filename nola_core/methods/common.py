@@ -1,9 +1,9 @@
 """What every method recipe hands back, and the few helpers they share beyond the core.
 
 A method run is a list of stages. Each stage gives class probabilities for the evaluation
-images (rows follow `ids`: the full [N, C] matrix, or only each row's top classes,
-`nola_core.predictions.TopClasses`, where the stage was streamed) and, when it is a
-labeller, the hard pseudo-labels it hands to the next stage. Nothing here sees a ground-truth
+images (rows follow `ids`: each row's top classes, `nola_core.predictions.TopClasses`, as every
+recipe streams them, or a full [N, C] matrix) and, when it is a labeller, the hard
+pseudo-labels it hands to the next stage. Nothing here sees a ground-truth
 label: `nola_core.methods.evaluation` is the only consumer of labels, and it takes these
 objects as they are.
 """

@@ -43,7 +43,8 @@ from nola_core.data import ImageRecord, MultiView, eval_transform, strong_transf
 from nola_core.features import FeatureConfig, FeatureTable
 from nola_core.methods.common import MethodRun, PseudoLabels, StageOutput, seeded
 from nola_core.models import ClipModel, PromptTunedClassifier
-from nola_core.pipeline import reindex_rows, tuned_head_probabilities, tuned_image_features
+from nola_core.pipeline import tuned_head_top_classes, tuned_image_features
+from nola_core.predictions import PREDICTION_CHUNK_SIZE, TopClasses, streamed_top_classes
 from nola_core.runtime import resolve_device
 from nola_core.text import cde_texts, embed_texts, get_templates
 from nola_core.tuning import EpochStats, TuningConfig, train_prompts
@@ -132,8 +133,17 @@ def train_text_classifier(
 
 
 def text_classifier_probabilities(features: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Softmax of the text classifier on L2-normalised image embeddings: [N, C]."""
+    """Softmax of the text classifier on a chunk of L2-normalised image embeddings: [n, C]."""
     return torch.softmax(F.normalize(features.float(), dim=-1) @ weight.float().T, dim=-1)
+
+
+def text_classifier_top_classes(
+    table: FeatureTable, weight: torch.Tensor, chunk_size: int = PREDICTION_CHUNK_SIZE
+) -> TopClasses:
+    """The text classifier's top class for every row of `table`, scored `chunk_size` rows at a
+    time, so a memory-mapped float16 table is never copied whole and [N, C] never built."""
+    return streamed_top_classes(table, table.ids, lambda x, _: text_classifier_probabilities(x, weight),
+                                chunk_size=chunk_size)
 
 
 def build_lafter_classifier(clip: ClipModel, weight: torch.Tensor, config: TuningConfig) -> PromptTunedClassifier:
@@ -200,24 +210,27 @@ def run_lafter(
     config: LaFTerConfig = LaFTerConfig(),
     features: FeatureConfig = FeatureConfig(),
     device: str | torch.device = "auto",
+    chunk_size: int = PREDICTION_CHUNK_SIZE,
+    tuned_output: Path | None = None,
 ) -> MethodRun:
     """All of LaFTer on one dataset, from the shared inputs.
 
     `text_set` is `lafter_text_set(...)`; `clip_table` holds the frozen CLIP features of
-    `eval_records` (the shared feature asset); `train_records` are the unlabeled images.
+    `eval_records` (the shared feature asset); `train_records` are the unlabeled images. Both
+    stages keep only each image's top class, scored `chunk_size` rows at a time; with
+    `tuned_output`, the tuned embeddings are written there as computed, not held in RAM.
     """
     device = resolve_device(device)
     weight, text_losses = train_text_classifier(*text_set, num_classes, config.text, device)
-    text_probabilities = text_classifier_probabilities(clip_table.features, weight)
+    text_top = text_classifier_top_classes(clip_table, weight, chunk_size)
     unlabeled_ids = [r.image_id for r in train_records]
     classifier = build_lafter_classifier(clip, weight, config.tuning)
     history = tune_lafter(classifier, lafter_views(clip), root, train_records, config.tuning, device)
-    tuned = tuned_image_features(classifier, clip, root, eval_records, features, device)
-    tuned_probabilities = tuned_head_probabilities(classifier, reindex_rows(tuned, clip_table.ids))
+    tuned = tuned_image_features(classifier, clip, root, eval_records, features, device, output=tuned_output)
+    tuned_top = tuned_head_top_classes(classifier, tuned, clip_table.ids, chunk_size=chunk_size)
     stages = [
-        StageOutput(TEXT_STAGE, clip_table.ids, text_probabilities,
-                    PseudoLabels.argmax(clip_table.ids, text_probabilities, unlabeled_ids)),
-        StageOutput(TUNED_STAGE, clip_table.ids, tuned_probabilities, final=True),
+        StageOutput(TEXT_STAGE, clip_table.ids, text_top, PseudoLabels.argmax(clip_table.ids, text_top, unlabeled_ids)),
+        StageOutput(TUNED_STAGE, clip_table.ids, tuned_top, final=True),
     ]
     tensors = {"text_classifier": weight}
     tensors.update({f"tuned.{name}": t.cpu() for name, t in classifier.trainable_state_dict().items()})

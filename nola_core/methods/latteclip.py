@@ -26,6 +26,8 @@ Where this differs from the paper, and why:
 - c_zs is computed once, on the evaluation view, from the shared frozen CLIP features, instead
   of per batch on the augmented view: a second, frozen CLIP forward per step doubles the cost
   and memory for little change, and the shared feature asset already holds these features.
+  Training reads only this hard label (the argmax), so the zero-shot scores are streamed over
+  the table and only each image's top class is kept, as for the final prototype stage.
 - The mixer weights are computed on detached embeddings (the paper does not say whether
   gradients flow through them); gradients reach the text encoder through the weighted texts.
 - Embeddings are L2-normalised before mixing (the paper's g(T) is CLIP's normalised text
@@ -64,8 +66,9 @@ from nola_core.data import ImageRecord, ManifestImageDataset, collate_skipping_f
 from nola_core.features import FeatureConfig, FeatureTable, extract_features
 from nola_core.methods.common import MethodRun, PseudoLabels, StageOutput, seeded
 from nola_core.models import ClipModel
-from nola_core.pipeline import cosine_probabilities, reindex_rows
-from nola_core.runtime import autocast_context, resolve_device
+from nola_core.pipeline import cosine_top_classes
+from nola_core.predictions import PREDICTION_CHUNK_SIZE, TopClasses
+from nola_core.runtime import autocast_context, cpu_thread_budget, loader_workers, resolve_device
 from nola_core.text import zero_shot_classifier
 
 logger = logging.getLogger(__name__)
@@ -498,7 +501,8 @@ def tune_latteclip(
     """Fine-tune a copy of CLIP on the unlabeled `records`; returns (model, prototypes, history).
 
     `zero_shot_labels[i]` is c_zs of `records[i]`; `prototypes` are the initial ones
-    (`class_text_weights`). Everything random is drawn from `config.seed`.
+    (`class_text_weights`). Everything random is drawn from `config.seed`. On the CPU, loader
+    workers and compute threads share the CPUs (`runtime.loader_workers`, `cpu_thread_budget`).
     """
     device = resolve_device(device)
     model = build_latteclip_model(clip, config).to(device)
@@ -511,8 +515,9 @@ def tune_latteclip(
     dataset = ManifestImageDataset(Path(root), records, weak_transform(clip.preprocess))
     batch_size = max(2, min(config.batch_size, len(dataset)))
     generator = torch.Generator().manual_seed(config.seed)
+    workers = loader_workers(device, config.num_workers)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator,
-                        num_workers=config.num_workers, collate_fn=collate_skipping_failures,
+                        num_workers=workers, collate_fn=collate_skipping_failures,
                         pin_memory=device.type == "cuda", drop_last=len(dataset) > batch_size)
 
     def encode_texts(strings: list[str]) -> torch.Tensor:
@@ -520,7 +525,7 @@ def tune_latteclip(
 
     logger.info("LatteCLIP: %d images, batch %d, lr %.1e, %d texts (%d image, %d group)", len(dataset), batch_size,
                 config.lr, len(bank.texts), int((bank.image >= 0).sum()), int((bank.group >= 0).sum()))
-    with seeded(config.seed):
+    with seeded(config.seed), cpu_thread_budget(device, workers):
         final_prototypes, history = train_latteclip_loop(
             model.encode_image, encode_texts, parameters, lambda epoch: loader, len(loader), bank,
             zero_shot_labels, prototypes, config, logit_scale, device, progress,
@@ -528,7 +533,7 @@ def tune_latteclip(
     return model.eval(), final_prototypes, history
 
 
-def latteclip_probabilities(
+def latteclip_top_classes(
     model: nn.Module,
     prototypes: torch.Tensor,
     clip: ClipModel,
@@ -538,11 +543,16 @@ def latteclip_probabilities(
     features: FeatureConfig,
     device,
     logit_scale: float = 100.0,
-) -> torch.Tensor:
-    """Nearest-prototype probabilities of the fine-tuned image encoder, rows in the order of `ids`."""
+    chunk_size: int = PREDICTION_CHUNK_SIZE,
+    output: Path | None = None,
+) -> TopClasses:
+    """The nearest prototype (and its probability) under the fine-tuned image encoder for every
+    id of `ids` (ids it could not read score a zero embedding), streamed `chunk_size` rows at a
+    time; with `output`, the embeddings are written there as computed, not held in RAM."""
     table = extract_features(lambda images: model.encode_image(images, normalize=True), root, records,
-                             eval_transform(clip.preprocess), features, device, dtype=torch.float32)
-    return cosine_probabilities(reindex_rows(table, ids), prototypes, logit_scale)
+                             eval_transform(clip.preprocess), features, device, dtype=torch.float32,
+                             output=output)
+    return cosine_top_classes(table, ids, prototypes, logit_scale, chunk_size=chunk_size)
 
 
 def latteclip_zero_shot(
@@ -552,15 +562,17 @@ def latteclip_zero_shot(
     unlabeled_ids: Sequence[str],
     config: LatteCLIPConfig = LatteCLIPConfig(),
     device="cpu",
-) -> tuple[torch.Tensor, torch.Tensor, PseudoLabels]:
-    """The frozen model's side: (class-description weights = initial prototypes, probabilities
-    of every row of `clip_table`, c_zs of every unlabeled image in `unlabeled_ids` order)."""
+    chunk_size: int = PREDICTION_CHUNK_SIZE,
+) -> tuple[torch.Tensor, TopClasses, PseudoLabels]:
+    """The frozen model's side: (class-description weights = initial prototypes, the top class
+    of every row of `clip_table`, streamed `chunk_size` rows at a time, and c_zs, that class, of
+    every unlabeled image in `unlabeled_ids` order)."""
     weights = class_text_weights(clip, classes, config.class_template, device)
-    probabilities = cosine_probabilities(clip_table.features, weights, 100.0)
-    labels = PseudoLabels.argmax(clip_table.ids, probabilities, unlabeled_ids)
+    top = cosine_top_classes(clip_table, clip_table.ids, weights, 100.0, chunk_size=chunk_size)
+    labels = PseudoLabels.argmax(clip_table.ids, top, unlabeled_ids)
     if len(labels.ids) != len(unlabeled_ids):
         raise ValueError("every unlabeled image needs a row in clip_table")
-    return weights, probabilities, labels
+    return weights, top, labels
 
 
 def run_latteclip(
@@ -574,18 +586,22 @@ def run_latteclip(
     config: LatteCLIPConfig = LatteCLIPConfig(),
     features: FeatureConfig = FeatureConfig(),
     device: str | torch.device = "auto",
+    chunk_size: int = PREDICTION_CHUNK_SIZE,
+    tuned_output: Path | None = None,
 ) -> MethodRun:
     """All of LatteCLIP on one dataset from the shared inputs (`clip_table`: frozen CLIP
-    features of `eval_records`; `texts`: from `generate_latteclip_texts`, or empty)."""
+    features of `eval_records`; `texts`: from `generate_latteclip_texts`, or empty). Both stages
+    keep only each image's top class; `tuned_output`: see `latteclip_top_classes`' `output`."""
     device = resolve_device(device)
-    class_weights, zs_probabilities, zs_labels = latteclip_zero_shot(
-        clip, classes, clip_table, [r.image_id for r in train_records], config, device
+    class_weights, zs_top, zs_labels = latteclip_zero_shot(
+        clip, classes, clip_table, [r.image_id for r in train_records], config, device, chunk_size
     )
     model, prototypes, history = tune_latteclip(clip, root, train_records, texts, zs_labels.labels, class_weights,
                                                 classes, config, device)
-    final = latteclip_probabilities(model, prototypes, clip, root, eval_records, clip_table.ids, features, device)
+    final = latteclip_top_classes(model, prototypes, clip, root, eval_records, clip_table.ids, features, device,
+                                  chunk_size=chunk_size, output=tuned_output)
     stages = [
-        StageOutput(ZERO_SHOT_STAGE, clip_table.ids, zs_probabilities, zs_labels),
+        StageOutput(ZERO_SHOT_STAGE, clip_table.ids, zs_top, zs_labels),
         StageOutput(FINAL_STAGE, clip_table.ids, final, final=True),
     ]
     tensors = {"prototypes": prototypes}

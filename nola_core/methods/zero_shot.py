@@ -3,7 +3,9 @@
 Recipe: the mean of the L2-normalised CLIP text embeddings of the dataset's templates filled
 with each class name, renormalised; an image goes to the class of highest cosine similarity
 (softmax at CLIP's logit scale 100 for probabilities). No training, no seed. The classifier is
-built by `nola_core.text.zero_shot_classifier`, the same one NoLA reports as its first stage.
+built by `nola_core.text.zero_shot_classifier`, the same one NoLA reports as its first stage,
+and scored the same way: streamed over the (possibly memory-mapped) feature table, keeping only
+each image's top class (`pipeline.cosine_top_classes`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import torch
 from nola_core.features import FeatureTable
 from nola_core.methods.common import MethodRun, PseudoLabels, StageOutput
 from nola_core.models import ClipModel
-from nola_core.pipeline import cosine_probabilities
+from nola_core.pipeline import cosine_top_classes
+from nola_core.predictions import PREDICTION_CHUNK_SIZE
 from nola_core.text import get_templates, zero_shot_classifier
 
 METHOD = "zero-shot"
@@ -45,15 +48,17 @@ def classifier_run(
     weights: torch.Tensor,
     unlabeled_ids: Sequence[str],
     logit_scale: float = 100.0,
+    chunk_size: int = PREDICTION_CHUNK_SIZE,
 ) -> MethodRun:
-    """A training-free text classifier as a one-stage method: probabilities for every image in
-    `clip_table`, and its argmax as the pseudo-labels of the unlabeled images."""
-    probabilities = cosine_probabilities(clip_table.features, weights, logit_scale)
+    """A training-free text classifier as a one-stage method: the top class of every image in
+    `clip_table` (scored `chunk_size` rows at a time), which is also the pseudo-label of the
+    unlabeled images."""
+    top = cosine_top_classes(clip_table, clip_table.ids, weights, logit_scale, chunk_size=chunk_size)
     output = StageOutput(
         stage=stage,
         ids=clip_table.ids,
-        probabilities=probabilities,
-        pseudo_labels=PseudoLabels.argmax(clip_table.ids, probabilities, unlabeled_ids),
+        probabilities=top,
+        pseudo_labels=PseudoLabels.argmax(clip_table.ids, top, unlabeled_ids),
         final=True,
     )
     return MethodRun(method=method, seed=None, stages=[output], tensors={"classifier": weights.float().cpu()})
@@ -64,6 +69,7 @@ def run_zero_shot(
     weights: torch.Tensor,
     unlabeled_ids: Sequence[str],
     config: ZeroShotConfig = ZeroShotConfig(),
+    chunk_size: int = PREDICTION_CHUNK_SIZE,
 ) -> MethodRun:
     """Zero-shot CLIP on precomputed CLIP features (the shared feature table)."""
-    return classifier_run(METHOD, STAGE, clip_table, weights, unlabeled_ids, config.logit_scale)
+    return classifier_run(METHOD, STAGE, clip_table, weights, unlabeled_ids, config.logit_scale, chunk_size)
