@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 import unicodedata
 from pathlib import Path
 
@@ -261,6 +262,27 @@ def test_manifest_is_deterministic_and_round_trips_through_parquet(zoo, tmp_path
     frame = manifest.records_frame()
     assert frame.columns == ["image_id", "path", "label"]
     assert frame["path"].to_list() == [r.path for r in manifest.records]
+
+
+def test_the_manifest_does_not_depend_on_the_number_of_scan_threads(zoo, monkeypatch):
+    spec, good, _ = zoo
+    for index, name in enumerate(["photo.bmp", "grey.png", "photo.tiff"]):  # a labeled split too
+        (spec.labeled_dir / CLASSES[index]).mkdir(parents=True)
+        shutil.copyfile(good[name].path, spec.labeled_dir / CLASSES[index] / f"{name}.png")
+    serial = build_manifest(spec, workers=1), build_manifest(spec, "labeled", workers=1)
+    threads, real_inspect = set(), manifest_module._inspect_file
+
+    def inspect(path, max_pixels):
+        threads.add(threading.get_ident())
+        return real_inspect(path, max_pixels)
+
+    monkeypatch.setattr(manifest_module, "_inspect_file", inspect)
+    seen = []
+    threaded = (build_manifest(spec, workers=8, progress=lambda done, total: seen.append(done)),
+                build_manifest(spec, "labeled", workers=8))
+    assert threaded == serial  # records, skipped files with reasons, file stats, all in the same order
+    assert len(threads) > 1 and threading.get_ident() not in threads  # the files were read by the pool
+    assert seen == list(range(1, len(seen) + 1)) and len(seen) == len(serial[0].records) + len(serial[0].skipped)
 
 
 def test_symlinks_outside_root_are_not_followed(tmp_path):
