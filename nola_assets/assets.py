@@ -30,7 +30,7 @@ from dagster import (
 
 from nola_core import pipeline
 from nola_core.alignment import PseudoLabelSelection, alignment_network, selection_report, train_alignment
-from nola_core.data import Manifest, build_manifest, known_labels
+from nola_core.data import REDUCED_JPEG_DECODE, Manifest, build_manifest, known_labels
 from nola_core.distributed import image_features_stage, init_distributed, launch, prompt_tuning_stage
 from nola_core.eval import format_stage_table
 from nola_core.features import FeatureTable, load_feature_table, update_feature_table
@@ -337,6 +337,7 @@ def _feature_asset(
         "model": config.clip_identity() if which == "clip" else config.dino_identity(),
         "precision": feature_config.precision,
         "device_type": device.type,
+        "decode": REDUCED_JPEG_DECODE,
     }
     previous_ref = artifacts.load_ref(asset_name, name)
     previous = (load_feature_table(previous_ref.file(FEATURES_FILE), mmap=True)
@@ -673,6 +674,7 @@ def predictions(
     ref = artifacts.allocate("predictions", name, {
         "tuned": prompt_tuned_encoder.digest, "clip_features": clip_features.digest,
         "manifest": dataset_manifest.digest, "precision": compute.feature_config().precision,
+        "decode": REDUCED_JPEG_DECODE,
         "device_type": device.type,
     })
     clip = models.load_clip(device)

@@ -26,6 +26,7 @@ import polars as pl
 from dagster import AssetExecutionContext, MaterializeResult, MetadataValue
 
 from nola_core import pipeline
+from nola_core.data import REDUCED_JPEG_DECODE
 from nola_core.features import FeatureTable, load_feature_table
 from nola_core.methods import (
     EvaluationLabels,
@@ -202,7 +203,7 @@ def lafter_encoder(
         "clip": model_config.clip_identity(), "descriptions": class_descriptions.facts["content_hash"],
         "templates": spec.templates, "clip_features": clip_features.digest, "manifest": dataset_manifest.digest,
         "train_ids": digest_of(inputs.train_ids), "config": dataclasses.asdict(config),
-        "precision": features.precision, "device_type": device.type,
+        "precision": features.precision, "device_type": device.type, "decode": REDUCED_JPEG_DECODE,
     })
     context.log.info(f"LaFTer on {len(inputs.train_records)} images, {config.tuning.epochs} epochs, device {device}")
     clip = models.load_clip(device)
@@ -324,6 +325,7 @@ def latteclip_encoder(
         "clip": model_config.clip_identity(), "texts": latteclip_texts.digest, "clip_features": clip_features.digest,
         "manifest": dataset_manifest.digest, "train_ids": digest_of(inputs.train_ids),
         "config": dataclasses.asdict(config), "precision": features.precision, "device_type": device.type,
+        "decode": REDUCED_JPEG_DECODE,
     })
     context.log.info(f"LatteCLIP on {len(inputs.train_records)} images, at most {config.max_epochs} epochs / "
                      f"{config.max_iterations} iterations, lr {config.lr:g}, device {device}")

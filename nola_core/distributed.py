@@ -116,6 +116,7 @@ def extract_features_distributed(
     dtype: torch.dtype = torch.float16,
     module: nn.Module | None = None,
     progress: Callable[[int, int], None] | None = None,
+    decode_min_side: int | None = None,
 ) -> FeatureTable:
     """`extract_features` with the records sharded over ranks, into the store file `output`;
     every rank returns that table, memory-mapped.
@@ -128,12 +129,12 @@ def extract_features_distributed(
     output = Path(output)
     if not context.enabled:
         return extract_features(encode, root, records, transform, config, context.device, progress, dtype=dtype,
-                                module=module, output=output)
+                                module=module, output=output, decode_min_side=decode_min_side)
     shards = [output.with_name(f".{output.name}.rank{rank}-of-{context.world_size}")
               for rank in range(context.world_size)]
     mine = [records[i] for i in shard_positions(len(records), context)]
     extract_features(encode, root, mine, transform, config, context.device, progress, dtype=dtype, module=module,
-                     output=shards[context.rank])
+                     output=shards[context.rank], decode_min_side=decode_min_side)
     dist.barrier()
     if context.is_main:
         tables = [load_feature_table(shard, mmap=True) for shard in shards]
@@ -171,7 +172,8 @@ def image_features_stage(
         logger.info("%s features: %d of %d image(s) on %s", which, len(shard_positions(len(records), context)),
                     len(records), context.device)
     extract_features_distributed(model.encode_image, root, records, eval_transform(model.preprocess), config,
-                                 context, output, module=tower, progress=progress)
+                                 context, output, module=tower, progress=progress,
+                                 decode_min_side=model.preprocess.resize_size)
 
 
 def prompt_tuning_stage(

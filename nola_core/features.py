@@ -124,6 +124,7 @@ def extract_features(
     dtype: torch.dtype = torch.float16,
     module: nn.Module | None = None,
     output: Path | None = None,
+    decode_min_side: int | None = None,
 ) -> FeatureTable:
     """Run `encode` over every record's image, in record order, under `torch.inference_mode`.
 
@@ -132,10 +133,12 @@ def extract_features(
     `nola_core.acceleration`; the module is restored after). Output rows go straight into one
     preallocated tensor, or with `output` batch by batch into that store file (written
     atomically; the table comes back memory-mapped), so RAM holds a batch, not the table.
-    Unreadable images are dropped and reported in `failed`, never fatal.
+    Unreadable images are dropped and reported in `failed`, never fatal. `decode_min_side`:
+    the size `transform` resizes the shorter side to, so large JPEGs decode reduced
+    (`data.load_rgb`'s `min_side`).
     """
     device = resolve_device(device)
-    dataset = ManifestImageDataset(Path(root), records, transform)
+    dataset = ManifestImageDataset(Path(root), records, transform, decode_min_side=decode_min_side)
     workers = _loader_workers(config, len(records), device)
     loader = DataLoader(
         dataset,

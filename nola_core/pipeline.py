@@ -156,7 +156,7 @@ def image_features(
     batch and returned memory-mapped (`features.extract_features`)."""
     tower = model.visual if isinstance(model, ClipModel) else model.model  # what encode_image runs
     return extract_features(model.encode_image, root, records, eval_transform(model.preprocess), config, device,
-                            progress, module=tower, output=output)
+                            progress, module=tower, output=output, decode_min_side=model.preprocess.resize_size)
 
 
 def build_prompt_classifier(clip: ClipModel, class_embeddings: torch.Tensor, config: TuningConfig) -> PromptTunedClassifier:
@@ -259,7 +259,8 @@ def tuned_image_features(
     they are computed and the table comes back memory-mapped (`features.extract_features`).
     """
     return extract_features(classifier.image_features, root, records, eval_transform(clip.preprocess),
-                            config, device, dtype=torch.float32, module=classifier, output=output)
+                            config, device, dtype=torch.float32, module=classifier, output=output,
+                            decode_min_side=clip.preprocess.resize_size)
 
 
 def tuned_head_probabilities(classifier: PromptTunedClassifier, features: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ from nola_core.data.datasets import ManifestImageDataset, collate_skipping_failu
 from nola_core.data.images import (
     DEFAULT_MAX_PIXELS,
     IMAGE_SUFFIXES,
+    REDUCED_JPEG_DECODE,
     ImageLoadError,
     check_image,
     is_image_path,
@@ -48,6 +49,7 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "IMAGE_SUFFIXES",
+    "REDUCED_JPEG_DECODE",
     "DatasetSpec",
     "DatasetSpecError",
     "FileStat",

@@ -29,7 +29,8 @@ class ManifestImageDataset(Dataset):
 
     With `check_content` (default) the bytes are hashed and compared with the record's id, so
     a file replaced by a different picture at the same path is reported instead of silently
-    feeding features of the wrong image under the old id.
+    feeding features of the wrong image under the old id. `decode_min_side`: see `load_rgb`'s
+    `min_side` (for transforms that resize the shorter side to it first).
     """
 
     def __init__(
@@ -39,12 +40,14 @@ class ManifestImageDataset(Dataset):
         transform: Callable[[Image.Image], Item],
         max_pixels: int = DEFAULT_MAX_PIXELS,
         check_content: bool = True,
+        decode_min_side: int | None = None,
     ) -> None:
         self.root = Path(root)
         self.records = records
         self.transform = transform
         self.max_pixels = max_pixels
         self.check_content = check_content
+        self.decode_min_side = decode_min_side
 
     def __len__(self) -> int:
         return len(self.records)
@@ -57,7 +60,7 @@ class ManifestImageDataset(Dataset):
             if self.check_content and hashlib.sha256(data).hexdigest() != record.image_id:
                 logger.warning("%s: content changed since the manifest was built; skipped", path)
                 return None, index
-            image = load_rgb(path, self.max_pixels, data=data)
+            image = load_rgb(path, self.max_pixels, data=data, min_side=self.decode_min_side)
         except (OSError, ImageLoadError) as error:
             logger.warning("%s: cannot be loaded now, skipped (%s)", path, error)
             return None, index

@@ -39,15 +39,26 @@ def is_image_path(path: str | Path) -> bool:
     return Path(path).suffix.lower() in IMAGE_SUFFIXES
 
 
+REDUCED_JPEG_DECODE = "jpeg-dct-scaled-to-resize/1"
+"""Names `load_rgb(..., min_side=...)`'s decoding in the keys of artifacts computed with it:
+their pixels differ a little from a full decode's (BENCHMARKS.md, "Decoding large photos")."""
+
+
 def load_rgb(
-    path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, *, data: bytes | None = None
+    path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, *, data: bytes | None = None,
+    min_side: int | None = None,
 ) -> Image.Image:
     """Decode an image file into a new 8-bit RGB image, upright as its EXIF tag says.
 
     `data`, when given, is the file's content already read by the caller (the path then only
-    names the file in errors), so a scan can hash and decode with one read.
+    names the file in errors), so a scan can hash and decode with one read. `min_side`, when
+    given, is the size the caller resizes the shorter side to: a JPEG then decodes at 1/2, 1/4
+    or 1/8 scale in the DCT (PIL's `draft`), keeping the shorter side at least `min_side` and
+    the pixel grid the resize would give a full decode (`_reduced_scale`), so a 12-megapixel
+    photo costs a fraction of a full decode and of the downscale after it (BENCHMARKS.md,
+    "Decoding large photos"; `REDUCED_JPEG_DECODE` names it in artifact keys).
     """
-    return _decode(Path(path), data, max_pixels, reduced=False)
+    return _decode(Path(path), data, max_pixels, reduced=False, min_side=min_side)
 
 
 def check_image(
@@ -61,7 +72,8 @@ def check_image(
     _decode(Path(path), data, max_pixels, reduced=True)
 
 
-def _decode(path: Path, data: bytes | None, max_pixels: int, *, reduced: bool) -> Image.Image:
+def _decode(path: Path, data: bytes | None, max_pixels: int, *, reduced: bool,
+            min_side: int | None = None) -> Image.Image:
     source = io.BytesIO(data) if data is not None else path
     try:
         with Image.open(source) as im:
@@ -74,8 +86,15 @@ def _decode(path: Path, data: bytes | None, max_pixels: int, *, reduced: bool) -
                 )
             if reduced and im.format == "JPEG":
                 im.draft(None, (max(1, width // 8), max(1, height // 8)))
+            elif min_side and im.format == "JPEG" and (k := _reduced_scale(width, height, min_side)) > 1:
+                im.draft(None, (width // k, height // k))  # PIL picks 1/k for this request
             im.load()  # first frame only: Image.open leaves animated files on frame 0
-            upright = ImageOps.exif_transpose(im)
+            picture = im
+            if min_side and im.size != (width, height):  # decoded reduced for `min_side`
+                crop = _resize_grid_crop(im.size, width, height, min_side)
+                if crop is not None and crop != im.size:
+                    picture = im.crop((0, 0, *crop))
+            upright = ImageOps.exif_transpose(picture)
             rgb = _to_rgb(upright)
             return rgb.copy() if rgb is im else rgb
     except ImageLoadError:
@@ -88,6 +107,38 @@ def _decode(path: Path, data: bytes | None, max_pixels: int, *, reduced: bool) -
         raise ImageLoadError(
             path, f"cannot read image ({type(error).__name__}: {error})"
         ) from error
+
+
+def _reduced_scale(width: int, height: int, min_side: int) -> int:
+    """The largest k in (8, 4, 2) for which a JPEG decoded at 1/k keeps its shorter side at
+    least `min_side` and, cropped to `_resize_grid_crop`, resizes like the full image; 1 if none."""
+    for k in (8, 4, 2):
+        decoded = (-(-width // k), -(-height // k))  # libjpeg's scaled size: ceil(side / k)
+        if min(decoded) >= min_side and _resize_grid_crop(decoded, width, height, min_side) is not None:
+            return k
+    return 1
+
+
+def _resize_grid_crop(decoded: tuple[int, int], width: int, height: int, min_side: int) -> tuple[int, int] | None:
+    """The size to crop a 1/k-scale decode to so that resizing its shorter side to `min_side`
+    gives the size a full decode gives (torchvision's rule: long = int(min_side * long / short)).
+
+    At 1/k a side has ceil(side / k) pixels, the last from a partial block, so the aspect ratio
+    is slightly off and the resize can give one pixel more on the long side (a 2133 x 1600 photo
+    at 1/4 is 534 x 400: 299 x 224 instead of 298 x 224); the centre crop then samples a
+    half-pixel-shifted grid, 2.4 grey levels of mean difference on grainy pictures instead of
+    0.5. Keeping or dropping that partial pixel fixes it; None when neither does."""
+    k = round(width / decoded[0])
+
+    def resized(w: int, h: int) -> tuple[int, int]:
+        long = int(min_side * max(w, h) / min(w, h))
+        return (min_side, long) if w <= h else (long, min_side)
+
+    for w in sorted({width // k, decoded[0]}):  # whole blocks first
+        for h in sorted({height // k, decoded[1]}):
+            if resized(w, h) == resized(width, height):
+                return w, h
+    return None
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:

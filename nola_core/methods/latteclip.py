@@ -551,7 +551,7 @@ def latteclip_top_classes(
     time; with `output`, the embeddings are written there as computed, not held in RAM."""
     table = extract_features(lambda images: model.encode_image(images, normalize=True), root, records,
                              eval_transform(clip.preprocess), features, device, dtype=torch.float32,
-                             output=output)
+                             output=output, decode_min_side=clip.preprocess.resize_size)
     return cosine_top_classes(table, ids, prototypes, logit_scale, chunk_size=chunk_size)
 
 
