@@ -291,8 +291,8 @@ def _training(options, size: Size, device, variant: str) -> dict:
     import torch
 
     from nola_core.alignment import alignment_network
-    from nola_core.data import MultiView, strong_transform, weak_transform
-    from nola_core.pipeline import build_prompt_classifier, dino_pseudo_labeller
+    from nola_core.data import MultiView
+    from nola_core.pipeline import build_prompt_classifier, dino_pseudo_labeller, tuning_views
     from nola_core.tuning import TuningConfig, train_prompts
 
     _, clip, dino = _models(size, device)
@@ -300,10 +300,11 @@ def _training(options, size: Size, device, variant: str) -> dict:
     generator = torch.Generator().manual_seed(0)
     cde = torch.nn.functional.normalize(torch.randn(4, clip.embed_dim, generator=generator), dim=-1)
     dl_network = alignment_network(dino.feature_dim, 4)
-    views = MultiView((weak_transform(dino.preprocess), strong_transform(clip.preprocess)))
+    views = tuning_views(clip, dino)
     labeller = dino_pseudo_labeller(dino, dl_network, device)
-    if variant == "naive":  # fp32, MHA's own path, no pre-cast, decoding in the main process
+    if variant == "naive":  # fp32, MHA's own path, no pre-cast, full decodes in the main process
         config = TuningConfig(precision="fp32", fused_attention=False, precast_weights=False, num_workers=0)
+        views = MultiView(views.transforms)
     else:
         config = TuningConfig(precision=options.precision, num_workers=options.workers,
                               fixed_pseudo_labels=variant == "fixed")

@@ -591,7 +591,7 @@ def prompt_tuned_encoder(
         "clip": config.clip_identity(), "dino": config.dino_identity(), "manifest": dataset_manifest.digest,
         "cde": cde_classifier.digest, "pseudo_labels": cde_pseudo_labels.digest,
         "alignment": alignment_checkpoint.digest, "tuning": dataclasses.asdict(tuning), "wiseft_alpha": alpha,
-        "device_type": device.type,
+        "device_type": device.type, "decode": REDUCED_JPEG_DECODE,
     }  # no process count: every optimizer step sees the same images whatever the split (nola_core.tuning)
     fixed_features = None
     if tuning.fixed_pseudo_labels:  # only then do the stored DINO features shape the result

@@ -41,7 +41,13 @@ from nola_core.data import (
     known_labels,
     load_dataset_spec,
 )
-from nola_core.data.transforms import MultiView, eval_transform, strong_transform, weak_transform
+from nola_core.data.transforms import (
+    MultiView,
+    eval_transform,
+    strong_transform,
+    views_decode_min_side,
+    weak_transform,
+)
 from nola_core.eval import accuracy_report, format_stage_table
 from nola_core.features import FeatureConfig, FeatureTable, extract_features
 from nola_core.models import ClipModel, DinoModel, ModelConfig, PromptTunedClassifier, load_clip, load_dino
@@ -171,6 +177,13 @@ def build_prompt_classifier(clip: ClipModel, class_embeddings: torch.Tensor, con
     )
 
 
+def tuning_views(clip: ClipModel, dino: DinoModel) -> MultiView:
+    """(DINO's weak view, CLIP's strong view) of one decode, which large JPEGs may do at reduced
+    scale as far as both views allow (`data.views_decode_min_side`)."""
+    return MultiView((weak_transform(dino.preprocess), strong_transform(clip.preprocess)),
+                     decode_min_side=views_decode_min_side(dino.preprocess, clip.preprocess))
+
+
 def dino_pseudo_labeller(dino: DinoModel, dl_network: torch.nn.Module, device):
     """Hard argmax labels of the DL network on DINO features of the weak view."""
     network = dl_network.to(device).eval()
@@ -229,7 +242,7 @@ def tune_prompts(
     `resume_dir`: per-epoch resumable state (see `train_prompts`).
     """
     classifier = build_prompt_classifier(clip, cde, config)
-    views = MultiView((weak_transform(dino.preprocess), strong_transform(clip.preprocess)))
+    views = tuning_views(clip, dino)
     fixed = None
     if config.fixed_pseudo_labels:
         if dino_features is None:

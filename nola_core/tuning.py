@@ -179,7 +179,7 @@ def train_prompts(
         raise ValueError(f"{len(records)} images cannot be shared by {world} processes")
     classifier.to(device)
     transform = _StrongOnly(views) if fixed_labels is not None else views
-    dataset = _SeededItems(ManifestImageDataset(Path(root), records, transform))
+    dataset = _SeededItems(ManifestImageDataset(Path(root), records, transform, decode_min_side=views.decode_min_side))
     micro = max(1, min(config.micro_batch_size, len(dataset)))
     # Images per optimizer step: the same for any number of processes (each takes its share of the
     # step in micro-batches), so the process count changes only float rounding, not the training.

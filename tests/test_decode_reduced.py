@@ -106,3 +106,27 @@ def test_the_reduced_decode_resizes_to_the_size_a_full_decode_resizes_to():
         out = io.BytesIO()
         Image.new("RGB", camera).save(out, "JPEG", quality=50)
         assert max(load_rgb("a.jpg", data=out.getvalue(), min_side=224).size) <= max(camera) // 4
+
+
+def test_training_views_decode_as_far_as_the_strong_crop_allows():
+    """One decode serves DINO's weak view and CLIP's strong view: the weak view matches a full
+    decode's (same seed) closely; the strong view's smallest RandomResizedCrop (20 % of the area,
+    aspect 3/4) still has at least 224 px on each side, so nothing is enlarged."""
+    from nola_core.data import IMAGENET_MEAN, IMAGENET_STD, MultiView, strong_transform, weak_transform
+    from nola_core.data.transforms import views_decode_min_side
+
+    dino = Preprocess(224, IMAGENET_MEAN, IMAGENET_STD, crop_pct=0.875)
+    views = MultiView((weak_transform(dino), strong_transform(PRE)), decode_min_side=views_decode_min_side(dino, PRE))
+    assert views.decode_min_side == 579
+    data = _jpeg(3000, seed=3)
+    reduced = load_rgb("a.jpg", data=data, min_side=views.decode_min_side)
+    full = load_rgb("a.jpg", data=data)
+    assert views.decode_min_side <= min(reduced.size) < min(full.size) // 2
+    area = 0.2 * reduced.size[0] * reduced.size[1]
+    assert min((area * 3 / 4) ** 0.5, (area / (3 / 4)) ** 0.5) >= PRE.image_size
+    for seed in range(5):
+        torch.manual_seed(seed)
+        weak_full = views(full)[0]
+        torch.manual_seed(seed)
+        weak_reduced = views(reduced)[0]
+        assert _grey_levels(weak_full, weak_reduced) < MEAN_GREY_LEVELS

@@ -119,12 +119,23 @@ def strong_transform(
     ])
 
 
+def views_decode_min_side(weak: Preprocess, strong: Preprocess, crop_scale: tuple[float, float] = (0.2, 1.0)) -> int:
+    """The shorter side a reduced JPEG decode (`data.load_rgb`'s `min_side`) must keep for a
+    weak view (shorter side resized to `weak.resize_size`) and a strong view whose smallest
+    `RandomResizedCrop` (area `crop_scale[0]`, aspect 3/4) is still shrunk to
+    `strong.image_size`, never enlarged: 579 px for a 224 px CLIP."""
+    return max(weak.resize_size, math.ceil(strong.image_size / math.sqrt(crop_scale[0] * 3 / 4)))
+
+
 @dataclass(frozen=True)
 class MultiView:
     """Several views of one image (e.g. weak and strong for FixMatch) as a tuple; a class
-    rather than a lambda so DataLoader workers can pickle it."""
+    rather than a lambda so DataLoader workers can pickle it. `decode_min_side`: the shorter
+    side the image may be decoded down to for all views (`views_decode_min_side`), or None
+    to decode in full."""
 
     transforms: tuple[Transform, ...]
+    decode_min_side: int | None = None
 
     def __call__(self, image: Image.Image) -> tuple[torch.Tensor, ...]:
         return tuple(transform(image) for transform in self.transforms)

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nola_core.data import ImageRecord, MultiView, eval_transform, strong_transform
+from nola_core.data.transforms import views_decode_min_side
 from nola_core.features import FeatureConfig, FeatureTable
 from nola_core.methods.common import MethodRun, PseudoLabels, StageOutput, seeded
 from nola_core.models import ClipModel, PromptTunedClassifier
@@ -195,8 +196,10 @@ def tune_lafter(
 
 
 def lafter_views(clip: ClipModel) -> MultiView:
-    """(weak = resize + centre crop, strong = the core strong augmentation), CLIP-normalised."""
-    return MultiView((eval_transform(clip.preprocess), strong_transform(clip.preprocess)))
+    """(weak = resize + centre crop, strong = the core strong augmentation), CLIP-normalised;
+    large JPEGs decode reduced as far as both views allow."""
+    return MultiView((eval_transform(clip.preprocess), strong_transform(clip.preprocess)),
+                     decode_min_side=views_decode_min_side(clip.preprocess, clip.preprocess))
 
 
 def run_lafter(
