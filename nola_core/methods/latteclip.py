@@ -512,13 +512,15 @@ def tune_latteclip(
         raise ValueError("LatteCLIP: neither the image nor the text encoder is set to train")
     logit_scale = config.logit_scale if config.logit_scale is not None else float(model.logit_scale.exp())
     bank = text_bank([r.image_id for r in records], texts, classes, config.class_template)
-    dataset = ManifestImageDataset(Path(root), records, weak_transform(clip.preprocess))
+    dataset = ManifestImageDataset(Path(root), records, weak_transform(clip.preprocess),
+                                   decode_min_side=clip.preprocess.resize_size)  # large JPEGs decode reduced
     batch_size = max(2, min(config.batch_size, len(dataset)))
     generator = torch.Generator().manual_seed(config.seed)
     workers = loader_workers(device, config.num_workers)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator,
                         num_workers=workers, collate_fn=collate_skipping_failures,
-                        pin_memory=device.type == "cuda", drop_last=len(dataset) > batch_size)
+                        pin_memory=device.type == "cuda", drop_last=len(dataset) > batch_size,
+                        persistent_workers=workers > 0)  # one start for all epochs, not one per epoch
 
     def encode_texts(strings: list[str]) -> torch.Tensor:
         return model.encode_text(clip.tokenizer(strings).to(device))
