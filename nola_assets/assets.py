@@ -593,13 +593,13 @@ def prompt_tuned_encoder(
         "alignment": alignment_checkpoint.digest, "tuning": dataclasses.asdict(tuning), "wiseft_alpha": alpha,
         "device_type": device.type, "decode": REDUCED_JPEG_DECODE,
     }  # no process count: every optimizer step sees the same images whatever the split (nola_core.tuning)
-    fixed_features = None
+    dl_network = load_alignment_network(artifacts, alignment_checkpoint)
+    fixed_labels = None
     if tuning.fixed_pseudo_labels:  # only then do the stored DINO features shape the result
         key["dino_features"] = dino_features.digest
-        dino_table = load_feature_table(dino_features.file(FEATURES_FILE), mmap=True)
-        fixed_features = dino_table.rows_for([r.image_id for r in records]).clone()
+        fixed_labels = pipeline.fixed_pseudo_labels(  # streamed over the mapped table; only labels travel
+            dl_network, load_feature_table(dino_features.file(FEATURES_FILE), mmap=True), [r.image_id for r in records])
     ref = artifacts.allocate("prompt_tuned_encoder", name, key)
-    dl_network = load_alignment_network(artifacts, alignment_checkpoint)
 
     logged: set[int] = set()
 
@@ -613,7 +613,7 @@ def prompt_tuned_encoder(
     # pre-empted node) resumes after its last saved epoch when the same key is materialized again.
     resume_dir = ref.file(RESUME_DIR)
     trainable, history = _on_processes(context, compute, len(records), prompt_tuning_stage, config, dl_network, cde,
-                                       spec.root, records, tuning, alpha, resume_dir, fixed_features,
+                                       spec.root, records, tuning, alpha, resume_dir, fixed_labels,
                                        progress=progress)
     for stats in history:  # epochs logged elsewhere (a spawned rank 0's compute log, an earlier resumed run)
         if stats.epoch not in logged:

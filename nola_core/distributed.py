@@ -186,19 +186,20 @@ def prompt_tuning_stage(
     config: TuningConfig,
     wiseft_alpha: float | None = None,
     resume_dir: Path | None = None,
-    dino_features: torch.Tensor | None = None,
+    fixed_labels: torch.Tensor | None = None,
     progress: Callable[[EpochStats], None] | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[EpochStats]]:
     """NoLA's prompt tuning (`pipeline.tune_prompts`, then WiSE-FT when `wiseft_alpha` is set), for `launch`.
 
     CLIP and DINO are loaded from `models` on this rank's device; the DL network (a small MLP)
-    and the CDE come as they are, and so do `dino_features` (the records' stored DINO features,
-    only with `config.fixed_pseudo_labels`). Returns the trainable tensors on the CPU (the same on every
-    rank: DDP keeps them in sync) and the per-epoch statistics.
+    and the CDE come as they are, and so do `fixed_labels` (one class per record, only with
+    `config.fixed_pseudo_labels`: `pipeline.fixed_pseudo_labels`; 8 bytes an image, never the
+    features, travel to each process). Returns the trainable tensors on the CPU (the same on
+    every rank: DDP keeps them in sync) and the per-epoch statistics.
     """
     clip, dino = load_clip(models, context.device), load_dino(models, context.device)
     classifier, history = tune_prompts(clip, dino, dl_network, cde, root, records, config, context.device, progress,
-                                       dino_features=dino_features, distributed=context, resume_dir=resume_dir)
+                                       fixed_labels=fixed_labels, distributed=context, resume_dir=resume_dir)
     if wiseft_alpha is not None:
         apply_wiseft(classifier, clip, cde, config, wiseft_alpha)
     return {name: tensor.detach().cpu() for name, tensor in classifier.trainable_state_dict().items()}, history

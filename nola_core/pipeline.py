@@ -56,9 +56,7 @@ from nola_core.predictions import (
     PREDICTION_CHUNK_SIZE,
     TopClasses,
     predicted_classes,
-    row_chunks,
     streamed_top_classes,
-    top_classes_over_chunks,
 )
 from nola_core.runtime import resolve_device
 from nola_core.text import (
@@ -231,29 +229,29 @@ def tune_prompts(
     config: TuningConfig,
     device,
     progress=None,
-    dino_features: torch.Tensor | None = None,
+    fixed_labels: torch.Tensor | None = None,
     distributed=None,
     resume_dir: Path | None = None,
 ) -> tuple[PromptTunedClassifier, list[EpochStats]]:
     """NoLA's last stage: VPT on CLIP, supervised by the DL network's labels on weak views.
 
-    With `config.fixed_pseudo_labels`, the labels are the DL network's on `dino_features` (the
-    eval-view DINO features of `records`, in order), computed once instead of per weak view.
-    `resume_dir`: per-epoch resumable state (see `train_prompts`).
+    With `config.fixed_pseudo_labels`, `fixed_labels` (one per record, `fixed_pseudo_labels`)
+    replace the per-view labels. `resume_dir`: per-epoch resumable state (see `train_prompts`).
     """
     classifier = build_prompt_classifier(clip, cde, config)
-    views = tuning_views(clip, dino)
-    fixed = None
-    if config.fixed_pseudo_labels:
-        if dino_features is None:
-            raise ValueError("fixed_pseudo_labels needs the records' DINO features (dino_features=)")
-        fixed = top_classes_over_chunks(row_chunks(dino_features), len(dino_features),
-                                        dl_network_probabilities(dl_network)).predicted
     history = train_prompts(
-        classifier, root, records, views, dino_pseudo_labeller(dino, dl_network, device), config, device, progress,
-        fixed_labels=fixed, frozen_modules=(dino.model,), distributed=distributed, resume_dir=resume_dir,
+        classifier, root, records, tuning_views(clip, dino), dino_pseudo_labeller(dino, dl_network, device), config,
+        device, progress, fixed_labels=fixed_labels, frozen_modules=(dino.model,), distributed=distributed,
+        resume_dir=resume_dir,
     )
     return classifier, history
+
+
+def fixed_pseudo_labels(dl_network: torch.nn.Module, dino_table: FeatureTable, ids: Sequence[str]) -> torch.Tensor:
+    """[len(ids)] the DL network's class for each image from its stored (evaluation-view) DINO
+    features, streamed over the (mapped) table: the labels `TuningConfig.fixed_pseudo_labels`
+    trains on, computed once instead of one DINO forward per weak view and step."""
+    return dl_network_top_classes(dl_network, dino_table, ids).predicted
 
 
 def tuned_image_features(
@@ -339,7 +337,7 @@ def run_nola(
     by_id = {r.image_id: r for r in manifest.records}
     classifier, history = tune_prompts(
         clip, dino, dl_network, cde, spec.root, [by_id[i] for i in train_ids], config.tuning, device,
-        dino_features=dino_table.rows_for(train_ids) if config.tuning.fixed_pseudo_labels else None,
+        fixed_labels=fixed_pseudo_labels(dl_network, dino_table, train_ids) if config.tuning.fixed_pseudo_labels else None,
     )
     if config.wiseft_alpha is not None:
         apply_wiseft(classifier, clip, cde, config.tuning, config.wiseft_alpha)

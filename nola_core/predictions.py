@@ -96,12 +96,6 @@ def aligned_chunks(
         yield out, None if bool(present.all()) else present
 
 
-def row_chunks(features: torch.Tensor, chunk_size: int = PREDICTION_CHUNK_SIZE) -> Iterator[tuple[torch.Tensor, None]]:
-    """float32 slices of `features`, `chunk_size` rows at a time (the form of `aligned_chunks`)."""
-    for start in range(0, features.shape[0], chunk_size):
-        yield features[start : start + chunk_size].float(), None
-
-
 def top_classes_over_chunks(
     chunks: Iterable[tuple[torch.Tensor, torch.Tensor | None]],
     num_rows: int,
