@@ -147,3 +147,16 @@ def test_two_seeds_give_a_report_with_a_spread(datasets, tmp_path):
     assert rows["nola"]["top1_std"] > 0  # seeded: these two seeds reach 22.5 % and 20.0 % here
     assert rows["cde"]["seeds"] == 1  # deterministic: run once
     assert "±" in report.text and "nola" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_nola_in_a_comparison_trains_on_fixed_pseudo_labels_when_asked(datasets):
+    """`TuningConfig.fixed_pseudo_labels` reaches the comparison's NoLA: labels from the stored
+    DINO features, once per image; the tuned tensors differ from per-view labels'."""
+    from dataclasses import replace
+
+    per_view = compare_methods(datasets[0], replace(FAST, methods=("nola",)))
+    fixed_tuning = replace(FAST.nola.tuning, fixed_pseudo_labels=True)
+    fixed = compare_methods(datasets[0], replace(FAST, methods=("nola",), nola=replace(FAST.nola, tuning=fixed_tuning)))
+    [per_view_run], [fixed_run] = per_view.runs, fixed.runs
+    assert len(fixed_run.history["epochs"]) == 1 and fixed_run.history["epochs"][0]["images"] > 0
+    assert not torch.equal(per_view_run.tensors["tuned.encoder.prompts"], fixed_run.tensors["tuned.encoder.prompts"])

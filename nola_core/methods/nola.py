@@ -33,6 +33,7 @@ from nola_core.pipeline import (
     NolaConfig,
     apply_wiseft,
     cde_pseudo_labels,
+    fixed_pseudo_labels,
     stage_predictions,
     train_alignment,
     tune_prompts,
@@ -98,8 +99,10 @@ def run_nola_method(
     train_ids = [r.image_id for r in train_records]
     selection = cde_pseudo_labels(clip_table.rows_for(train_ids), cde, config.alignment)
     dl_network, alignment_losses = train_alignment(dino_table.rows_for(train_ids), selection, config.alignment, device)
+    fixed = fixed_pseudo_labels(dl_network, dino_table, train_ids) if config.tuning.fixed_pseudo_labels else None
     with seeded(config.tuning.seed):
-        classifier, history = tune_prompts(clip, dino, dl_network, cde, root, train_records, config.tuning, device)
+        classifier, history = tune_prompts(clip, dino, dl_network, cde, root, train_records, config.tuning, device,
+                                           fixed_labels=fixed)
     if config.wiseft_alpha is not None:
         apply_wiseft(classifier, clip, cde, config.tuning, config.wiseft_alpha)
     tuned_table = tuned_image_features(classifier, clip, root, eval_records, features, device)
