@@ -101,10 +101,13 @@ def strong_transform(
     perspective_p: float = 0.5,
     blur_sigma: tuple[float, float] = (0.1, 2.0),
     blur_p: float = 0.5,
+    grayscale_p: float = 0.0,
 ) -> Transform:
     """The view trained on (FixMatch / NoLA): RandomResizedCrop, flip, colour jitter,
     perspective, Gaussian blur. `jitter` is (brightness, contrast, saturation, hue). The blur
-    kernel spans ±3 sigma of the largest sigma, so the sigma range is what takes effect."""
+    kernel spans ±3 sigma of the largest sigma, so the sigma range is what takes effect.
+    `grayscale_p`: RandomGrayscale right after the jitter, where LaFTer's reference
+    (`utils/model_utils.py`, `get_random_transform`) puts it; NoLA's reference has none."""
     brightness, contrast, saturation, hue = jitter
     blur_kernel = 2 * math.ceil(3 * blur_sigma[1]) + 1
     return v2.Compose([
@@ -113,6 +116,7 @@ def strong_transform(
         ),
         v2.RandomHorizontalFlip(p=flip_p),
         v2.RandomApply([v2.ColorJitter(brightness, contrast, saturation, hue)], p=jitter_p),
+        v2.RandomGrayscale(p=grayscale_p),
         v2.RandomPerspective(distortion_scale=perspective_distortion, p=perspective_p),
         v2.RandomApply([v2.GaussianBlur(blur_kernel, sigma=blur_sigma)], p=blur_p),
         *_to_normalized_tensor(pre),
