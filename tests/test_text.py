@@ -35,8 +35,8 @@ def test_template_sets_cover_the_nola_datasets():
         assert dataset in names
         templates = get_templates(dataset)
         assert templates and all(t.count("{}") == 1 for t in templates)
-    assert len(get_templates("imagenet")) == 80  # CLIP's set, from open_clip
-    assert get_templates("cifar100") == get_templates("cifar10")
+    assert len(get_templates("imagenet_openai80")) == 80  # CLIP's set, from open_clip
+    assert get_templates("cifar100_openai18") == get_templates("cifar10")  # CLIP's CIFAR sets are one
     with pytest.raises(ValueError, match="unknown template set 'nope'.*eurosat"):
         get_templates("nope")
 

@@ -1,4 +1,10 @@
-"""Named prompt-template sets: CLIP's published per-dataset sets plus a generic one."""
+"""Named prompt-template sets (`templates.yaml`).
+
+A dataset's own name (`imagenet`, `cifar100`, `eurosat`, ...) gives the paper recipe: NoLA's
+reference per-dataset set, word for word (fazliimam/NoLA, utils/data_utils.py,
+`ds_specific_templates`). CLIP's published sets stay available as `<dataset>_openai<N>`;
+`imagenet_openai80`, CLIP's 80 ImageNet templates, is taken from open_clip rather than copied.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +14,7 @@ from pathlib import Path
 import yaml
 
 TEMPLATE_FILE = Path(__file__).with_name("templates.yaml")
-# These names use CLIP's 80 ImageNet templates, taken from open_clip rather than copied.
-IMAGENET_SETS = ("imagenet", "imagenet_a", "imagenet_r", "imagenet_sketch", "imagenet_v2")
+OPENAI_IMAGENET_SET = "imagenet_openai80"
 
 
 @functools.cache
@@ -19,12 +24,12 @@ def _file_sets() -> dict[str, tuple[str, ...]]:
 
 
 def template_set_names() -> list[str]:
-    return sorted(set(_file_sets()) | set(IMAGENET_SETS))
+    return sorted([*_file_sets(), OPENAI_IMAGENET_SET])
 
 
 def get_templates(name: str) -> tuple[str, ...]:
     """Templates with one "{}" slot for the class name."""
-    if name in IMAGENET_SETS:
+    if name == OPENAI_IMAGENET_SET:
         from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 
         return tuple(template("{}") for template in OPENAI_IMAGENET_TEMPLATES)
