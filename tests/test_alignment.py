@@ -1,10 +1,17 @@
-"""Top-k pseudo-label selection and the DL network on controlled data with known answers."""
+"""Top-k pseudo-label selection and the DL network on controlled data with known answers.
+
+The check functions (`check_*`) are shared with tests/test_sabotage.py, which breaks each
+mechanism on purpose and asserts that the check fails; they reach the mechanisms through their
+modules (`alignment.select_top_k`, `nola.selection_pseudo_labels`) so that a patch there is seen.
+"""
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
+from nola_core import alignment
 from nola_core.alignment import (
     AlignmentConfig,
     class_log_odds,
@@ -14,6 +21,8 @@ from nola_core.alignment import (
     selection_report,
     train_alignment,
 )
+from nola_core.methods import nola
+from nola_core.pipeline import cde_pseudo_labels
 
 
 def test_k_follows_the_paper_formula():
@@ -91,30 +100,86 @@ def _clustered(num_classes=5, per_class=400, dim=64, seed=0):
     return dino, clip, text_centres, labels
 
 
-def test_top_k_is_more_precise_than_zero_shot_labels():
-    _, clip, classifier, labels = _clustered()
+def check_top_k_is_more_precise_than_zero_shot_labels(seed=0):
+    """The k most confident images per class are labelled right more often than the zero-shot argmax."""
+    _, clip, classifier, labels = _clustered(seed=seed)
     scores = torch.cat(list(class_log_odds(clip, classifier)))
     zero_shot_accuracy = (scores.argmax(-1) == labels).float().mean().item()
-    selection = select_top_k([scores], k=per_class_k(len(labels), 5))
+    selection = alignment.select_top_k([scores], k=per_class_k(len(labels), 5))
     precision = (selection.labels == labels[selection.indices]).float().mean().item()
     assert zero_shot_accuracy < 0.9  # the zero-shot labels are really noisy
-    assert precision > zero_shot_accuracy + 0.08
+    assert precision > zero_shot_accuracy + 0.08, ("top-k precision", precision, zero_shot_accuracy)
+    return selection, labels, precision
+
+
+def test_top_k_is_more_precise_than_zero_shot_labels():
+    selection, labels, precision = check_top_k_is_more_precise_than_zero_shot_labels()
     ids = [f"img{i}" for i in range(len(labels))]
-    report = selection_report(selection, list("abcde"), ids, {ids[i]: int(labels[i]) for i in range(len(ids))})
-    assert abs(report["precision"] - precision) < 1e-9
+    truth = {ids[i]: int(labels[i]) for i in range(len(ids))}
+    report = selection_report(selection, list("abcde"), ids, truth)
+    right = sum(truth[ids[row]] == label for row, label in zip(selection.indices.tolist(), selection.labels.tolist()))
+    assert report["precision"] == pytest.approx(right / selection.indices.numel(), abs=1e-9)
+    assert report["precision"] == pytest.approx(precision, abs=1e-6)
     assert sum(report["per_class"].values()) == selection.indices.numel()
 
 
-def test_dl_network_beats_the_zero_shot_labels_it_learned_from():
-    dino, clip, classifier, labels = _clustered(seed=1)
+def check_dl_network_beats_the_zero_shot_labels(seed=1):
+    """The DL network, trained on the top-k labels, beats those zero-shot labels on all images."""
+    dino, clip, classifier, labels = _clustered(seed=seed)
     scores = torch.cat(list(class_log_odds(clip, classifier)))
     zero_shot_accuracy = (scores.argmax(-1) == labels).float().mean().item()
     selection = select_top_k([scores], k=per_class_k(len(labels), 5))
     config = AlignmentConfig(epochs=20, seed=0)
-    network, history = train_alignment(dino.half(), selection, config, device="cpu")
+    network, history = alignment.train_alignment(dino.half(), selection, config, device="cpu")
     dl_accuracy = (predict_alignment(network, dino.half()).argmax(-1) == labels).float().mean().item()
+    assert dl_accuracy > zero_shot_accuracy + 0.10, ("DL network accuracy", dl_accuracy, zero_shot_accuracy)
+    return history
+
+
+def test_dl_network_beats_the_zero_shot_labels_it_learned_from():
+    history = check_dl_network_beats_the_zero_shot_labels()
     assert history[-1] < history[0]
-    assert dl_accuracy > zero_shot_accuracy + 0.10, (dl_accuracy, zero_shot_accuracy)
+
+
+def _features_at_margins(margins):
+    """2-D unit features whose logits under the classifier eye(2) at scale 100 differ by `margins`
+    (class 0 minus class 1): 100·(cos θ − sin θ) = margin, i.e. log-odds of class 0 = margin."""
+    angles = [math.pi / 4 - math.asin(m / (100 * math.sqrt(2))) for m in margins]
+    return torch.tensor([[math.cos(a), math.sin(a)] for a in angles]), torch.eye(2)
+
+
+def check_top_k_ranks_by_log_odds():
+    """k=3 of class 0 among margins where softmax rounds every class-0 probability to 1.0 in
+    float32: only the log-odds tell 100 from 20, so the ranking itself decides the pick. The
+    highest margins sit in the middle, so no tie-break by position (first or last rows) finds them."""
+    margins = [20, 25, 100, 90, 80, 30, 35, -50, -60, -70]
+    features, classifier = _features_at_margins(margins)
+    assert (torch.softmax(100 * features @ classifier.T, -1)[:7, 0] == 1.0).all()  # saturated
+    selection = cde_pseudo_labels(features, classifier, AlignmentConfig(k_min=3, k_fraction=0.0))
+    picked = {row: label for row, label in zip(selection.indices.tolist(), selection.labels.tolist())}
+    assert picked == {2: 0, 3: 0, 4: 0, 7: 1, 8: 1, 9: 1}, f"top-k picks {picked}"
+    assert selection.scores.tolist() == pytest.approx([100, 90, 80, 50, 60, 70], abs=0.05)
+
+
+def test_top_k_ranks_by_log_odds_where_softmax_saturates():
+    check_top_k_ranks_by_log_odds()
+
+
+def check_selected_pseudo_labels_carry_their_image_ids():
+    """Known answer: of images a..f (margins below), class 0's two most confident are a and e,
+    class 1's are f and b; NoLA's id-keyed pseudo-labels say exactly that. The labels in row
+    order (0, 1, 0, 1) are neither sorted nor a palindrome, so a reordering shows."""
+    train_ids = ["a", "b", "c", "d", "e", "f"]
+    features, classifier = _features_at_margins([90, -80, 10, -10, 80, -90])
+    selection = cde_pseudo_labels(features, classifier, AlignmentConfig(k_min=2, k_fraction=0.0))
+    pseudo = nola.selection_pseudo_labels(selection, train_ids)
+    assert dict(zip(pseudo.ids, pseudo.labels.tolist())) == {"a": 0, "b": 1, "e": 0, "f": 1}, \
+        f"pseudo-labels by id: {dict(zip(pseudo.ids, pseudo.labels.tolist()))}"
+    assert pseudo.candidates == len(train_ids)
+
+
+def test_selected_pseudo_labels_carry_their_image_ids():
+    check_selected_pseudo_labels_carry_their_image_ids()
 
 
 def test_alignment_training_is_deterministic_for_a_seed():
