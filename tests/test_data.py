@@ -471,7 +471,7 @@ def test_transforms_shape_and_normalisation(mean, std):
     flat = Image.new("RGB", (40, 30), colour)
     expected = (torch.tensor(colour) / 255 - torch.tensor(mean)) / torch.tensor(std)
     torch.manual_seed(0)
-    for transform in (eval_transform(pre), weak_transform(pre), strong_transform(pre, jitter_p=0)):
+    for transform in (eval_transform(pre), weak_transform(pre), strong_transform(pre, jitter_p=0, second_jitter=None)):
         out = transform(flat)
         assert out.shape == (3, 24, 24) and out.dtype == torch.float32
         # Perspective may fill corners with black; compare the centre.

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2
 
@@ -94,33 +94,65 @@ def weak_transform(pre: Preprocess, flip_p: float = 0.5) -> Transform:
 def strong_transform(
     pre: Preprocess,
     crop_scale: tuple[float, float] = (0.2, 1.0),
+    crop_interpolation: str = "bilinear",
     flip_p: float = 0.5,
     jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1),
     jitter_p: float = 0.8,
-    perspective_distortion: float = 0.5,
-    perspective_p: float = 0.5,
-    blur_sigma: tuple[float, float] = (0.1, 2.0),
-    blur_p: float = 0.5,
     grayscale_p: float = 0.0,
+    perspective_distortion: float = 0.2,
+    perspective_p: float = 0.5,
+    perspective_interpolation: str = "bicubic",
+    second_jitter: tuple[float, float, float, float] | None = (0.4, 0.4, 0.4, 0.1),
+    blur_sigma: tuple[float, float] = (0.1, 2.0),
+    blur_p: float = 1.0,
 ) -> Transform:
-    """The view trained on (FixMatch / NoLA): RandomResizedCrop, flip, colour jitter,
-    perspective, Gaussian blur. `jitter` is (brightness, contrast, saturation, hue). The blur
-    kernel spans ±3 sigma of the largest sigma, so the sigma range is what takes effect.
-    `grayscale_p`: RandomGrayscale right after the jitter, where LaFTer's reference
-    (`utils/model_utils.py`, `get_random_transform`) puts it; NoLA's reference has none."""
+    """The view the tuned model is trained on. Defaults are NoLA's reference
+    (`utils/model_utils.py`, `get_random_transform`), in its order: RandomResizedCrop (scale
+    0.2-1, torchvision's default bilinear filter), flip, ColorJitter p = 0.8, RandomPerspective
+    (0.2, p = 0.5, bicubic), a second, unconditional ColorJitter, and PIL's Gaussian blur on
+    every image (`PILGaussianBlur`). `jitter` is (brightness, contrast, saturation, hue).
+
+    LaFTer's reference has no perspective and no second jitter (`perspective_p=0`,
+    `second_jitter=None`) but a RandomGrayscale right after the first jitter (`grayscale_p`).
+    Steps with probability 0 are left out of the composition.
+    """
     brightness, contrast, saturation, hue = jitter
-    blur_kernel = 2 * math.ceil(3 * blur_sigma[1]) + 1
-    return v2.Compose([
-        v2.RandomResizedCrop(
-            pre.image_size, scale=crop_scale, interpolation=_interpolation(pre), antialias=True
-        ),
+    steps = [
+        v2.RandomResizedCrop(pre.image_size, scale=crop_scale, interpolation=InterpolationMode(crop_interpolation),
+                             antialias=True),
         v2.RandomHorizontalFlip(p=flip_p),
-        v2.RandomApply([v2.ColorJitter(brightness, contrast, saturation, hue)], p=jitter_p),
-        v2.RandomGrayscale(p=grayscale_p),
-        v2.RandomPerspective(distortion_scale=perspective_distortion, p=perspective_p),
-        v2.RandomApply([v2.GaussianBlur(blur_kernel, sigma=blur_sigma)], p=blur_p),
-        *_to_normalized_tensor(pre),
-    ])
+        *_with_probability(v2.ColorJitter(brightness, contrast, saturation, hue), jitter_p),
+    ]
+    if grayscale_p > 0:
+        steps.append(v2.RandomGrayscale(p=grayscale_p))
+    if perspective_p > 0:
+        steps.append(v2.RandomPerspective(distortion_scale=perspective_distortion, p=perspective_p,
+                                          interpolation=InterpolationMode(perspective_interpolation)))
+    if second_jitter is not None:
+        steps.append(v2.ColorJitter(*second_jitter))
+    steps += _with_probability(PILGaussianBlur(blur_sigma), blur_p)
+    return v2.Compose([*steps, *_to_normalized_tensor(pre)])
+
+
+def _with_probability(transform: Transform, p: float) -> list:
+    """`transform` applied with probability p, as composition steps: none at 0, itself at 1."""
+    if p <= 0:
+        return []
+    return [transform] if p >= 1 else [v2.RandomApply([transform], p=p)]
+
+
+@dataclass(frozen=True)
+class PILGaussianBlur:
+    """PIL's `GaussianBlur(radius=sigma)`, sigma drawn uniformly from `sigma`: the blur of the
+    NoLA and LaFTer references (their `GaussianBlur` class, from SimCLR). PIL blurs with three box
+    passes and no truncated kernel, so torchvision's GaussianBlur would differ at large sigma.
+    The draw comes from torch's RNG (the reference used `random`), so a seeded item repeats."""
+
+    sigma: tuple[float, float] = (0.1, 2.0)
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        radius = torch.empty(1).uniform_(self.sigma[0], self.sigma[1]).item()
+        return image.filter(ImageFilter.GaussianBlur(radius=radius))
 
 
 def views_decode_min_side(weak: Preprocess, strong: Preprocess, crop_scale: tuple[float, float] = (0.2, 1.0)) -> int:

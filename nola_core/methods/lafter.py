@@ -198,7 +198,8 @@ def tune_lafter(
 def lafter_views(clip: ClipModel) -> MultiView:
     """(weak = resize + centre crop, strong = the core strong augmentation), CLIP-normalised;
     large JPEGs decode reduced as far as both views allow."""
-    return MultiView((eval_transform(clip.preprocess), strong_transform(clip.preprocess)),
+    strong = strong_transform(clip.preprocess, perspective_p=0.0, second_jitter=None)  # the reference has neither
+    return MultiView((eval_transform(clip.preprocess), strong),
                      decode_min_side=views_decode_min_side(clip.preprocess, clip.preprocess))
 
 
