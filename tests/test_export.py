@@ -7,6 +7,7 @@ import logging
 import pytest
 import torch
 
+from nola_core import export
 from nola_core.data import build_manifest, eval_transform, load_dataset_spec, load_rgb
 from nola_core.demo import demo_dataset_path
 from nola_core.export import MANIFEST_NAME, export_classifier, load_classifier
@@ -19,9 +20,9 @@ from nola_core.tuning import TuningConfig
 TINY = ModelConfig.from_profile("tiny")
 
 
-@pytest.fixture(scope="module")
-def tuned():
-    """A classifier whose trainable tensors were moved away from their initial values."""
+def tuned_classifier():
+    """(CLIP, spec, CDE, a classifier whose trainable tensors were moved away from their initial
+    values, eight demo images)."""
     clip = load_clip(TINY)
     spec = load_dataset_spec(demo_dataset_path())
     cde = torch.nn.functional.normalize(torch.randn(len(spec.classes), clip.embed_dim), dim=-1)
@@ -32,6 +33,18 @@ def tuned():
                 parameter.add_(0.05 * torch.randn_like(parameter))
     images = [load_rgb(spec.root / r.path) for r in build_manifest(spec, "unlabeled").records[:8]]
     return clip, spec, cde, classifier.eval(), images
+
+
+@pytest.fixture(scope="module")
+def tuned():
+    return tuned_classifier()
+
+
+def onnx_check_inputs(tuned, folder):
+    """(the export of `tuned` loaded back, a normalised batch of its images) for the ONNX check."""
+    clip, spec, _, classifier, images = tuned
+    export_classifier(classifier, TINY, clip.preprocess, spec.classes, folder)
+    return load_classifier(folder), torch.stack([eval_transform(clip.preprocess)(image) for image in images])
 
 
 def test_export_round_trip_gives_identical_logits_on_real_images(tuned, tmp_path):
@@ -47,6 +60,39 @@ def test_export_round_trip_gives_identical_logits_on_real_images(tuned, tmp_path
     assert loaded.classes == list(spec.classes)
     manifest = json.loads((tmp_path / "export" / MANIFEST_NAME).read_text())
     assert manifest["clip"]["random_weights"] is True and manifest["provenance"]["dataset"] == "fashion_mini"
+
+
+def onnx_minus_torch(session, classifier, images) -> float:
+    """Largest |onnxruntime − torch| logit on `images`, computed here, not by the code under test."""
+    [onnx_logits] = session.run(None, {"images": images.numpy()})
+    with torch.no_grad():
+        return (torch.from_numpy(onnx_logits) - classifier(images)).abs().max().item()
+
+
+def check_onnx_export_and_its_reported_difference(exported, images, folder):
+    """`export_onnx` writes a model that onnxruntime runs to torch's logits (within 1e-3, measured
+    here), and `onnx_max_abs_difference` reports the difference this test measures, both for the
+    export and for a classifier whose logits were moved away from it by a known amount."""
+    import onnxruntime
+
+    path = export.export_onnx(exported, folder / export.ONNX_NAME)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    measured = onnx_minus_torch(session, exported.classifier, images)
+    assert measured < 1e-3, f"ONNX logits differ from torch's by {measured}"
+    reported = export.onnx_max_abs_difference(path, exported, images)
+    assert reported == pytest.approx(measured, rel=1e-3, abs=1e-7), f"reported {reported}, measured {measured}"
+    moved = copy.deepcopy(exported)
+    moved.classifier.logit_scale *= 1.5  # every logit moves by half its value, at least 1 here
+    measured_moved = onnx_minus_torch(session, moved.classifier, images)
+    assert measured_moved > 1.0
+    reported_moved = export.onnx_max_abs_difference(path, moved, images)
+    assert reported_moved == pytest.approx(measured_moved, rel=1e-3), f"reported {reported_moved}, measured {measured_moved}"
+
+
+def test_onnx_export_runs_to_the_torch_logits_and_the_difference_is_reported_right(tuned, tmp_path):
+    pytest.importorskip("onnx", reason="the onnx package is not installed (pip install 'nola[onnx]')")
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install 'nola[onnx]')")
+    check_onnx_export_and_its_reported_difference(*onnx_check_inputs(tuned, tmp_path), tmp_path)
 
 
 def test_tampered_export_is_refused(tuned, tmp_path):
