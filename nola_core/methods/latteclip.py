@@ -6,45 +6,47 @@ pseudo-label, shown together) and a class description T_class = "a photo of a [c
 pseudo-label c. `generate_latteclip_texts` asks an LMM through `nola_core.llm.describe_image`
 with the prompt set `latteclip_v1` (the paper's prompts word for word).
 
-Training (Sec. 3.2), per batch:
+Training (Sec. 3.2), per batch, as the reference code does it (astra-vision/LatteCLIP,
+`src/training/train.py`, `train_one_epoch_v2`):
 - dual pseudo-labels: c_zs from the frozen zero-shot model, c_ft = the nearest prototype of the
   model being tuned (`dual_pseudo_labels`);
 - Dynamic Feature Mixer (Eq. 1): each text's weight is the gap between its top-1 and top-2
-  cosine similarity to the prototypes (`mixer_weights`);
-- prototype-text embedding (Eq. 2): t̄ = (1 − α)·Σ wᵢ g(Tᵢ) / Σ wᵢ + α·p_c, α = 0.99, for
-  T ∈ {T_image, T_group, T_class(c)}, once with c = c_zs and once with c = c_ft
-  (`prototype_text_embeddings`);
-- momentum update: p_c ← (1 − µ)·mean of t̄ over the batch's images labelled c + µ·p_c,
-  µ = 0.99, for the c_zs assignment and then the c_ft one (`momentum_update`);
-- loss L_zs + L_ft, each the symmetric FLYP/CLIP contrastive loss of Eq. 3 between the image
-  embeddings and their t̄ (`flyp_loss`); image and text encoders are both fine-tuned.
-Prototypes start as the class-description embeddings; inference is the nearest prototype.
-Paper settings: OpenCLIP ViT-B/32 (laion2b), batch 512, lr 1e-7 (1e-6 on Food101 and SUN397),
-min(2000 iterations, 50 epochs), other hyper-parameters open_clip's defaults.
+  cosine similarity to the prototypes, plus 1e-6 (`mixer_weights`); the prototypes it compares
+  with are those of the start of the epoch (the reference stacks them once per epoch);
+- prototype-text embedding (Eq. 2): t̄ = (1 − α)·Σ wᵢ g(Tᵢ) / Σ wᵢ + α·p_c, α = 0.99 (the
+  reference's `--alpha 0.01` is 1 − α), for T ∈ {T_image, T_group, T_class(c)}, once with
+  c = c_zs and once with c = c_ft (`prototype_text_embeddings`);
+- prototype update (`update_prototypes`): every class c labelled in the batch (by c_zs or c_ft)
+  gets p_c ← normalise(mean of the t̄ of both assignments labelled c). Since t̄ already holds
+  α·p_c, this is the paper's momentum update with µ = α = 0.99 (a step of about 1e-2), then
+  renormalised; there is no second momentum on top;
+- loss L_zs + L_ft, each open_clip's ClipLoss (the mean of the image→text and text→image
+  cross-entropies) between the normalised image embeddings and their t̄ (`flyp_loss`); image and
+  text encoders are both fine-tuned.
+Prototypes start as the class-template embeddings; inference is the nearest prototype.
+Settings (the reference's scripts/unsupervised/*.sh, `src/training/main.py`): OpenCLIP
+ViT-B/32 (laion2b), batch 512, AdamW (betas 0.9/0.98, eps 1e-6, weight decay 0.2, none on
+gains, biases and the logit scale), cosine schedule after a linear warm-up of about one epoch
+(10–140 steps), 15/50/100 epochs per dataset (`latteclip_config_for`), lr 1e-7 (1e-6 on Food101
+and SUN397, from the paper's appendix; the README's commands use 1e-7 everywhere). The training
+view is open_clip's: RandomResizedCrop(0.9–1), colour jitter (.5, .5, .5, .1) p = 0.8,
+grayscale p = 0.2 (`latteclip_train_view`).
 
-Where this differs from the paper, and why:
-- c_zs is computed once, on the evaluation view, from the shared frozen CLIP features, instead
-  of per batch on the augmented view: a second, frozen CLIP forward per step doubles the cost
-  and memory for little change, and the shared feature asset already holds these features.
-  Training reads only this hard label (the argmax), so the zero-shot scores are streamed over
-  the table and only each image's top class is kept, as for the final prototype stage.
-- The mixer weights are computed on detached embeddings (the paper does not say whether
-  gradients flow through them); gradients reach the text encoder through the weighted texts.
-- Embeddings are L2-normalised before mixing (the paper's g(T) is CLIP's normalised text
-  embedding in open_clip's contrastive pipeline); t̄ is renormalised inside the loss only, the
-  stored prototypes are the raw running averages the paper describes.
-- Eq. 3 sums its two directions (we do too, unlike open_clip's ClipLoss which averages them).
-  The temperature is the model's learned logit scale, kept fixed (not trained) here.
+Where this differs from the reference code, and why:
+- c_zs is computed once, on the evaluation view, from the shared frozen CLIP features (the
+  reference too reads precomputed CLIP predictions, `--clip-prediction-path`). Training reads
+  only this hard label, so the zero-shot scores are streamed and only each image's top class kept.
+- The reference mixes the zero-shot branch's class text with the c_ft branch's weight but
+  divides by the zero-shot branch's total (`label_text_weight` for `label_text_weight_zeroshot`,
+  a typo); ours uses each branch's own weights, so t̄ is a true weighted mean.
+- The temperature is the model's learned logit scale, kept fixed here (the reference trains it
+  at the same tiny lr, clamped to 100; it barely moves).
 - A text missing for an image (an LMM call failed, or no LMM at all) is masked out of the
   mixer; with neither image nor group texts the method is the paper's "T_class only" ablation.
-  When all present weights are zero (a text exactly between two prototypes) the texts are
-  averaged with equal weights instead of dividing by zero.
 - Groups (`latteclip_groups`) partition each pseudo-class into groups of `group_size` (4) once,
   one LMM call per group, rather than sampling a new group around every image.
-- The training view is the core `weak_transform` (resize, random crop, flip), close to
-  open_clip's default training crop (RandomResizedCrop 0.9–1). AdamW with open_clip's defaults
-  (betas 0.9/0.98, eps 1e-6, weight decay 0.2), cosine schedule after `warmup_steps` (open_clip's
-  default warm-up of 10,000 steps is longer than the whole 2,000-iteration run).
+- `max_iterations` (2000, the paper's cap) shortens only Food101 (the script's 15 epochs are
+  2,070 steps).
 """
 
 from __future__ import annotations
@@ -62,7 +64,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from nola_core.data import ImageRecord, ManifestImageDataset, collate_skipping_failures, eval_transform, weak_transform
+from nola_core.data import (ImageRecord, ManifestImageDataset, collate_skipping_failures, eval_transform,
+                            strong_transform)
+from nola_core.data.transforms import Preprocess, views_decode_min_side
 from nola_core.features import FeatureConfig, FeatureTable, extract_features
 from nola_core.methods.common import MethodRun, PseudoLabels, StageOutput, seeded
 from nola_core.models import ClipModel
@@ -80,25 +84,37 @@ TEXT_KINDS = ("image", "group", "class")
 
 # Appendix B: lr 1e-6 on these two datasets, 1e-7 on the others.
 DATASET_LEARNING_RATES = {"food101": 1e-6, "sun397": 1e-6}
+# The reference's scripts/unsupervised/<dataset>_fine_tune_multiclass.sh: --epochs, --warmup, --wd.
+DATASET_EPOCHS = {"caltech101": 50, "dtd": 100, "eurosat": 15, "fgvc_aircraft": 50, "flowers102": 50,
+                  "food101": 15, "oxford_pets": 100, "stanford_cars": 50, "sun397": 15, "ucf101": 50}
+DATASET_WARMUP_STEPS = {"caltech101": 10, "dtd": 10, "eurosat": 40, "fgvc_aircraft": 15, "flowers102": 12,
+                        "food101": 140, "oxford_pets": 10, "stanford_cars": 20, "sun397": 40, "ucf101": 20}
+DATASET_WEIGHT_DECAY = {"caltech101": 1.0}
+# The reference's class text is its dataset's first zero-shot template (`src/training/abo.py`).
+DATASET_CLASS_TEMPLATES = {"dtd": "{} texture.", "fgvc_aircraft": "a photo of a {}, a type of aircraft.",
+                           "flowers102": "a photo of a {}, a type of flower.",
+                           "food101": "a photo of a {}, a type of food.", "ucf101": "a photo of a person doing {}"}
+# Added to every mixer weight (reference `compute_text_weights(...) + 1e-6`): no weight is zero.
+MIXER_EPSILON = 1e-6
 
 
 @dataclass(frozen=True)
 class LatteCLIPConfig:
-    """Defaults are the paper's (Sec. 3, App. B) unless a field says otherwise."""
+    """Defaults are the reference code's (scripts/unsupervised, src/training/main.py) unless a
+    field says otherwise; `latteclip_config_for` sets its per-dataset values."""
 
     class_template: str = "a photo of a {}."
-    prototype_weight: float = 0.99  # α in Eq. 2
-    momentum: float = 0.99  # µ of the prototype update
+    prototype_weight: float = 0.99  # α in Eq. 2 (reference: 1 - --alpha 0.01); also the update's momentum
     dynamic_mixer: bool = True  # False: every text weighs 1 (the paper's ablation)
     zero_shot_loss: bool = True  # L_zs
     finetune_loss: bool = True  # L_ft
     lr: float = 1e-7
-    weight_decay: float = 0.2  # open_clip's default
+    weight_decay: float = 0.2  # open_clip's default; none on gains, biases, the logit scale
     betas: tuple[float, float] = (0.9, 0.98)  # open_clip's default
     eps: float = 1e-6  # open_clip's default
-    warmup_steps: int = 0  # ours: see the module docstring
+    warmup_steps: int | None = None  # linear warm-up; None: one epoch of steps, at least 10 (the scripts' rule)
     batch_size: int = 512
-    max_iterations: int = 2000
+    max_iterations: int = 2000  # the paper's cap (the reference has none)
     max_epochs: int = 50
     train_image_encoder: bool = True
     train_text_encoder: bool = True
@@ -113,9 +129,20 @@ class LatteCLIPConfig:
 
 
 def latteclip_config_for(dataset: str, config: LatteCLIPConfig = LatteCLIPConfig()) -> LatteCLIPConfig:
-    """The paper's per-dataset learning rate (Food101 and SUN397 use 1e-6) on top of `config`."""
-    lr = DATASET_LEARNING_RATES.get(dataset.lower())
-    return dataclasses.replace(config, lr=lr) if lr is not None else config
+    """The reference's per-dataset settings on top of `config`: epochs, warm-up steps, weight decay
+    and class template from its scripts, and the paper's learning rate (1e-6 on Food101, SUN397)."""
+    name = dataset.lower()
+    tables = {"lr": DATASET_LEARNING_RATES, "max_epochs": DATASET_EPOCHS, "warmup_steps": DATASET_WARMUP_STEPS,
+              "weight_decay": DATASET_WEIGHT_DECAY, "class_template": DATASET_CLASS_TEMPLATES}
+    return dataclasses.replace(config, **{key: table[name] for key, table in tables.items() if name in table})
+
+
+def warmup_steps_for(config: LatteCLIPConfig, steps_per_epoch: int) -> int:
+    """`config.warmup_steps`, or about one epoch (at least 10 steps): what each reference script
+    sets (10 for 8–11 steps per epoch, 40 for 37, 140 for 138)."""
+    if config.warmup_steps is not None:
+        return config.warmup_steps
+    return max(10, steps_per_epoch)
 
 
 # --- the maths, on tensors -------------------------------------------------------------------
@@ -156,17 +183,18 @@ def prototype_text_embeddings(
 
 
 @torch.no_grad()
-def momentum_update(
-    prototypes: torch.Tensor, t_bar: torch.Tensor, labels: torch.Tensor, momentum: float
-) -> torch.Tensor:
-    """p_c ← (1 − µ)·mean(t̄ of the batch's images labelled c) + µ·p_c, for each c in `labels`.
+def update_prototypes(prototypes: torch.Tensor, t_bar: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """p_c ← normalise(mean of the t̄ labelled c), for each c in `labels` (reference
+    `train_one_epoch_v2`: `memory_bank[c] = F.normalize(temp_bank[c] / cnt[c])`).
 
-    Returns a new tensor; classes absent from the batch keep their prototype.
+    `t_bar` holds both assignments' rows (c_zs and c_ft, with `labels` to match); each t̄ already
+    mixes in α·p_label, so this is a momentum update with µ = α. Returns a new tensor; classes
+    absent from the batch keep their prototype.
     """
     out = prototypes.clone()
     t_bar = t_bar.detach().to(prototypes.dtype)
     for c in torch.unique(labels).tolist():
-        out[c] = (1.0 - momentum) * t_bar[labels == c].mean(0) + momentum * prototypes[c]
+        out[c] = F.normalize(t_bar[labels == c].mean(0), dim=-1)
     return out
 
 
@@ -181,12 +209,13 @@ def dual_pseudo_labels(
 
 
 def flyp_loss(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor, logit_scale: float) -> torch.Tensor:
-    """Eq. 3: image→text plus text→image cross-entropy over the batch, pairs on the diagonal."""
+    """Eq. 3 as open_clip's ClipLoss computes it: the mean of the image→text and text→image
+    cross-entropies over the batch, pairs on the diagonal. The images are normalised, the texts
+    (t̄, nearly unit) are used as given, as in the reference (`encode_image(normalize=True)`, t̄ raw)."""
     images = F.normalize(image_embeddings.float(), dim=-1)
-    texts = F.normalize(text_embeddings.float(), dim=-1)
-    logits = logit_scale * images @ texts.T
+    logits = logit_scale * images @ text_embeddings.float().T
     targets = torch.arange(logits.shape[0], device=logits.device)
-    return F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)
+    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
 
 
 # --- texts ------------------------------------------------------------------------------------
@@ -330,15 +359,22 @@ def latteclip_step(
     prototypes: torch.Tensor,
     config: LatteCLIPConfig,
     logit_scale: float,
+    mixer_prototypes: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, LatteStepStats]:
     """One LatteCLIP step on a batch: (loss to backpropagate, updated prototypes, stats).
 
     `image_embeddings` [B, D] carry gradients to the image encoder; `encode_texts` embeds a
     list of strings (with gradients when the text encoder is trained); `indices` are the
-    batch's rows of the training set (into `bank` and `zero_shot_labels`).
+    batch's rows of the training set (into `bank` and `zero_shot_labels`). `mixer_prototypes`
+    (default `prototypes`) are what the feature mixer compares texts with: the loop passes those
+    of the epoch's start, as the reference does. Both assignments update the prototypes, whichever
+    losses are on (reference: its loss switches only scale the losses).
     """
     device = image_embeddings.device
     prototypes = prototypes.to(device)
+    mixer_prototypes = prototypes if mixer_prototypes is None else mixer_prototypes.to(device)
+    if not (config.zero_shot_loss or config.finetune_loss):
+        raise ValueError("LatteCLIP needs at least one of zero_shot_loss and finetune_loss")
     c_zs, c_ft = dual_pseudo_labels(zero_shot_labels[indices].to(device), image_embeddings.detach(), prototypes)
     image_rows, group_rows = bank.image[indices].to(device), bank.group[indices].to(device)
     class_rows = bank.classes.to(device)
@@ -348,39 +384,45 @@ def latteclip_step(
     lookup = torch.full((len(bank.texts),), -1, dtype=torch.long, device=device)
     lookup[unique] = torch.arange(unique.numel(), device=device)
 
-    assignments = []
-    if config.zero_shot_loss:
-        assignments.append(c_zs)
-    if config.finetune_loss:
-        assignments.append(c_ft)
-    if not assignments:
-        raise ValueError("LatteCLIP needs at least one of zero_shot_loss and finetune_loss")
-    loss = image_embeddings.new_zeros((), dtype=torch.float32)
-    new_prototypes = prototypes
-    mean_weights: dict[str, float] = {}
-    for labels in assignments:
+    t_bars = []
+    for labels in (c_zs, c_ft):
         rows = torch.stack([image_rows, group_rows, class_rows[labels]], dim=1)  # [B, 3]
         present = rows >= 0
         texts = embedded[lookup[rows.clamp_min(0)]] * present.unsqueeze(-1)  # [B, 3, D]
         if config.dynamic_mixer:
-            weights = mixer_weights(texts.detach(), prototypes)
+            weights = mixer_weights(texts.detach(), mixer_prototypes) + MIXER_EPSILON
         else:
             weights = torch.ones(present.shape, device=device)
-        t_bar = prototype_text_embeddings(texts, weights, present, prototypes, labels, config.prototype_weight)
-        loss = loss + flyp_loss(image_embeddings, t_bar, logit_scale)
-        new_prototypes = momentum_update(new_prototypes, t_bar, labels, config.momentum)
-        mean_weights = {
-            kind: float(weights[:, k][present[:, k]].mean()) if present[:, k].any() else float("nan")
-            for k, kind in enumerate(TEXT_KINDS)
-        }
+        t_bars.append(prototype_text_embeddings(texts, weights, present, prototypes, labels, config.prototype_weight))
+    mean_weights = {  # the c_ft assignment's (the loop's last)
+        kind: float(weights[:, k][present[:, k]].mean()) if present[:, k].any() else float("nan")
+        for k, kind in enumerate(TEXT_KINDS)
+    }
+    t_zs, t_ft = t_bars
+    loss = image_embeddings.new_zeros((), dtype=torch.float32)
+    if config.zero_shot_loss:
+        loss = loss + flyp_loss(image_embeddings, t_zs, logit_scale)
+    if config.finetune_loss:
+        loss = loss + flyp_loss(image_embeddings, t_ft, logit_scale)
+    new_prototypes = update_prototypes(prototypes, torch.cat([t_zs, t_ft]), torch.cat([c_zs, c_ft]))
     stats = LatteStepStats(loss=loss.item(), agreement=float((c_zs == c_ft).float().mean()), weights=mean_weights)
-    return loss, new_prototypes.detach(), stats
+    return loss, new_prototypes, stats
+
+
+def latteclip_parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups of the trainable parameters as the reference's `main.py` makes them: no decay
+    on gains, biases and the logit scale (ndim < 2, or "bn" / "ln" / "bias" / "logit_scale" in
+    the name), `weight_decay` on the rest."""
+    exempt = lambda n, p: p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n  # noqa: E731
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [{"params": [p for n, p in named if exempt(n, p)], "weight_decay": 0.0},
+            {"params": [p for n, p in named if not exempt(n, p)], "weight_decay": weight_decay}]
 
 
 def train_latteclip_loop(
     encode_images: Callable[[torch.Tensor], torch.Tensor],
     encode_texts: Callable[[list[str]], torch.Tensor],
-    parameters: Sequence[nn.Parameter],
+    parameters: Sequence[nn.Parameter] | Sequence[dict],
     batches: Callable[[int], Iterable[tuple[torch.Tensor | None, torch.Tensor, list[int]]]],
     steps_per_epoch: int,
     bank: TextBank,
@@ -393,20 +435,26 @@ def train_latteclip_loop(
 ) -> tuple[torch.Tensor, list[LatteEpochStats]]:
     """The optimisation loop around `latteclip_step`, for any image / text encoders.
 
-    `batches(epoch)` yields (inputs, row indices, failed indices) like the core image loaders
-    (`collate_skipping_failures`); the run stops after min(max_iterations, max_epochs epochs)
-    steps. Returns the final prototypes and per-epoch statistics.
+    `parameters`: tensors (decayed by `config.weight_decay`) or AdamW groups
+    (`latteclip_parameter_groups`). `batches(epoch)` yields (inputs, row indices, failed indices)
+    like the core image loaders (`collate_skipping_failures`); the run stops after
+    min(max_iterations, max_epochs epochs) steps, the learning rate warms up linearly for
+    `warmup_steps_for(config, steps_per_epoch)` steps, then follows a cosine. The prototypes
+    each step returns are the next step's; the mixer compares with those of the epoch's start.
+    Returns the final prototypes and per-epoch statistics.
     """
     total_steps = min(config.max_iterations, config.max_epochs * max(steps_per_epoch, 1))
     optimizer = torch.optim.AdamW(list(parameters), lr=config.lr, betas=config.betas, eps=config.eps,
                                   weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(config.warmup_steps, total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _warmup_cosine(warmup_steps_for(config, steps_per_epoch), total_steps))
     prototypes = prototypes.detach().float().to(device)
     history: list[LatteEpochStats] = []
     step, epoch = 0, 0
     while step < total_steps:
         losses, agreements, weights = [], [], {k: [] for k in TEXT_KINDS}
         seen = failed = 0
+        mixer_prototypes = prototypes  # reference: stacked from the memory bank once per epoch
         for inputs, indices, batch_failed in batches(epoch):
             failed += len(batch_failed)
             if inputs is None or len(indices) < 2:  # a contrastive loss needs two pairs
@@ -414,7 +462,8 @@ def train_latteclip_loop(
             with autocast_context(device, config.precision):
                 image_embeddings = encode_images(inputs.to(device, non_blocking=True))
                 loss, prototypes, stats = latteclip_step(
-                    image_embeddings, encode_texts, bank, indices, zero_shot_labels, prototypes, config, logit_scale
+                    image_embeddings, encode_texts, bank, indices, zero_shot_labels, prototypes, config, logit_scale,
+                    mixer_prototypes,
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -457,6 +506,18 @@ def _warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:
 
 
 # --- CLIP wrappers ----------------------------------------------------------------------------
+
+
+TRAIN_CROP_SCALE = (0.9, 1.0)  # open_clip's AugmentationCfg default
+
+
+def latteclip_train_view(pre: Preprocess) -> Callable:
+    """open_clip's training transform with the reference's `aug_cfg` (`src/training/main.py`):
+    RandomResizedCrop(0.9–1), colour jitter (.5, .5, .5, .1) p = 0.8, grayscale p = 0.2; no flip,
+    perspective or blur."""
+    return strong_transform(pre, crop_scale=TRAIN_CROP_SCALE, crop_interpolation=pre.interpolation, flip_p=0.0,
+                            jitter=(0.5, 0.5, 0.5, 0.1), jitter_p=0.8, perspective_distortion=0.0, perspective_p=0.0,
+                            second_jitter=None, blur_p=0.0, grayscale_p=0.2)
 
 
 def class_text_weights(clip: ClipModel, classes: Sequence[str], template: str, device="cpu") -> torch.Tensor:
@@ -507,13 +568,13 @@ def tune_latteclip(
     device = resolve_device(device)
     model = build_latteclip_model(clip, config).to(device)
     model.train()
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    if not parameters:
+    if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("LatteCLIP: neither the image nor the text encoder is set to train")
     logit_scale = config.logit_scale if config.logit_scale is not None else float(model.logit_scale.exp())
     bank = text_bank([r.image_id for r in records], texts, classes, config.class_template)
-    dataset = ManifestImageDataset(Path(root), records, weak_transform(clip.preprocess),
-                                   decode_min_side=clip.preprocess.resize_size)  # large JPEGs decode reduced
+    dataset = ManifestImageDataset(Path(root), records, latteclip_train_view(clip.preprocess),  # large JPEGs
+                                   decode_min_side=views_decode_min_side(clip.preprocess, clip.preprocess,  # decode
+                                                                         TRAIN_CROP_SCALE))  # reduced
     batch_size = max(2, min(config.batch_size, len(dataset)))
     generator = torch.Generator().manual_seed(config.seed)
     workers = loader_workers(device, config.num_workers)
@@ -529,7 +590,8 @@ def tune_latteclip(
                 config.lr, len(bank.texts), int((bank.image >= 0).sum()), int((bank.group >= 0).sum()))
     with seeded(config.seed), cpu_thread_budget(device, workers):
         final_prototypes, history = train_latteclip_loop(
-            model.encode_image, encode_texts, parameters, lambda epoch: loader, len(loader), bank,
+            model.encode_image, encode_texts, latteclip_parameter_groups(model, config.weight_decay),
+            lambda epoch: loader, len(loader), bank,
             zero_shot_labels, prototypes, config, logit_scale, device, progress,
         )
     return model.eval(), final_prototypes, history
