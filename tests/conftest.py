@@ -24,3 +24,20 @@ def _offline_environment(monkeypatch):
 
 # Module-level too: some libraries read these once at import time.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def labels_from_folders(dataset_dir) -> dict[str, str]:
+    """Image id (SHA-256 of the file's bytes) → class folder name, for every file under
+    `labeled/<class>/`: the ground truth read straight off the disk, not through the manifest code."""
+    import hashlib
+    from pathlib import Path
+
+    labeled = Path(dataset_dir) / "labeled"
+    return {hashlib.sha256(path.read_bytes()).hexdigest(): path.relative_to(labeled).parts[0]
+            for path in labeled.rglob("*") if path.is_file()}
+
+
+@pytest.fixture(scope="session")
+def folder_labels():
+    """`labels_from_folders`, for tests that compare a reported figure with one computed from disk."""
+    return labels_from_folders

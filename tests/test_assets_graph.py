@@ -59,8 +59,8 @@ def test_every_asset_is_materialized_with_its_artifact(graph):
     assert store.require_ref("cde_classifier", DATASET).key["descriptions"] == descriptions.facts["content_hash"]
 
 
-def test_metadata_counts(graph):
-    result, store, _ = graph
+def test_metadata_counts(graph, folder_labels):
+    result, store, root = graph
     manifest = _metadata(result, "dataset_manifest")
     assert manifest["images"] == 120 and manifest["held_out_labelled_images"] == 40
     assert manifest["labelled_copies_of_unlabeled"] == 120
@@ -70,9 +70,15 @@ def test_metadata_counts(graph):
     pseudo = _metadata(result, "cde_pseudo_labels")
     assert pseudo["k"] == 16  # max(16, floor(0.2 * 120 / 4))
     assert sum(pseudo["per_class"].values()) == pseudo["selected"] <= 16 * 4
-    assert 0.0 <= pseudo["precision"] <= 1.0
     frame = store.read_table(store.require_ref("cde_pseudo_labels", DATASET), "pseudo_labels.parquet")
     assert frame.height == 120 and frame["selected"].sum() == pseudo["selected"]
+    # Precision against the class folders on disk, from the stored (image id, class) pairs.
+    truth = folder_labels(root / "data" / DATASET)
+    chosen = frame.filter(pl.col("selected"))
+    right = sum(truth[image_id] == name for image_id, name in zip(chosen["image_id"], chosen["class_name"]))
+    assert pseudo["precision"] == pytest.approx(right / chosen.height, abs=1e-9)
+    assert pseudo["per_class"] == {name: chosen.filter(pl.col("class_name") == name).height
+                                   for name in pseudo["per_class"]}
 
     assert _metadata(result, "alignment_checkpoint")["epochs"] == ALIGNMENT_EPOCHS
     tuned = _metadata(result, "prompt_tuned_encoder")

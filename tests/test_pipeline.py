@@ -36,7 +36,7 @@ def demo_copy(tmp_path_factory):
     return root
 
 
-def test_nola_end_to_end_on_real_images(demo_copy):
+def test_nola_end_to_end_on_real_images(demo_copy, folder_labels):
     started = time.perf_counter()
     result = run_nola(demo_copy, FAST)
     elapsed = time.perf_counter() - started
@@ -49,7 +49,13 @@ def test_nola_end_to_end_on_real_images(demo_copy):
     assert result.selection.k == 16  # max(16, floor(0.2 * 120 / 4) = 6)
     assert sum(result.selection_report["per_class"].values()) == result.selection.indices.numel()
     assert result.selection_report["labelled_selected"] == result.selection.indices.numel()
-    assert 0.0 <= result.selection_report["precision"] <= 1.0
+    # Precision against the class folders on disk, pairing each selected row with its image id.
+    truth = folder_labels(demo_copy)
+    ids = result.manifest.ids  # every demo image is readable: the rows of the selection
+    picked = [(ids[row], result.spec.classes[label])
+              for row, label in zip(result.selection.indices.tolist(), result.selection.labels.tolist())]
+    precision = sum(truth[image_id] == name for image_id, name in picked) / len(picked)
+    assert result.selection_report["precision"] == pytest.approx(precision, abs=1e-9)
 
     stages = result.stages
     assert list(stages) == ["top-k pseudo-labels", "zero-shot (templates)", "CDE (descriptions)",
