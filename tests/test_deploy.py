@@ -346,8 +346,9 @@ def test_docker_compose_renders_the_file(variant, tmp_path):
     """`docker compose config` (no daemon needed) with .env.example; skipped without a compose v2 binary."""
     binary = _compose_binary()
     if binary is None:
-        pytest.skip("no Docker Compose v2 binary here (docker compose / docker-compose): "
-                    "the compose-spec schema test above still ran")
+        pytest.skip("no Docker Compose v2 binary here (docker compose / docker-compose): the compose-spec "
+                    "schema test above still ran; run `pytest tests/test_deploy.py -k docker_compose_renders` "
+                    "where `docker compose version` reports v2")
     env = tmp_path / "env"
     env.write_text((DEPLOY / ".env.example").read_text() + f"\nNOLA_VARIANT={variant}\n")
     result = subprocess.run([*binary, "--env-file", str(env), "-f", str(DEPLOY / "compose.yaml"),
@@ -492,27 +493,28 @@ def test_kubernetes_manifests_parse_and_agree_with_the_values():
     assert env["POSTGRES_DB"].value == values["postgresql"]["postgresqlDatabase"]
 
 
-def test_gpu_assets_k8s_tags_are_valid_where_present():
-    """Per-asset `dagster-k8s/config` op tags (used by the k8s_job_executor, one pod per step)."""
+def check_gpu_assets_request_a_gpu_pod(assets_defs):
+    """Every asset in the `gpu` pool carries a valid `dagster-k8s/config` op tag whose container asks
+    for an `nvidia.com/gpu` (the pod of its step under the k8s_job_executor lands on a GPU node)."""
     from dagster_k8s.job import UserDefinedDagsterK8sConfig
 
-    from nola_assets.definitions import defs
-
-    gpu_assets = [a for a in defs.resolve_asset_graph().assets_defs
-                  if a.is_executable and a.keys and getattr(a.op, "pool", None) == "gpu"]
+    gpu_assets = [a for a in assets_defs if a.is_executable and a.keys and getattr(a.op, "pool", None) == "gpu"]
     assert gpu_assets, "no asset is in the `gpu` pool"
-    tagged = 0
     for assets_def in gpu_assets:
         tags = assets_def.op.tags
-        if "dagster-k8s/config" not in tags:
-            continue
-        tagged += 1
+        assert "dagster-k8s/config" in tags, f"{sorted(k.to_user_string() for k in assets_def.keys)}: no dagster-k8s/config tag"
         raw = tags["dagster-k8s/config"]
         config = UserDefinedDagsterK8sConfig.from_dict(yaml.safe_load(raw) if isinstance(raw, str) else raw)
         container = _k8s("V1Container", {"name": "step", **config.container_config})
         assert container.resources.limits.get("nvidia.com/gpu"), assets_def.keys
-    if not tagged:
-        pytest.skip("no GPU asset carries a dagster-k8s/config tag yet (the run pod gets the GPU)")
+
+
+def test_gpu_assets_request_a_gpu_pod():
+    """Per-asset `dagster-k8s/config` op tags (used by the k8s_job_executor, one pod per step): a
+    GPU asset without them fails here, it is not skipped."""
+    from nola_assets.definitions import defs
+
+    check_gpu_assets_request_a_gpu_pod(defs.resolve_asset_graph().assets_defs)
 
 
 def test_the_kubernetes_guide_fills_in_image_and_profile(tmp_path):

@@ -36,7 +36,11 @@ def images(tmp_path_factory):
     return folder, [ImageRecord(hashlib.sha256(p.read_bytes()).hexdigest(), p.name) for p in paths]
 
 
-@pytest.mark.skipif(not cpu_supports_bf16(), reason="this CPU has no native bf16 (AVX-512 BF16 / AMX)")
+# Skips where bf16 would be emulated (BENCHMARKS.md, "CPUs without native bf16"); listed in the README.
+@pytest.mark.skipif(not cpu_supports_bf16(), reason=(
+    "this CPU has no native bf16 (AVX-512 BF16 / AMX): emulated bf16 is too slow for two ViT-B/16 "
+    "forwards and is never chosen on such a CPU; run `pytest tests/test_perf_precision.py` on a CPU "
+    "with AMX or AVX-512 BF16 (e.g. Intel Sapphire Rapids)"))
 @pytest.mark.parametrize("which", ["clip", "dino"])
 def test_bf16_features_match_fp32_on_the_real_architectures(images, which):
     folder, records = images
