@@ -1,15 +1,17 @@
 """NoLA's alignment stage: top-k CDE pseudo-labels, and the DINO-based labelling (DL) network.
 
 The DL network is a small MLP on frozen DINO CLS features, trained with cross-entropy on the
-k most confident images per class under the CDE classifier. Selection streams over chunks of
-scores, so the score matrix of a million-image dataset never has to sit in memory at once.
+k most confident images per class under the CDE classifier, where class c ranks only the images
+whose first CDE choice is c (NoLA's reference `top_k_indices_per_class2`; see `select_top_k`).
+Selection streams over chunks of scores, so the score matrix of a million-image dataset never
+has to sit in memory at once.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
@@ -38,18 +40,24 @@ class AlignmentConfig:
 
 
 def per_class_k(num_images: int, num_classes: int, k_min: int = 16, k_fraction: float = 0.2) -> int:
-    return max(k_min, math.floor(k_fraction * num_images / num_classes))
+    """NoLA's `find_k` (utils/utils.py), in its float order: max(k_min, floor(N / C · fraction))."""
+    return max(k_min, math.floor((num_images / num_classes) * k_fraction))
 
 
 @dataclass(frozen=True)
 class PseudoLabelSelection:
-    """Images chosen as confident examples of a class: `indices` are rows of the scored table."""
+    """Images chosen as confident examples of a class: `indices` are rows of the scored table.
+
+    `fallback_choice` maps each class that was no image's first choice to the choice (2 or 3) it
+    was filled from, or 0 when it was not even a third choice (it then has no image).
+    """
 
     indices: torch.Tensor  # [M] long, ascending
     labels: torch.Tensor  # [M] long
     scores: torch.Tensor  # [M] float, the log-odds that won the image (sigmoid → probability)
     k: int
     num_classes: int
+    fallback_choice: dict[int, int] = field(default_factory=dict)
 
     @property
     def counts(self) -> list[int]:
@@ -57,7 +65,8 @@ class PseudoLabelSelection:
 
     @property
     def short_classes(self) -> list[int]:
-        """Classes with fewer than k images: too few candidates, or lost in conflicts."""
+        """Classes with fewer than k images: fewer than k candidates of their own, or (fallback
+        classes only) images that stayed with their first choice."""
         return [c for c, n in enumerate(self.counts) if n < self.k]
 
 
@@ -92,45 +101,86 @@ def _log_odds(logits: torch.Tensor) -> torch.Tensor:
     return logits - rest
 
 
-def select_top_k(score_chunks: Iterable[torch.Tensor], k: int) -> PseudoLabelSelection:
-    """Per class, the k images with the highest score (log-odds, see `class_log_odds`) for that class.
+def select_top_k(score_chunks: Iterable[torch.Tensor], k: int, choices: int = 3) -> PseudoLabelSelection:
+    """Per class c, the k images with the highest score for c among the images whose first
+    choice (highest score) is c, as NoLA's reference (`utils/model_utils.py`,
+    `top_k_indices_per_class2`). Only a class that is no image's first choice falls back to the
+    images whose second choice it is, then third (`choices`); a class with fewer than k
+    candidates keeps what it has (`short_classes`). Scores are log-odds (`class_log_odds`), which
+    rank like the reference's softmax probabilities without saturating.
 
-    An image chosen by two classes keeps the class with the higher score. Keeps only a
-    running [C, k] table of the best candidates, so memory does not grow with N.
+    An image picked twice (its own class and a fallback class) keeps the higher score, i.e. its
+    first choice; the reference keeps whichever class comes first in index order. Streams: per
+    choice only the best k candidates of each class are kept, so memory does not grow with N.
     """
-    best_scores: torch.Tensor | None = None
-    best_rows: torch.Tensor | None = None
-    offset = 0
+    kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # per choice: (classes, scores, rows)
+    num_classes, offset = 0, 0
     for chunk in score_chunks:
         chunk = chunk.float()
-        rows = torch.arange(offset, offset + chunk.shape[0]).expand(chunk.shape[1], -1)
-        scores = chunk.T
-        if best_scores is not None:
-            scores = torch.cat([best_scores, scores], dim=1)
-            rows = torch.cat([best_rows, rows], dim=1)
-        keep = min(k, scores.shape[1])
-        best_scores, position = scores.topk(keep, dim=1)
-        best_rows = rows.gather(1, position)
+        num_classes = chunk.shape[1]
+        ranked_scores, ranked_classes = chunk.topk(min(choices, num_classes), dim=1)
+        rows = torch.arange(offset, offset + chunk.shape[0])
+        for choice in range(ranked_classes.shape[1]):
+            candidates = (ranked_classes[:, choice], ranked_scores[:, choice], rows)
+            if choice < len(kept):
+                # Only what beats a full class's k-th kept score can enter (a tie goes to the earlier row).
+                better = candidates[1] > _kth_score(kept[choice], k, num_classes)[candidates[0]]
+                candidates = tuple(torch.cat([old, new[better]]) for old, new in zip(kept[choice], candidates))
+                kept[choice] = _best_per_class(*candidates, k, num_classes)
+            else:
+                kept.append(_best_per_class(*candidates, k, num_classes))
         offset += chunk.shape[0]
-    if best_scores is None:
+    if not kept:
         raise ValueError("no images to select pseudo-labels from")
-    num_classes = best_scores.shape[0]
-    flat_rows = best_rows.reshape(-1)
-    flat_scores = best_scores.reshape(-1)
-    flat_labels = torch.arange(num_classes).repeat_interleave(best_rows.shape[1])
-    # Resolve conflicts: in descending score order, the first occurrence of a row wins.
-    order = torch.argsort(flat_scores, descending=True, stable=True)
-    unique_rows, inverse = torch.unique(flat_rows[order], return_inverse=True)
+    classes, scores, rows = kept[0]
+    fallback: dict[int, int] = {}
+    picked = [kept[0]]
+    for c in sorted(set(range(num_classes)) - set(classes.tolist())):
+        fallback[c] = 0
+        for choice, (choice_classes, choice_scores, choice_rows) in enumerate(kept[1:], start=2):
+            mine = choice_classes == c
+            if mine.any():
+                picked.append((choice_classes[mine], choice_scores[mine], choice_rows[mine]))
+                fallback[c] = choice
+                break
+    classes, scores, rows = (torch.cat(parts) for parts in zip(*picked))
+    # An image picked twice: in descending score order, its first occurrence wins.
+    order = torch.argsort(scores, descending=True, stable=True)
+    unique_rows, inverse = torch.unique(rows[order], return_inverse=True)
     first = torch.full((unique_rows.numel(),), order.numel(), dtype=torch.long)
     first.scatter_reduce_(0, inverse, torch.arange(order.numel()), reduce="amin")
     winners = order[first]  # one entry per unique row, already in ascending row order
     return PseudoLabelSelection(
         indices=unique_rows,
-        labels=flat_labels[winners],
-        scores=flat_scores[winners],
+        labels=classes[winners],
+        scores=scores[winners],
         k=k,
         num_classes=num_classes,
+        fallback_choice=fallback,
     )
+
+
+def _best_per_class(classes: torch.Tensor, scores: torch.Tensor, rows: torch.Tensor, k: int,
+                    num_classes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The k highest-scoring (class, score, row) candidates of each class; ties go to the
+    candidate listed first (the lower row, since earlier chunks are listed first)."""
+    order = torch.argsort(scores, descending=True, stable=True)
+    order = order[torch.argsort(classes[order], stable=True)]  # grouped by class, best first
+    grouped = classes[order]
+    counts = torch.bincount(grouped, minlength=num_classes)
+    position = torch.arange(order.numel()) - (torch.cumsum(counts, 0) - counts)[grouped]
+    keep = order[position < k]
+    return classes[keep], scores[keep], rows[keep]
+
+
+def _kth_score(kept: tuple[torch.Tensor, torch.Tensor, torch.Tensor], k: int, num_classes: int) -> torch.Tensor:
+    """[C] the k-th best kept score of each class (`_best_per_class` order), -inf below k kept."""
+    classes, scores, _ = kept
+    counts = torch.bincount(classes, minlength=num_classes)
+    threshold = torch.full((num_classes,), float("-inf"))
+    full = counts >= k
+    threshold[full] = scores[(torch.cumsum(counts, 0) - counts + k - 1)[full]]
+    return threshold
 
 
 def selection_report(
@@ -145,6 +195,8 @@ def selection_report(
         "selected": int(selection.indices.numel()),
         "per_class": {name: count for name, count in zip(classes, selection.counts)},
         "short_classes": [classes[c] for c in selection.short_classes],
+        # Classes that were no image's first choice: the choice they were filled from (0: none).
+        "fallback_classes": {classes[c]: choice for c, choice in selection.fallback_choice.items()},
     }
     if known_labels:
         predicted = selection.labels.tolist()

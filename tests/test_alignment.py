@@ -44,13 +44,13 @@ def test_conflicting_image_keeps_the_class_with_the_higher_score():
     selection = select_top_k([scores], k=2)
     assert selection.indices.tolist() == [0, 1, 2, 3]
     assert selection.labels.tolist() == [0, 0, 1, 1]
-    # k=3: class 0 picks rows 0,1,2 and class 1 picks rows 3,2,1. Row 2 scores 0.70 for
-    # class 1 against 0.30 for class 0, row 1 0.80 against 0.20: each goes to its higher score.
+    # k=3: each class ranks only the rows whose first choice it is (rows 0,1 and 2,3), so rows
+    # 2 and 1 are never candidates of the other class (the conflict case: test_fidelity_nola.py).
     selection = select_top_k([scores], k=3)
     assert dict(zip(selection.indices.tolist(), selection.labels.tolist())) == {0: 0, 1: 0, 2: 1, 3: 1}
     assert torch.allclose(selection.scores.exp(), torch.tensor([0.90, 0.80, 0.70, 0.95]))
     assert selection.counts == [2, 2]
-    assert selection.short_classes == [0, 1]  # both lost an image to the other class
+    assert selection.short_classes == [0, 1]  # two candidates of their own each, k = 3
 
 
 def test_log_odds_match_softmax_and_do_not_saturate():
