@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_describe(subparsers: argparse._SubParsersAction) -> None:
-    from nola_core.llm import PROVIDER_NAMES
+    from nola_core.llm import DEFAULT_PROMPT_SET, PROVIDER_NAMES
 
     p = subparsers.add_parser(
         "describe",
@@ -46,7 +46,8 @@ def _add_describe(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--base-url", help="OpenAI-compatible server, e.g. http://localhost:11434/v1 (Ollama)")
     p.add_argument("--api-key-env", help="environment variable holding the key of an OpenAI-compatible server")
     p.add_argument("--source", help="descriptions file for --provider file (default: the dataset's `descriptions`)")
-    p.add_argument("--prompt-set", default="nola_v1", help="prompts/<name>.yaml or a YAML path (default nola_v1)")
+    p.add_argument("--prompt-set", default=DEFAULT_PROMPT_SET,
+                   help=f"prompts/<name>.yaml or a YAML path (default {DEFAULT_PROMPT_SET})")
     p.add_argument("--prompts-dir", help="folder of prompt sets (default: see NOLA_PROMPTS_DIR)")
     p.add_argument("--domain", help="what the images are, e.g. 'satellite photo' (default: the dataset's domain)")
     p.add_argument("--count", type=int, default=10, help="answers asked per question (default 10)")

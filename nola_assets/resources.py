@@ -264,8 +264,12 @@ class DescriptionsResource(EnvSettings):
     descriptions_base_url: Optional[str] = Field(
         default=None, description="OpenAI-compatible server URL (env NOLA_DESCRIPTIONS_BASE_URL)"
     )
-    prompt_set: Optional[str] = Field(default=None, description="prompts/<name>.yaml (env NOLA_PROMPT_SET; nola_v1)")
+    prompt_set: Optional[str] = Field(default=None, description="prompts/<name>.yaml (env NOLA_PROMPT_SET; nola_v2)")
     descriptions_count: Optional[int] = Field(default=None, description="answers per question (env NOLA_DESCRIPTIONS_COUNT; 10)")
+    descriptions_prefix_class: Optional[bool] = Field(
+        default=None, description="prepend '<class>: ' to an LLM line that does not name its class "
+        "(env NOLA_DESCRIPTIONS_PREFIX_CLASS; default true; files are used as written)"
+    )
     descriptions_cache: Optional[str] = Field(
         default=None, description="per-class LLM answer cache (env NOLA_DESCRIPTIONS_CACHE; .nola_cache/descriptions)"
     )
@@ -275,7 +279,7 @@ class DescriptionsResource(EnvSettings):
 
     def describe(self, spec: DatasetSpec) -> tuple[dict[str, list[str]], dict[str, Any]]:
         """(class → descriptions for every class of `spec`, provenance)."""
-        from nola_core.llm import describe_classes, load_description_set, make_provider
+        from nola_core.llm import DEFAULT_PROMPT_SET, CleanRules, describe_classes, load_description_set, make_provider
         from nola_core.pipeline import resolve_descriptions
 
         source = self.source()
@@ -294,10 +298,11 @@ class DescriptionsResource(EnvSettings):
         result = describe_classes(
             spec.classes,
             provider=provider,
-            prompt_set=self.setting("prompt_set", "nola_v1"),
+            prompt_set=self.setting("prompt_set", DEFAULT_PROMPT_SET),
             domain=spec.domain,
             count=self.setting("descriptions_count", 10),
             cache_dir=self.setting("descriptions_cache", ".nola_cache/descriptions"),
+            rules=CleanRules(prefix_class_name=self.setting("descriptions_prefix_class", True)),
         )
         return resolve_descriptions(spec, result.descriptions), result.provenance
 

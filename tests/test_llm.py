@@ -21,6 +21,7 @@ from PIL import Image
 import nola_core
 from nola_assets.cli import main
 from nola_core.llm import (
+    DEFAULT_PROMPT_SET,
     AnthropicProvider,
     CallPolicy,
     CleanRules,
@@ -189,7 +190,7 @@ def test_system_prompt_and_domain_reach_the_model():
     api = answering("anthropic")
     describe_classes(["bag"], provider=provider("anthropic", api), domain="satellite photo", count=2)
     body = api.bodies()[0]
-    assert body["system"] == load_prompt_set("nola_v1").system
+    assert body["system"] == load_prompt_set(DEFAULT_PROMPT_SET).system
     assert "in a satellite photo" in prompt_of(api.requests[0])
 
 

@@ -3,6 +3,8 @@
 Models number their lines, add bullets, markdown, quotes and preambles ("Here are 10
 descriptions:"), sometimes refuse, and repeat themselves. CLIP's text encoder takes 77 tokens,
 so very long lines are truncated anyway; very short ones ("Red.") carry no description.
+A line that does not name its class ("It has two handles.") is prefixed with the name
+("bag: It has two handles."), as NoLA's reference descriptions name their class in ~93 % of lines.
 """
 
 from __future__ import annotations
@@ -23,10 +25,13 @@ _REFUSAL = re.compile(
 
 @dataclass(frozen=True)
 class CleanRules:
-    """Word limits for one description; lines outside them are dropped."""
+    """Word limits for one description (lines outside them are dropped), and whether a line that
+    does not name its class gets the name prepended ("{class}: ...", the form of the reference's
+    `gen_labels_with_descrptions_and_clsname`, fazliimam/NoLA utils/model_utils.py)."""
 
     min_words: int = 3
     max_words: int = 60
+    prefix_class_name: bool = True
 
 
 def is_refusal(line: str) -> bool:
@@ -83,3 +88,38 @@ def clean_answer(answer: str, rules: CleanRules = CleanRules()) -> list[str]:
     if any(is_refusal(strip_markup(line)) for line in lines):
         return []
     return clean_lines(lines, rules)
+
+
+def _number_forms(name: str) -> set[str]:
+    """The name in the singular and in a plain English plural, whichever it is given in."""
+    forms = {name, name + "s", name + "es"}
+    if name.endswith("y"):
+        forms.add(name[:-1] + "ies")
+    if name.endswith("ies"):
+        forms.add(name[:-3] + "y")
+    if name.endswith("s"):
+        forms.update({name[:-1], name[:-2]} if name.endswith("es") else {name[:-1]})
+    return forms
+
+
+def names_class(line: str, class_name: str) -> bool:
+    """Whether `line` names `class_name` as whole words, after the folding of
+    `normalise_class_name` (case, Unicode form, spaces, hyphens, underscores), in the singular or
+    plural: "T-Shirts are ..." names "t-shirt"."""
+    # Imported here: `nola_core.text` loads torch, and `import nola_core.llm` stays free of it.
+    from nola_core.text.limits import normalise_class_name
+
+    folded, name = normalise_class_name(line), normalise_class_name(class_name)
+    return any(re.search(rf"(?<!\w){re.escape(form)}(?!\w)", folded) for form in _number_forms(name))
+
+
+def prefix_unnamed_lines(lines: Iterable[str], class_name: str) -> tuple[list[str], int]:
+    """Lines with "{class_name}: " prepended to each that does not name the class; and how many."""
+    kept, prefixed = [], 0
+    for line in lines:
+        if names_class(line, class_name):
+            kept.append(line)
+        else:
+            kept.append(f"{class_name}: {line}")
+            prefixed += 1
+    return kept, prefixed

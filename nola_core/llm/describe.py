@@ -10,7 +10,10 @@ fails with its name. With `cache_dir`, each class's exchange is written as soon 
 as a pretty JSON file keyed by sha256 over provider, model, prompt-set hash, class name, domain
 (when the questions use it), count, temperature and max_tokens; it holds the prompts, the raw
 answers and the provenance, so a team can commit the folder and rerun offline. Cached answers
-are re-cleaned on load, so changing `CleanRules` costs no request. A failure stops new requests
+are re-cleaned on load, so changing `CleanRules` (word limits, the class-name prefix) costs no
+request. Cleaning prepends "{class}: " to a line that does not name its class (on by default,
+`CleanRules.prefix_class_name`); `provenance["class_name_prefixed"]` counts those lines per class.
+Descriptions from a file are used as written (see `_from_file`). A failure stops new requests
 and raises `DescriptionError` naming the class; the classes already done stay cached, so a
 rerun asks only for the others.
 
@@ -37,8 +40,8 @@ from typing import Any
 
 import yaml
 
-from .clean import CleanRules, clean_answer, dedupe
-from .prompts import PromptSet, load_prompt_set, sha256_hex
+from .clean import CleanRules, clean_answer, dedupe, prefix_unnamed_lines
+from .prompts import DEFAULT_PROMPT_SET, PromptSet, load_prompt_set, sha256_hex
 from .providers import (
     ChatProvider,
     FileProvider,
@@ -149,14 +152,15 @@ def _read_cache(path: Path, key: str) -> dict[str, Any] | None:
     return None
 
 
-def _usable(answers: Sequence[str], rules: CleanRules) -> list[str]:
+def _usable(answers: Sequence[str], rules: CleanRules, class_name: str) -> tuple[list[str], int]:
+    """The cleaned lines of one class's answers, and how many got the class name prepended."""
     lines = dedupe(line for answer in answers for line in clean_answer(answer, rules))
     if not lines:
         raise LLMError(
             f"no usable description: all {len(answers)} answers were empty, refusals or outside "
             f"{rules.min_words}-{rules.max_words} words"
         )
-    return lines
+    return prefix_unnamed_lines(lines, class_name) if rules.prefix_class_name else (lines, 0)
 
 
 def _check_classes(classes: Sequence[str]) -> list[str]:
@@ -172,7 +176,7 @@ def describe_classes(
     classes: Sequence[str],
     *,
     provider: Provider,
-    prompt_set: str | Path = "nola_v1",
+    prompt_set: str | Path = DEFAULT_PROMPT_SET,
     domain: str | None = None,
     count: int = 10,
     temperature: float | None = None,
@@ -212,6 +216,9 @@ def describe_classes(
 
 
 def _from_file(classes: list[str], path: Path) -> DescriptionSet:
+    """The file's texts as written: no class-name prefix. A file is a set someone chose (the
+    reference's own JSON files, which it embeds unchanged; CuPL's; a saved `DescriptionSet`, already
+    cleaned when it was made), and its content hash must stay the hash of what was committed."""
     source = load_description_set(path)
     missing = [c for c in classes if c not in source.descriptions]
     if missing:
@@ -275,7 +282,7 @@ def _from_llm(
                 }
                 for prompt in questions[class_name]
             ]
-            descriptions = _usable([e["answer"] for e in exchanges], rules)
+            descriptions, _ = _usable([e["answer"] for e in exchanges], rules, class_name)
         except Exception:
             failed.set()
             raise
@@ -283,7 +290,8 @@ def _from_llm(
             "format": CACHE_FORMAT,
             "key": keys[class_name],
             "class_name": class_name,
-            "provenance": {**settings, "base_url": provider.base_url, "system": prompts.system, "created": _now()},
+            "provenance": {**settings, "base_url": provider.base_url, "system": prompts.system, "created": _now(),
+                           "prefix_class_name": rules.prefix_class_name},
             "descriptions": descriptions,
             "exchanges": exchanges,
         }
@@ -308,10 +316,10 @@ def _from_llm(
         raise DescriptionError(f"class {name!r}: {error} ({kept}{also})",
                                transient=all(getattr(e, "transient", True) for e in errors.values())) from error
 
-    descriptions = {}
+    descriptions, prefixed = {}, {}
     for c in classes:
         try:
-            descriptions[c] = _usable([e["answer"] for e in entries[c]["exchanges"]], rules)
+            descriptions[c], prefixed[c] = _usable([e["answer"] for e in entries[c]["exchanges"]], rules, c)
         except LLMError as exc:
             raise DescriptionError(f"class {c!r} (cached in {paths.get(c)}): {exc}") from exc
     return DescriptionSet(
@@ -325,6 +333,8 @@ def _from_llm(
             "questions": prompts.questions,
             "cache_keys": keys,
             "from_cache": from_cache,
+            "prefix_class_name": rules.prefix_class_name,
+            "class_name_prefixed": prefixed,
         },
     )
 

@@ -1,9 +1,9 @@
 """Versioned prompt sets from `prompts/*.yaml`, and the hash that ties cached answers to them.
 
 A prompt set is one YAML file: `questions` asked of a text LLM per class (slots `{c}`,
-`{domain}`), the `instruction` appended to each (slot `{count}`), an optional `system` prompt,
-`templates` for the no-LLM source, and `image` / `group` / `classify` prompts for a multimodal
-model. Its `hash` is over the parsed content (comments and layout do not count), so editing a
+`{domain}`), the `instruction` appended to each (slots `{count}`, `{c}`, `{domain}`), an optional
+`system` prompt, `templates` for the no-LLM source, and `image` / `group` / `classify` prompts
+for a multimodal model. `DEFAULT_PROMPT_SET` is the one used unless another is named. Its `hash` is over the parsed content (comments and layout do not count), so editing a
 question invalidates every cached answer made with it.
 
 Where the files are found, first match wins: the `prompts_dir` argument, the `NOLA_PROMPTS_DIR`
@@ -25,6 +25,8 @@ from typing import Any
 import yaml
 
 PROMPTS_ENV = "NOLA_PROMPTS_DIR"
+DEFAULT_PROMPT_SET = "nola_v2"
+"""Class descriptions are asked with this set unless another is named."""
 INSTALLED_PROMPTS = Path("share") / "nola" / "prompts"
 """Where a wheel installs `prompts/`, relative to the environment's prefix (pyproject data-files)."""
 
@@ -78,8 +80,8 @@ class PromptSet:
             )
         if count < 1:
             raise ValueError(f"count must be at least 1, got {count}")
-        tail = self.content.get("instruction", "").format(count=count)
         dom = self.domain(domain)
+        tail = self.content.get("instruction", "").format(count=count, c=class_name, domain=dom)
         return [
             f"{q.format(c=class_name, domain=dom)}\n{tail}".strip() for q in self.questions
         ]
