@@ -38,11 +38,12 @@ REFERENCE_SETS = {
     "imagenet_r": IMAGENET_FAMILY,  # 'ImageNetR'
     "imagenet_sketch": IMAGENET_FAMILY,  # 'ImageNetSketch'
     "cifar10": (18, "a photo of a {}.", "a photo of the big {}."),  # 'CIFAR10_local'
-    "cifar100": (81, "a photo of a {}", "a tattoo of the {}."),  # 'CIFAR100_local' (its first has no period)
+    "cifar100": (81, "a photo of a {}", "a tattoo of the {}."),  # 'CIFAR100_local'; no period in the first
     "caltech101": (7, "a bad photo of the {}.", "itap of a {}."),  # 'Caltech101'
     "dtd": (8, "a photo of a {} texture.", "a photo of the {} object."),  # 'DescribableTextures'
     "eurosat": (6, "a satellite photo of {}.", "a aerial image of {}."),  # 'EuroSAT'
-    "flowers102": (1, "a photo of a {}, a type of flower.", "a photo of a {}, a type of flower."),  # 'OxfordFlowers'
+    # 'OxfordFlowers'
+    "flowers102": (1, "a photo of a {}, a type of flower.", "a photo of a {}, a type of flower."),
     "sun397": (2, "a photo of a {}.", "a photo of the {}."),  # 'SUN397'
     "ucf101": (48, "a photo of a person {}.", "a demonstration of the person practicing {}."),  # 'UCF101'
     "oxford_pets": (2, "Describe what a pet {} looks like ", "Visually describe a {}, a type of pet."),  # 'OxfordPets'

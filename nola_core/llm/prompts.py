@@ -3,8 +3,9 @@
 A prompt set is one YAML file: `questions` asked of a text LLM per class (slots `{c}`,
 `{domain}`), the `instruction` appended to each (slots `{count}`, `{c}`, `{domain}`), an optional
 `system` prompt, `templates` for the no-LLM source, and `image` / `group` / `classify` prompts
-for a multimodal model. `DEFAULT_PROMPT_SET` is the one used unless another is named. Its `hash` is over the parsed content (comments and layout do not count), so editing a
-question invalidates every cached answer made with it.
+for a multimodal model. `DEFAULT_PROMPT_SET` is the one used unless another is named. A set's
+`hash` is over the parsed content (comments and layout do not count), so editing a question
+invalidates every cached answer made with it.
 
 Where the files are found, first match wins: the `prompts_dir` argument, the `NOLA_PROMPTS_DIR`
 environment variable, `prompts/` of the source checkout this module lives in (editable install),
