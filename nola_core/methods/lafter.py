@@ -1,29 +1,30 @@
-"""LaFTer (Mirza et al., NeurIPS 2023, arXiv 2305.18287) as a recipe of plain stage functions.
+"""LaFTer (Mirza et al., NeurIPS 2023, arXiv 2305.18287) as a recipe of plain stage functions,
+checked against its reference code (jmiemirza/LaFTer: `LaFTer.py`, `trainers/LaFTer.py`,
+`utils/utils.py`, `utils/model_utils.py`, `scripts/LaFTer.sh`).
 
 1. `lafter_text_set`: every LLM description and every filled template of every class, embedded
    one by one with the CLIP text encoder and L2-normalised: a labelled *text* data set.
-2. `train_text_classifier`: a linear classifier Linear(D→C) trained on it with Gaussian noise
-   added to the embeddings (std 0.1), label-smoothed cross-entropy (0.1), AdamW 5e-4, a few
-   hundred iterations. It transfers to image embeddings because CLIP aligns the two.
+2. `train_text_classifier`: a linear classifier Linear(D→C, no bias) trained full-batch on it
+   (every text at every iteration, as `train_txt_cls` does), Gaussian noise (std 0.1) added to the
+   embeddings, label-smoothed cross-entropy (0.1), AdamW lr 5e-4 (weight decay 0.01), a constant
+   rate, 400–600 iterations by dataset (`utils.text_cls_epochs`, `lafter_config_for`).
 3. `tune_lafter`: FixMatch-style prompt tuning through the core loop `train_prompts`: 50 visual
-   prompt tokens + LayerNorm affines + the text classifier as the head; pseudo-labels are the
-   argmax of the *same* model without prompts on the weak view (online, as in the paper: the two
-   branches share the LayerNorm affines and the classifier), cross-entropy with label smoothing
-   on the strong view, no confidence threshold.
+   prompt tokens + LayerNorm affines + the text classifier as the head, label-smoothed
+   cross-entropy on the strong view, no confidence threshold. Pseudo-labels: the argmax of a
+   *frozen copy* of the trained text classifier (`adapter_pl = deepcopy(adapter)`) on the
+   L2-normalised features of the un-prompted vision tower for the weak view
+   (`forward_normal_for_pl`); the tower's LayerNorm affines are the ones being tuned, so only the
+   labeller's head is frozen. Settings (`LaFTer.sh`, `LaFTer.py` defaults): AdamW lr 5e-4, weight
+   decay 0.01 except on biases, batch 50, constant rate (its `MultiStepLR` has no milestones),
+   50 epochs. Strong view (`get_random_transform`): RandomResizedCrop 0.2–1, flip, colour jitter
+   p = 0.8, RandomGrayscale 0.2, Gaussian blur; weak view: resize + centre crop.
 
-Where this differs from the paper, and why:
-- The classifier has no bias, so it can be the prompt-tuned model's head as it is (the VPT head
-  is bias-free); the paper's Linear is unspecified on this point. Its weights are used raw
-  (logit scale 1): normalising rows, as NoLA's CDE head does, would change its predictions.
-- Eq. 2 writes the noise as N(0, I); the reference code's standard deviation, 0.1, is our default.
-- Weak view: resize + centre crop (the paper's "identity" at the model's input size). Strong
-  view: the core `strong_transform` (RandomResizedCrop 0.2–1, flip, colour jitter p=0.8,
-  perspective, blur), close to SimSiam's set the paper cites (SimSiam has grayscale where we
-  have perspective).
-- The optimiser of stage 3 (AdamW 4e-3, wd 0.01, effective batch 512, cosine, 50 epochs) is
-  NoLA's `TuningConfig`; LaFTer's own schedule is in its supplementary, which we do not have.
-  Only the prompt count differs (50). The tuned model is the last epoch's: the reference code
-  reported the best test accuracy over epochs, a selection on test labels we do not repeat.
+Where this differs from the reference, and why:
+- The paper's Linear is unspecified on the bias; the reference's has none, as ours.
+- Eq. 2 writes the noise as N(0, I); the reference code's standard deviation, 0.1, is ours.
+- The tuned model is the last epoch's: the reference code reported the best test accuracy over
+  epochs, a selection on test labels we do not repeat.
+- The reference runs in fp32; we use the core loop's precision setting (bf16 autocast on GPUs).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nola_core.data import ImageRecord, MultiView, eval_transform, strong_transform
-from nola_core.data.transforms import views_decode_min_side
+from nola_core.data.transforms import Preprocess, Transform, views_decode_min_side
 from nola_core.features import FeatureConfig, FeatureTable
 from nola_core.methods.common import MethodRun, PseudoLabels, StageOutput, seeded
 from nola_core.models import ClipModel, PromptTunedClassifier
@@ -57,21 +58,33 @@ TEXT_STAGE = "LaFTer text classifier"
 TUNED_STAGE = "LaFTer prompt-tuned"
 
 
+# The reference's text-classifier iterations per dataset (`utils/utils.py`, `text_cls_epochs`).
+TEXT_CLASSIFIER_ITERATIONS = {
+    "dtd": 400, "eurosat": 400, "fgvc_aircraft": 500, "food101": 400, "cifar10": 400, "cifar100": 400,
+    "imagenet": 500, "flowers102": 600, "sun397": 500, "ucf101": 400, "imagenet_r": 500, "imagenet_a": 500,
+    "imagenet_sketch": 500, "caltech101": 500,
+}
+
+
 @dataclass(frozen=True)
 class TextClassifierConfig:
-    """LaFTer's text-only classifier: noise std 0.1, label smoothing 0.1, AdamW 5e-4, a few hundred iterations."""
+    """LaFTer's text-only classifier (`LaFTer.py`, `train_txt_cls`; `trainers/LaFTer.py`,
+    `train_txt_clas`): full batch, noise std 0.1, label smoothing 0.1, AdamW 5e-4 with weight
+    decay 0.01, constant rate; `iterations` 500 (ImageNet's; `lafter_config_for` sets each
+    dataset's 400–600)."""
 
     noise_std: float = 0.1
     label_smoothing: float = 0.1
     lr: float = 5e-4
-    weight_decay: float = 0.01  # AdamW's default
-    iterations: int = 300
-    batch_size: int = 256
+    weight_decay: float = 0.01
+    iterations: int = 500
     seed: int = 0
 
 
 def _lafter_tuning() -> TuningConfig:
-    return TuningConfig(num_prompts=50)
+    """LaFTer's prompt tuning (`LaFTer.sh`, `LaFTer.py` defaults, `setup_lafter_training_utils`)."""
+    return TuningConfig(num_prompts=50, lr=5e-4, weight_decay=0.01, batch_size=50, micro_batch_size=25,
+                        reference_batch_size=50, epochs=50, label_smoothing=0.1, lr_schedule="constant")
 
 
 @dataclass(frozen=True)
@@ -84,6 +97,14 @@ class LaFTerConfig:
         return dataclasses.replace(
             self, text=dataclasses.replace(self.text, seed=seed), tuning=dataclasses.replace(self.tuning, seed=seed)
         )
+
+
+def lafter_config_for(dataset: str, config: LaFTerConfig = LaFTerConfig()) -> LaFTerConfig:
+    """`config` with the reference's text-classifier iterations for `dataset`, where it has them."""
+    iterations = TEXT_CLASSIFIER_ITERATIONS.get(dataset.lower())
+    if iterations is None:
+        return config
+    return dataclasses.replace(config, text=dataclasses.replace(config.text, iterations=iterations))
 
 
 def lafter_text_set(
@@ -107,8 +128,8 @@ def train_text_classifier(
 ) -> tuple[torch.Tensor, list[float]]:
     """Fit Linear(D→C, no bias) on noisy text embeddings; returns its weight [C, D] and the losses.
 
-    Batches are drawn with replacement from one seeded generator, which also draws the noise;
-    the layer starts from a seeded random initialisation (as in the paper).
+    Every iteration takes every text with fresh noise (full batch, as the reference); the noise
+    comes from one seeded generator and the layer from a seeded default initialisation.
     """
     if embeddings.shape[0] != labels.shape[0]:
         raise ValueError(f"{embeddings.shape[0]} embeddings for {labels.shape[0]} labels")
@@ -118,12 +139,12 @@ def train_text_classifier(
         layer = nn.Linear(embeddings.shape[1], num_classes, bias=False)
     layer.to(device)
     optimizer = torch.optim.AdamW(layer.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    inputs = F.normalize(embeddings.float(), dim=-1)
+    inputs = F.normalize(embeddings.float(), dim=-1).to(device)
+    targets = labels.long().to(device)
     losses: list[float] = []
     for _ in range(config.iterations):
-        rows = torch.randint(inputs.shape[0], (min(config.batch_size, inputs.shape[0]),), generator=generator)
-        noisy = inputs[rows] + config.noise_std * torch.randn(len(rows), inputs.shape[1], generator=generator)
-        loss = F.cross_entropy(layer(noisy.to(device)), labels[rows].to(device), label_smoothing=config.label_smoothing)
+        noisy = inputs + config.noise_std * torch.randn(inputs.shape, generator=generator).to(device)
+        loss = F.cross_entropy(layer(noisy), targets, label_smoothing=config.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -163,15 +184,18 @@ def build_lafter_classifier(clip: ClipModel, weight: torch.Tensor, config: Tunin
 
 
 def lafter_pseudo_labeller(classifier: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Argmax of the model being tuned, without its prompts, on weak views (online pseudo-labels).
+    """Hard labels for weak views from a frozen copy of the classifier's head as it is now.
 
-    Uses the classifier's `encoder.visual` (the vision tower whose LayerNorm affines are being
-    tuned), its `head` and `logit_scale`: the un-prompted branch of LaFTer's Eq. 3.
+    The reference's `forward_normal_for_pl`: CLIP's own `encode_image` (no prompts; the LayerNorm
+    affines are shared with the model being tuned), L2-normalised, through `adapter_pl`, the copy
+    of the text classifier taken before tuning (`txt_cls_init`), no scale. Call it before training:
+    the copy never follows the head being trained.
     """
+    frozen_head = classifier.head.weight.detach().clone().float()
 
     def label(weak_views: torch.Tensor) -> torch.Tensor:
         features = F.normalize(classifier.encoder.visual(weak_views).float(), dim=-1)
-        return (classifier.logit_scale * classifier.head(features)).argmax(dim=-1)
+        return (features @ frozen_head.to(features.device).T).argmax(dim=-1)
 
     return label
 
@@ -195,10 +219,19 @@ def tune_lafter(
                              config, device, progress)
 
 
+def lafter_strong_view(pre: Preprocess) -> Transform:
+    """The reference's `get_random_transform` (`utils/model_utils.py`): RandomResizedCrop 0.2–1
+    (bilinear), flip, ColorJitter(.4, .4, .4, .1) p = 0.8, RandomGrayscale 0.2, Gaussian blur
+    σ ∈ [0.1, 2] on every image; no perspective, no second jitter."""
+    return strong_transform(pre, crop_scale=(0.2, 1.0), crop_interpolation="bilinear", flip_p=0.5,
+                            jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, grayscale_p=0.2, perspective_p=0.0,
+                            second_jitter=None, blur_sigma=(0.1, 2.0), blur_p=1.0)
+
+
 def lafter_views(clip: ClipModel) -> MultiView:
-    """(weak = resize + centre crop, strong = the core strong augmentation), CLIP-normalised;
-    large JPEGs decode reduced as far as both views allow."""
-    strong = strong_transform(clip.preprocess, perspective_p=0.0, second_jitter=None)  # the reference has neither
+    """(weak = resize + centre crop, the reference's `te_transform`; strong = `lafter_strong_view`),
+    CLIP-normalised; large JPEGs decode reduced as far as both views allow."""
+    strong = lafter_strong_view(clip.preprocess)
     return MultiView((eval_transform(clip.preprocess), strong),
                      decode_min_side=views_decode_min_side(clip.preprocess, clip.preprocess))
 
