@@ -14,6 +14,7 @@ import math
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -33,14 +34,20 @@ from test_methods import (StrongView, ToyPromptClassifier, WeakView, orthogonal_
 # --- LaFTer ------------------------------------------------------------------------------------------
 
 
-def test_lafter_labeller_outputs_do_not_change_while_the_student_trains(tmp_path, monkeypatch):
+def lafter_frozen_labeller_check(tmp_path) -> dict[str, float]:
     """Reference `trainers/LaFTer.py`: `adapter_pl = deepcopy(adapter)` after text training, never
     updated; `forward_normal_for_pl` labels the weak view with it. Every label the real
     `tune_lafter` hands the loop is recorded with its weak batch; after training, the trained text
     classifier (frozen) must give exactly those labels on those batches, while the student's head
     has moved far enough to label some of them otherwise (so a labeller that followed it would be
     seen). The toy's shared affine (the LayerNorm affines) is frozen here: the labeller follows it
-    by design (tests/test_methods.py checks that)."""
+    by design (tests/test_methods.py checks that).
+
+    Returns {"labels_changed" (fraction of recorded labels the frozen text classifier disagrees
+    with), "student_disagrees" (fraction the trained head would label otherwise), "calls"}.
+    `lafter_pseudo_labeller` and `train_prompts` are looked up in `nola_core.methods.lafter` at
+    call time, so the sabotage suite can monkeypatch them.
+    """
     generator = torch.Generator().manual_seed(2)
     dim, num_classes = 12, 3
     centres, labels, points = orthogonal_clusters(generator, num_classes, 30, dim, spread=0.15)
@@ -52,6 +59,7 @@ def test_lafter_labeller_outputs_do_not_change_while_the_student_trains(tmp_path
     classifier = ToyPromptClassifier(dim, weight, logit_scale=1.0)
     classifier.encoder.visual.requires_grad_(False)
     calls = []
+    real_train_prompts = lafter_module.train_prompts
 
     def recording(classifier_, root, records_, views, labeller, *args, **kwargs):
         def label(weak):
@@ -60,19 +68,26 @@ def test_lafter_labeller_outputs_do_not_change_while_the_student_trains(tmp_path
             return out
         return real_train_prompts(classifier_, root, records_, views, label, *args, **kwargs)
 
-    real_train_prompts = lafter_module.train_prompts
-    monkeypatch.setattr(lafter_module, "train_prompts", recording)
     config = TuningConfig(epochs=8, batch_size=30, micro_batch_size=30, reference_batch_size=30, lr=1e-2,
                           weight_decay=0.0, num_workers=0, seed=0)
-    tune_lafter(classifier, MultiView((WeakView(), StrongView(0.15))), tmp_path, records, config, "cpu")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(lafter_module, "train_prompts", recording)
+        tune_lafter(classifier, MultiView((WeakView(), StrongView(0.15))), tmp_path, records, config, "cpu")
     weak = torch.cat([w for w, _ in calls])
     given = torch.cat([y for _, y in calls])
     frozen = (F.normalize(weak, dim=-1) @ weight.T).argmax(-1)
     with torch.no_grad():
         student_head = (F.normalize(classifier.encoder.visual(weak), dim=-1) @ classifier.head.weight.T).argmax(-1)
-    assert len(calls) == 8 * 3
-    assert torch.equal(given, frozen)
-    assert (student_head != frozen).float().mean() >= 0.03  # the trained head would have relabelled these
+    measured = {"labels_changed": float((given != frozen).float().mean()),
+                "student_disagrees": float((student_head != frozen).float().mean()), "calls": len(calls)}
+    assert measured["calls"] == 8 * 3, measured
+    assert measured["student_disagrees"] > 0, measured  # the trained head relabels 3 of the 90 images
+    assert measured["labels_changed"] == 0.0, measured
+    return measured
+
+
+def test_lafter_labeller_outputs_do_not_change_while_the_student_trains(tmp_path):
+    lafter_frozen_labeller_check(tmp_path)
 
 
 def test_lafter_text_classifier_is_trained_full_batch():
