@@ -156,6 +156,8 @@ def test_lafter_config_defaults_are_the_references():
     assert tuning.batch_size % tuning.micro_batch_size == 0  # steps really are 50 images
     assert not tuning.fixed_pseudo_labels
     assert lafter_config_for("EuroSAT").text.iterations == 400
+    assert lafter_config_for("EuroSAT").templates == "eurosat_openai3"  # LaFTer's own three
+    assert lafter_config_for("eurosat", LaFTerConfig(templates="eurosat")).templates == "eurosat"
     assert lafter_config_for("flowers102").text.iterations == 600
     assert lafter_config_for("imagenet_sketch").text.iterations == 500
     assert lafter_config_for("my_own_dataset") == config

@@ -65,6 +65,9 @@ TEXT_CLASSIFIER_ITERATIONS = {
     "imagenet_sketch": 500, "caltech101": 500,
 }
 
+# LaFTer's template sets that differ from the dataset's own (NoLA's) set.
+TEMPLATE_SETS = {"eurosat": "eurosat_openai3"}
+
 
 @dataclass(frozen=True)
 class TextClassifierConfig:
@@ -100,11 +103,16 @@ class LaFTerConfig:
 
 
 def lafter_config_for(dataset: str, config: LaFTerConfig = LaFTerConfig()) -> LaFTerConfig:
-    """`config` with the reference's text-classifier iterations for `dataset`, where it has them."""
-    iterations = TEXT_CLASSIFIER_ITERATIONS.get(dataset.lower())
-    if iterations is None:
-        return config
-    return dataclasses.replace(config, text=dataclasses.replace(config.text, iterations=iterations))
+    """`config` with the reference's text-classifier iterations for `dataset` and, unless
+    `config.templates` is set, its template set where it differs from the dataset's own
+    (EuroSAT: `ds_specific_templates` in LaFTer's `utils/data_utils.py` is CLIP's three)."""
+    name = dataset.lower()
+    if name in TEXT_CLASSIFIER_ITERATIONS:
+        config = dataclasses.replace(config, text=dataclasses.replace(config.text,
+                                                                      iterations=TEXT_CLASSIFIER_ITERATIONS[name]))
+    if config.templates is None and name in TEMPLATE_SETS:
+        config = dataclasses.replace(config, templates=TEMPLATE_SETS[name])
+    return config
 
 
 def lafter_text_set(
