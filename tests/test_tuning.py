@@ -114,6 +114,29 @@ def test_training_changes_exactly_the_trainable_tensors(setup, tmp_path):
     assert checkpoint.stat().st_size < trainable_bytes + CHECKPOINT_OVERHEAD  # only the trainable tensors
 
 
+def check_tuning_follows_the_labeller(setup, images: int = 16):
+    """The training targets are the pseudo-labeller's: a labeller that names the class the untuned
+    classifier predicts least turns (almost) every prediction into that class in one epoch."""
+    clip, spec, manifest, cde = setup
+    classifier = _classifier(clip, cde)
+    batch = torch.stack([eval_transform(clip.preprocess)(img) for img in _demo_images(spec, manifest, images)])
+    with torch.no_grad():
+        untuned = classifier.eval()(batch).argmax(-1)
+    target = int(torch.bincount(untuned, minlength=len(spec.classes)).argmin())
+    views = MultiView((weak_transform(clip.preprocess), strong_transform(clip.preprocess)))
+    config = TuningConfig(epochs=1, batch_size=images, micro_batch_size=images, reference_batch_size=images,
+                          num_workers=0, lr=1e-2)
+    train_prompts(classifier, spec.root, manifest.records[:images], views,
+                  lambda weak: torch.full((len(weak),), target), config, device="cpu")
+    with torch.no_grad():
+        share = (classifier.eval()(batch).argmax(-1) == target).float().mean().item()
+    assert share >= 0.9, f"after tuning on the labeller's class {target}, {share:.2f} of the images are predicted as it"
+
+
+def test_tuning_trains_towards_the_labellers_labels(setup):
+    check_tuning_follows_the_labeller(setup)
+
+
 # --- NoLA's pseudo-labeller sees the weak view -------------------------------------------------
 
 
