@@ -112,13 +112,21 @@ def check_top_k_is_more_precise_than_zero_shot_labels(seed=0):
     return selection, labels, precision
 
 
-def test_top_k_is_more_precise_than_zero_shot_labels():
-    selection, labels, precision = check_top_k_is_more_precise_than_zero_shot_labels()
+def check_selection_report_pairs_labels_with_ids(selection, labels) -> dict:
+    """`selection_report`'s precision is the share of selected (image id, label) pairs that match
+    the known labels, counted here by id."""
     ids = [f"img{i}" for i in range(len(labels))]
     truth = {ids[i]: int(labels[i]) for i in range(len(ids))}
-    report = selection_report(selection, list("abcde"), ids, truth)
+    report = alignment.selection_report(selection, list("abcde"), ids, truth)
     right = sum(truth[ids[row]] == label for row, label in zip(selection.indices.tolist(), selection.labels.tolist()))
-    assert report["precision"] == pytest.approx(right / selection.indices.numel(), abs=1e-9)
+    assert report["precision"] == pytest.approx(right / selection.indices.numel(), abs=1e-9), \
+        f"reported precision {report['precision']}, counted by id {right / selection.indices.numel()}"
+    return report
+
+
+def test_top_k_is_more_precise_than_zero_shot_labels():
+    selection, labels, precision = check_top_k_is_more_precise_than_zero_shot_labels()
+    report = check_selection_report_pairs_labels_with_ids(selection, labels)
     assert report["precision"] == pytest.approx(precision, abs=1e-6)
     assert sum(report["per_class"].values()) == selection.indices.numel()
 

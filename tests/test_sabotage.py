@@ -34,7 +34,7 @@ import test_reliability
 import test_tuning
 from nola_core import alignment, export, features, pipeline, runtime, tuning
 from nola_core.data import MultiView, strong_transform
-from nola_core.methods import latteclip, nola
+from nola_core.methods import lafter, latteclip, nola
 from nola_core.methods.common import PseudoLabels
 from nola_core.models import ModelConfig, PromptTunedClassifier, load_dino
 from nola_assets import artifacts, assets
@@ -102,6 +102,11 @@ def top_k_beats_zero_shot(tmp_path: Path) -> None:
     test_alignment.check_top_k_is_more_precise_than_zero_shot_labels()
 
 
+def selection_report_counts_by_id(tmp_path: Path) -> None:
+    selection, labels, _ = test_alignment.check_top_k_is_more_precise_than_zero_shot_labels()
+    test_alignment.check_selection_report_pairs_labels_with_ids(selection, labels)
+
+
 def top_k_ranks_by_log_odds(tmp_path: Path) -> None:
     test_alignment.check_top_k_ranks_by_log_odds()
 
@@ -116,6 +121,10 @@ def dl_network_beats_zero_shot(tmp_path: Path) -> None:
 
 def pseudo_labels_by_id(tmp_path: Path) -> None:
     test_alignment.check_selected_pseudo_labels_carry_their_image_ids()
+
+
+def lafter_labeller_stays_frozen(tmp_path: Path) -> None:
+    test_fidelity_lafter_latteclip.lafter_frozen_labeller_check(tmp_path)
 
 
 def latteclip_prototypes_reach_their_target(tmp_path: Path) -> None:
@@ -239,6 +248,12 @@ def _pseudo_labels_sorted_by_class(monkeypatch):
         tuple(ids[row] for row in selection.indices.tolist()), selection.labels.sort().values.long(), len(ids)))
 
 
+def _report_pairs_labels_with_reversed_ids(monkeypatch):
+    real = alignment.selection_report
+    monkeypatch.setattr(alignment, "selection_report",
+                        lambda selection, classes, ids, *args, **kwargs: real(selection, classes, ids[::-1], *args, **kwargs))
+
+
 def _onnx_difference_reported_as_zero(monkeypatch):
     monkeypatch.setattr(export, "onnx_max_abs_difference", lambda path, exported, images: 0.0)
 
@@ -286,6 +301,18 @@ def _decay_on_biases(monkeypatch):
             super().__init__(params, *args, weight_decay=weight_decay, **kwargs)
 
     monkeypatch.setattr(torch.optim, "AdamW", DecayEverything)
+
+
+def _lafter_labeller_follows_the_student(monkeypatch):
+    """The LaFTer labeller before the fidelity fix: the head being trained labels the weak view."""
+
+    def labeller(classifier):
+        def label(weak):
+            features = torch.nn.functional.normalize(classifier.encoder.visual(weak).float(), dim=-1)
+            return (features @ classifier.head.weight.float().T).argmax(dim=-1)
+        return label
+
+    monkeypatch.setattr(lafter, "lafter_pseudo_labeller", labeller)
 
 
 def _latteclip_mixer_off(monkeypatch):
@@ -360,6 +387,8 @@ SABOTAGES = [
     Sabotage("NoLA pseudo-labels: labels reordered (sorted by class) against their ids",
              pseudo_labels_by_id,
              _pseudo_labels_sorted_by_class, "pseudo-labels by id"),
+    Sabotage("top-k report: precision pairs each label with another image's id",
+             selection_report_counts_by_id, _report_pairs_labels_with_reversed_ids, "counted by id"),
     Sabotage("ONNX: onnx_max_abs_difference reports 0 whatever the models do",
              onnx_export_and_reported_difference, _onnx_difference_reported_as_zero, "reported 0.0, measured"),
     Sabotage("ONNX: the exported graph holds other tensors than the classifier",
@@ -370,6 +399,8 @@ SABOTAGES = [
              gpu_asset_requests_a_gpu_pod, _gpu_assets_without_pod_tags, "no dagster-k8s/config tag"),
     Sabotage("NoLA optimiser: weight decay on biases too",
              bias_weight_decay_and_constant_lr, _decay_on_biases, r"bias': 0\.01\} != \{'[^']*bias': 0\.0\}"),
+    Sabotage("LaFTer: the pseudo-labeller follows the head being trained",
+             lafter_labeller_stays_frozen, _lafter_labeller_follows_the_student, r"== 0\.0$"),
     Sabotage("LatteCLIP: the Dynamic Feature Mixer off (equal text weights)",
              latteclip_prototypes_reach_their_target, _latteclip_mixer_off, "final_cosine"),
     Sabotage("LatteCLIP: the prototype update removed from the step",
