@@ -32,10 +32,11 @@ from nola_core import pipeline
 from nola_core.alignment import PseudoLabelSelection, alignment_network, selection_report, train_alignment
 from nola_core.data import REDUCED_JPEG_DECODE, Manifest, build_manifest, known_labels
 from nola_core.distributed import image_features_stage, init_distributed, launch, prompt_tuning_stage
-from nola_core.eval import format_stage_table
+from nola_core.eval import SPLITS, EvaluationLabels, evaluate_stages, format_stage_table, split_column, stage_value
 from nola_core.features import FeatureTable, load_feature_table, update_feature_table
 from nola_core.llm import DescriptionSet, LLMError, MissingAPIKeyError, names_class
-from nola_core.methods import EvaluationLabels, MethodRun, PseudoLabels, evaluate_run
+from nola_core.methods import PseudoLabels
+from nola_core.methods.evaluation import method_rows
 from nola_core.methods import nola as nola_method
 from nola_core.models import ClipModel
 from nola_core.text import get_templates
@@ -67,8 +68,7 @@ TRAINABLE_FILE = "trainable.safetensors"
 RESUME_DIR = "resume"  # prompt tuning's per-epoch state while it runs
 TUNED_FEATURES_FILE = "tuned_features.safetensors"
 PREDICTIONS_FILE = "predictions.parquet"
-EVALUATION_FILE = "evaluation.json"
-METHOD_EVALUATION_FILE = "method_evaluation.parquet"  # EVALUATION_SCHEMA rows, read by method_comparison
+METHOD_EVALUATION_FILE = "method_evaluation.parquet"  # EVALUATION_SCHEMA rows of a method asset (`evaluation`: NoLA's)
 
 
 # Pod settings for GPU steps when the code location runs `k8s_job_executor` (one pod per step);
@@ -722,10 +722,11 @@ def evaluation(
     models: ModelsResource,
     artifacts: ArtifactStore,
 ) -> MaterializeResult:
-    """Accuracy of every stage (zero-shot, CDE, DL network, NoLA, tuned encoder + templates) and
-    the pseudo-label precision, on the labelled images when `labeled/` exists. Report only:
-    nothing upstream reads it. The same stages, as the `nola` method's rows of the common
-    evaluation table, go to method_evaluation.parquet for `method_comparison`."""
+    """Every stage's accuracy (zero-shot, CDE, DL network, NoLA, tuned encoder + templates) on the
+    transductive and the held-out split, separately, and the pseudo-label precision, when
+    `labeled/` exists (`nola_core.eval.evaluate_stages`). Report only: nothing upstream reads it.
+    One table, method_evaluation.parquet (`EVALUATION_SCHEMA`, method `nola`): the checks, the
+    export's forgetting guard, the CLI and `method_comparison` read it."""
     started = time.perf_counter()
     name = context.partition_key
     unlabeled, labeled = load_manifests(artifacts, dataset_manifest)
@@ -748,16 +749,14 @@ def evaluation(
         load_feature_table(predictions.file(TUNED_FEATURES_FILE), mmap=True),
         cde_pseudo_labels.facts["logit_scale"],
     )
-    report = artifacts.read_json(cde_pseudo_labels, REPORT_FILE)
-    stages = pipeline.evaluate_stages(top, clip_table.ids, classes, labeled, report)
+    selection, train_ids = _selection(artifacts.read_table(cde_pseudo_labels, PSEUDO_LABELS_FILE))
+    stages = evaluate_stages(pipeline.nola_stage_outputs(top, clip_table.ids, selection, train_ids), classes,
+                             EvaluationLabels.from_manifests(unlabeled, labeled))
     random_models = cde_classifier.facts["random_clip"] or dino_features.facts["random_weights"]
     note = pipeline.RANDOM_MODEL_NOTE if random_models else None
-    artifacts.write_table(ref, METHOD_EVALUATION_FILE, _nola_method_evaluation(
-        name, classes, artifacts.read_table(cde_pseudo_labels, PSEUDO_LABELS_FILE), clip_table.ids, top,
-        prompt_tuned_encoder.facts["tuning"]["seed"], EvaluationLabels.from_manifests(unlabeled, labeled),
-        random_models))
-    artifacts.write_json(ref, EVALUATION_FILE, {"stages": _finite_or_none(stages), "random_models": random_models,
-                                                "labelled": labeled is not None, "note": note})
+    artifacts.write_table(ref, METHOD_EVALUATION_FILE, method_rows(
+        stages, dataset=name, method=nola_method.METHOD, seed=prompt_tuned_encoder.facts["tuning"]["seed"],
+        n_unlabeled=len(train_ids), random_models=random_models))
     ref = ref.with_facts(random_models=random_models, labelled=labeled is not None)
     context.log.info("\n" + format_stage_table(stages, note))
 
@@ -765,38 +764,30 @@ def evaluation(
         "labelled_split": labeled is not None,
         "random_models": random_models,
         "stages": MetadataValue.md(reporting.stage_table_markdown(stages, note)),
+        **{f"images/{split}": int(stages[split_column(split, "n")].max() or 0) for split in SPLITS},
     }
-    accuracies = {stage: values["top1"] for stage, values in stages.items() if "top1" in values}
+    accuracies = {f"{row['stage']} ({split})": row[split_column(split, "top1")]
+                  for split in SPLITS for row in stages.iter_rows(named=True)
+                  if row[split_column(split, "top1")] is not None}
     if accuracies:
         metadata["accuracy"] = reporting.png_markdown(reporting.bar_chart(
-            list(accuracies), list(accuracies.values()), "top-1 accuracy per stage (labelled images)", "accuracy"),
+            list(accuracies), list(accuracies.values()), "top-1 accuracy per stage (split)", "accuracy"),
             "accuracy per stage")
-        metadata.update({f"top1/{stage}": value for stage, value in accuracies.items()})
-    if "precision" in report:
-        metadata["pseudo_label_precision"] = report["precision"]
+        metadata.update({f"top1/{split}/{row['stage']}": row[split_column(split, "top1")]
+                         for split in SPLITS for row in stages.iter_rows(named=True)
+                         if row[split_column(split, "top1")] is not None})
+    precision = stage_value(stages, nola_method.SELECTION_STAGE, "pseudo_label_precision")
+    if precision is not None:
+        metadata["pseudo_label_precision"] = precision  # of the top-k selection, on the adaptation images
     return _result(ref, started, metadata)
 
 
-def _nola_method_evaluation(dataset, classes, selected: pl.DataFrame, ids, top, seed,
-                            labels: EvaluationLabels, random_models: bool) -> pl.DataFrame:
-    """NoLA's stages (top-k selection, DL network, tuned, tuned + templates) as evaluation rows;
-    `top` is `stage_predictions`' output."""
+def _selection(selected: pl.DataFrame) -> tuple[PseudoLabels, list[str]]:
+    """The top-k pseudo-labels by id, and the training ids, from the `cde_pseudo_labels` table."""
     train_ids = selected["image_id"].to_list()
     chosen = selected.filter(pl.col("selected"))
-    selection = PseudoLabels(tuple(chosen["image_id"].to_list()),
-                             torch.tensor(chosen["pseudo_label"].to_list(), dtype=torch.long), len(train_ids))
-    run = MethodRun(nola_method.METHOD, seed, nola_method.nola_stages(ids, top, selection, train_ids))
-    return evaluate_run(run, dataset=dataset, classes=classes, unlabeled_ids=train_ids, labels=labels,
-                        random_models=random_models)
-
-
-def _finite_or_none(value):
-    """JSON has no NaN: metrics that are undefined (e.g. no image of a class) become null."""
-    if isinstance(value, dict):
-        return {k: _finite_or_none(v) for k, v in value.items()}
-    if isinstance(value, float) and value != value:
-        return None
-    return value
+    labels = torch.tensor(chosen["pseudo_label"].to_list(), dtype=torch.long)
+    return PseudoLabels(tuple(chosen["image_id"].to_list()), labels, len(train_ids)), train_ids
 
 
 NOLA_ASSETS = [

@@ -196,7 +196,8 @@ def _materialize(paths: list[Path], args: argparse.Namespace, copy: bool, launch
     from dagster import AssetKey
 
     from nola_core.data import DatasetSpecError
-    from nola_core.eval import format_stage_table
+    from nola_core.eval import format_stage_table, split_counts
+    from nola_core.pipeline import RANDOM_MODEL_NOTE
 
     from nola_assets.artifacts import ArtifactStore
     from nola_assets.assets import PREDICTIONS_FILE
@@ -216,9 +217,9 @@ def _materialize(paths: list[Path], args: argparse.Namespace, copy: bool, launch
         evaluation = evaluation_of(result, store)
         predictions = result.asset_value(AssetKey("predictions")).file(PREDICTIONS_FILE)
         print(f"\n{name}: every asset materialized in {time.perf_counter() - started:.1f} s (run {result.run_id})")
-        print(format_stage_table(evaluation["stages"], evaluation["note"]))
-        if not evaluation["labelled"]:
-            print("(no labeled/ folder: accuracy cannot be reported)")
+        print(format_stage_table(evaluation, RANDOM_MODEL_NOTE if evaluation["random_models"].any() else None))
+        if not any(split_counts(evaluation).values()):
+            print("(no labeled/ folder, or no image in it: accuracy cannot be reported)")
         print(f"artifacts:    {store.root() / name}")
         print(f"predictions:  {predictions}")
     dev = f"nola dev --profile {args.profile}" if args.profile else "nola dev"

@@ -15,15 +15,19 @@ import shutil
 import time
 from pathlib import Path
 
+import polars as pl
 import torch
 from dagster import AssetExecutionContext, MaterializeResult, MetadataValue
 
+from nola_core.eval import comparison_split, split_column, stage_value
 from nola_core.export import MANIFEST_NAME, TENSORS_NAME, export_classifier
+from nola_core.methods.nola import TEMPLATES_STAGE
+from nola_core.pipeline import ZERO_SHOT_STAGE
 
 from nola_assets.artifacts import ArtifactRef, ArtifactStore
 from nola_assets.assets import (
     CLASSIFIERS_FILE,
-    EVALUATION_FILE,
+    METHOD_EVALUATION_FILE,
     _result,
     load_tuned_classifier,
     nola_asset,
@@ -31,24 +35,26 @@ from nola_assets.assets import (
 from nola_assets.resources import ModelsResource
 
 EXPORT_ASSET = "exported_classifier"
-ZERO_SHOT_STAGE = "zero-shot (templates)"  # stage names of nola_core.pipeline.stage_predictions
-TEMPLATES_STAGE = "tuned encoder + templates"
 
 
-def forgetting_guard(evaluation: dict) -> dict:
-    """Top-1 of the tuned encoder on the zero-shot path (templates) against the untuned zero-shot.
+def forgetting_guard(evaluation: pl.DataFrame) -> dict:
+    """Top-1 of the tuned encoder on the zero-shot path (templates) against the untuned zero-shot,
+    on the `evaluation` asset's table (held-out split where there is one, else transductive: `split`).
 
     `delta` < 0 means tuning lost some of CLIP's zero-shot ability on these images. Values are
     None without a labelled split.
     """
-    stages = evaluation.get("stages", {})
-    tuned = (stages.get(TEMPLATES_STAGE) or {}).get("top1")
-    untuned = (stages.get(ZERO_SHOT_STAGE) or {}).get("top1")
+    split = comparison_split(evaluation)
+    tuned = untuned = None
+    if split is not None:
+        tuned = stage_value(evaluation, TEMPLATES_STAGE, split_column(split, "top1"))
+        untuned = stage_value(evaluation, ZERO_SHOT_STAGE, split_column(split, "top1"))
     return {
+        "split": split,
         "tuned_encoder_templates_top1": tuned,
         "untuned_zero_shot_top1": untuned,
         "delta": None if tuned is None or untuned is None else tuned - untuned,
-        "random_models": bool(evaluation.get("random_models")),
+        "random_models": bool(evaluation["random_models"].any()),
     }
 
 
@@ -69,7 +75,7 @@ def exported_classifier(
     name = context.partition_key
     classes = dataset_manifest.facts["classes"]
     config = models.config()
-    guard = forgetting_guard(artifacts.read_json(evaluation, EVALUATION_FILE))
+    guard = forgetting_guard(artifacts.read_table(evaluation, METHOD_EVALUATION_FILE))
     provenance = {
         "dataset": name,
         "descriptions_content_hash": cde_classifier.key.get("descriptions"),

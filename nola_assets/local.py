@@ -14,12 +14,13 @@ import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
+import polars as pl
 from dagster import AssetKey, DagsterInstance, ExecuteInProcessResult
 
 from nola_core.data import load_dataset_spec
 
 from nola_assets.artifacts import ArtifactRef, ArtifactStore
-from nola_assets.assets import EVALUATION_FILE
+from nola_assets.assets import METHOD_EVALUATION_FILE
 from nola_assets.partitions import DATASETS
 
 DEFAULT_HOME = ".dagster_home"
@@ -102,6 +103,7 @@ def materialize_dataset(
     )
 
 
-def evaluation_of(result: ExecuteInProcessResult, store: ArtifactStore) -> dict:
+def evaluation_of(result: ExecuteInProcessResult, store: ArtifactStore) -> pl.DataFrame:
+    """The `evaluation` asset's table: NoLA's stages, `EVALUATION_SCHEMA` rows."""
     ref: ArtifactRef = result.asset_value(AssetKey("evaluation"))
-    return store.read_json(ref, EVALUATION_FILE)
+    return store.read_table(ref, METHOD_EVALUATION_FILE)

@@ -27,6 +27,7 @@ from dagster import AssetExecutionContext, MaterializeResult, MetadataValue
 
 from nola_core import pipeline
 from nola_core.data import REDUCED_JPEG_DECODE
+from nola_core.eval import SPLITS, split_column, stage_table_rows
 from nola_core.features import FeatureTable, load_feature_table
 from nola_core.methods import (
     EvaluationLabels,
@@ -112,17 +113,15 @@ def _evaluate(name: str, classes, runs: list[MethodRun], inputs: _Inputs, random
 
 
 def _evaluation_metadata(frame: pl.DataFrame) -> dict:
-    """Per-stage accuracy (where labels exist) and pseudo-label figures, for the UI."""
-    rows = frame.select("method", "stage", "final", "eval_split", "n_eval", "top1", "mean_per_class",
-                        "pseudo_label_precision", "pseudo_label_coverage").rows()
-    metadata = {"stages": MetadataValue.md(reporting.markdown_table(
-        ["method", "stage", "final", "split", "images", "top-1", "mean per class", "pseudo-label precision",
-         "pseudo-label coverage"],
-        [(m, s, f, split, n, reporting.percent(t), reporting.percent(mpc), reporting.percent(p), reporting.percent(c))
-         for m, s, f, split, n, t, mpc, p, c in rows]))}
-    for method, stage, _, _, _, top1, *_ in rows:
-        if top1 is not None:
-            metadata[f"top1/{method}/{stage}"] = float(top1)
+    """Every stage's accuracy on each named split (where labels exist) and pseudo-label figures,
+    for the UI: the stage table of `nola_core.eval.stage_table_rows` with the method in front."""
+    header, rows, legend = stage_table_rows(frame)
+    table = reporting.markdown_table(["method", *header], [[m, *row] for m, row in zip(frame["method"], rows)])
+    metadata = {"stages": MetadataValue.md(f"{table}\n\n{legend}")}
+    for row in frame.iter_rows(named=True):
+        for split in SPLITS:
+            if row[split_column(split, "top1")] is not None:
+                metadata[f"top1/{split}/{row['method']}/{row['stage']}"] = float(row[split_column(split, "top1")])
     return metadata
 
 
@@ -381,7 +380,8 @@ def method_comparison(
         "evaluation_files": MetadataValue.json({m: str(p) for m, p in paths.items()}),
         **_evaluation_metadata(frame.filter(pl.col("final"))),
     }
-    final = frame.filter(pl.col("final") & pl.col("top1").is_not_null())
+    final = frame.filter(pl.col("final") & pl.any_horizontal(pl.col(split_column(s, "top1")).is_not_null()
+                                                             for s in SPLITS))
     if final.is_empty():
         context.log.warning(f"{name}: no labelled images, so no accuracy to report")
         metadata["report"] = "no labelled images: no accuracy to rank the methods by"
@@ -395,8 +395,8 @@ def method_comparison(
             "report_png": MetadataValue.path(str(report.chart)),
         })
         ranked = report.summary.filter(pl.col("dataset") == name)
-        if not ranked.is_empty():
-            metadata["winner"] = str(ranked.sort("rank")["method"][0])
+        for (split,), part in ranked.group_by(["split"], maintain_order=True):
+            metadata[f"winner/{split}"] = str(part.sort("rank")["method"][0])
     ref = ref.with_facts(methods=list(paths))
     return _result(ref, started, metadata)
 

@@ -7,11 +7,14 @@ import io
 from typing import Mapping, Sequence
 
 import matplotlib
+import polars as pl
 
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 from dagster import MetadataValue  # noqa: E402
+
+from nola_core.eval import stage_table_rows  # noqa: E402
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -28,15 +31,11 @@ def _cell(value: object) -> str:
     return str(value).replace("|", "\\|")
 
 
-def percent(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.1f}%"
-
-
-def stage_table_markdown(stages: Mapping[str, Mapping], note: str | None = None) -> str:
-    """The per-stage table of `nola_core.eval.format_stage_table`, as markdown."""
-    rows = [(name, percent(v.get("precision")), percent(v.get("top1")), percent(v.get("mean_per_class")),
-             v.get("n", "-")) for name, v in stages.items()]
-    table = markdown_table(["stage", "pseudo-label precision", "top-1 accuracy", "mean per class", "images"], rows)
+def stage_table_markdown(stages: pl.DataFrame, note: str | None = None) -> str:
+    """The stage table of `nola_core.eval.format_stage_table` (`evaluate_stages`' rows), as markdown:
+    top-1 and mean per-class accuracy on each named split."""
+    header, rows, legend = stage_table_rows(stages)
+    table = f"{markdown_table(header, rows)}\n\n{legend}"
     return f"{table}\n\n**{note}**" if note else table
 
 

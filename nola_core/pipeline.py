@@ -48,14 +48,13 @@ from nola_core.data.transforms import (
     views_decode_min_side,
     weak_transform,
 )
-from nola_core.eval import accuracy_report, format_stage_table
+from nola_core.eval import EvaluationLabels, evaluate_stages, format_stage_table
 from nola_core.features import FeatureConfig, FeatureTable, extract_features
 from nola_core.models import ClipModel, DinoModel, ModelConfig, PromptTunedClassifier, load_clip, load_dino
 from nola_core.models.vpt import interpolate_trainable
 from nola_core.predictions import (
     PREDICTION_CHUNK_SIZE,
     TopClasses,
-    predicted_classes,
     streamed_top_classes,
 )
 from nola_core.runtime import resolve_device
@@ -71,6 +70,8 @@ from nola_core.tuning import EpochStats, TuningConfig, train_prompts
 
 logger = logging.getLogger(__name__)
 
+ZERO_SHOT_STAGE = "zero-shot (templates)"
+CDE_STAGE = "CDE (descriptions)"
 TUNED_STAGE = "NoLA prompt-tuned"
 
 RANDOM_MODEL_NOTE = (
@@ -105,11 +106,12 @@ class NolaResult:
     classifier: PromptTunedClassifier
     history: list[EpochStats]
     predictions: pl.DataFrame  # one row per unlabeled image (`prediction_table`)
-    stages: dict[str, dict]  # per-stage metrics; accuracy only where labels exist
+    stages: pl.DataFrame  # `nola_core.eval.evaluate_stages`: accuracy per named split, pseudo-label quality
     random_models: bool
     text_checks: dict  # class-name collisions and descriptions longer than CLIP's context
 
     def stage_table(self) -> str:
+        """Every stage's transductive and held-out accuracy (named columns) and pseudo-label precision."""
         return format_stage_table(self.stages, RANDOM_MODEL_NOTE if self.random_models else None)
 
 
@@ -344,11 +346,15 @@ def run_nola(
     tuned_table = tuned_image_features(classifier, clip, spec.root, records, config.features, device)
     predictions = stage_predictions(clip_table, dino_table, zero_shot, cde, dl_network, classifier, tuned_table,
                                     config.alignment.logit_scale, chunk_size=config.prediction_chunk_size)
+    from nola_core.methods.nola import selection_pseudo_labels  # here: nola_core.methods imports this module
+
     result = NolaResult(
         spec=spec, manifest=manifest, zero_shot=zero_shot, cde=cde, selection=selection,
         selection_report=report, dl_network=dl_network, classifier=classifier, history=history,
         predictions=prediction_table(manifest, clip_table.ids, predictions[TUNED_STAGE], spec.classes),
-        stages=evaluate_stages(predictions, clip_table.ids, spec.classes, labeled, report),
+        stages=evaluate_stages(
+            nola_stage_outputs(predictions, clip_table.ids, selection_pseudo_labels(selection, train_ids), train_ids),
+            spec.classes, EvaluationLabels.from_manifests(manifest, labeled)),
         random_models=config.models.clip_is_random or config.models.dino_is_random,
         text_checks=checks,
     )
@@ -370,7 +376,7 @@ def stage_predictions(
     chunk_size: int = PREDICTION_CHUNK_SIZE,
 ) -> dict[str, TopClasses]:
     """The top `k` classes of every stage, rows in the order of `clip_table.ids` (what
-    `evaluate_stages` and `prediction_table` take); `tuned_table` is `tuned_image_features`.
+    `nola_stage_outputs` and `prediction_table` take); `tuned_table` is `tuned_image_features`.
 
     Streamed: `chunk_size` rows at a time are read from the (possibly memory-mapped) tables,
     scored and reduced to their top classes. An id that the DINO table lacks gets probability 0
@@ -379,8 +385,8 @@ def stage_predictions(
     """
     ids = clip_table.ids
     return {
-        "zero-shot (templates)": cosine_top_classes(clip_table, ids, zero_shot, logit_scale, k, chunk_size),
-        "CDE (descriptions)": cosine_top_classes(clip_table, ids, cde, logit_scale, k, chunk_size),
+        ZERO_SHOT_STAGE: cosine_top_classes(clip_table, ids, zero_shot, logit_scale, k, chunk_size),
+        CDE_STAGE: cosine_top_classes(clip_table, ids, cde, logit_scale, k, chunk_size),
         "DL network (DINO)": dl_network_top_classes(dl_network, dino_table, ids, k, chunk_size),
         TUNED_STAGE: tuned_head_top_classes(classifier, tuned_table, ids, k, chunk_size),
         "tuned encoder + templates": cosine_top_classes(tuned_table, ids, zero_shot, logit_scale, k, chunk_size),
@@ -443,32 +449,24 @@ def dl_network_probabilities(dl_network: torch.nn.Module):
     return probabilities
 
 
-def evaluate_stages(
+def nola_stage_outputs(
     stage_predictions: Mapping[str, TopClasses | torch.Tensor],
     ids: Sequence[str],
-    classes: Sequence[str],
-    labeled: Manifest | None,
-    selection_summary: dict | None = None,
-) -> dict[str, dict]:
-    """Accuracy of each stage on the labelled images (report only) and pseudo-label precision.
-
-    `stage_predictions`: per stage, `TopClasses` (from `stage_predictions`) or [N, C]
-    probabilities, rows following `ids`; only the most probable class is read.
+    selection,
+    train_ids: Sequence[str],
+) -> list:
+    """NoLA's stage table as `StageOutput`s for `nola_core.eval.evaluate_stages`: the top-k
+    selection, the zero-shot and CDE baselines, then the DL network, the tuned model (final) and
+    the tuned encoder with templates. `stage_predictions` is `stage_predictions`' output (rows
+    follow `ids`), `selection` the top-k pseudo-labels by id (`methods.nola.selection_pseudo_labels`).
     """
-    stages: dict[str, dict] = {name: {} for name in stage_predictions}
-    if selection_summary and "precision" in selection_summary:
-        stages = {"top-k pseudo-labels": {"precision": selection_summary["precision"]}, **stages}
-    if labeled is None or not len(labeled):
-        return stages
-    row = {image_id: i for i, image_id in enumerate(ids)}
-    pairs = [(row[r.image_id], r.label) for r in labeled.records if r.image_id in row]
-    if not pairs:
-        return stages
-    rows = torch.tensor([p[0] for p in pairs])
-    labels = torch.tensor([p[1] for p in pairs])
-    for name, predictions in stage_predictions.items():
-        stages[name] = accuracy_report(predicted_classes(predictions)[rows], labels, classes)
-    return stages
+    from nola_core.methods.common import StageOutput  # here: nola_core.methods imports this module
+    from nola_core.methods.nola import nola_stages
+
+    ids = tuple(ids)
+    selection_stage, *own = nola_stages(ids, stage_predictions, selection, train_ids)
+    baselines = [StageOutput(name, ids, stage_predictions[name]) for name in (ZERO_SHOT_STAGE, CDE_STAGE)]
+    return [selection_stage, *baselines, *own]
 
 
 def prediction_table(

@@ -3,10 +3,11 @@
 Evaluation tables (`nola_core.methods.evaluation.EVALUATION_SCHEMA`) are parquet files under
 one root, one or more per dataset (`write_evaluation`). `connect(root)` opens an in-memory
 DuckDB with the view `evaluations` over all of them (new files appear in it without any
-registration step); `SUMMARY_SQL` is the one query that ranks the methods on every dataset
-by the mean top-1 accuracy of their final stage over seeds (with the standard deviation
-where several seeds exist). `write_report` prints the dataset × method table and writes it as
-markdown and as a PNG bar chart.
+registration step); `SUMMARY_SQL` is the one query that ranks the methods on every dataset and
+split (`nola_core.eval.SPLITS`: transductive and held-out, never blended) by the mean top-1
+accuracy of their final stage over seeds (with the standard deviation where several seeds
+exist). `write_report` prints the dataset × split × method table and writes it as markdown and
+as a PNG bar chart.
 
 The root should hold evaluation tables only: rows of other parquet files lack the
 dataset/method/stage keys and are filtered out, but their columns would still be unioned in.
@@ -21,50 +22,69 @@ from typing import Sequence
 
 import polars as pl
 
+from nola_core.eval import PSEUDO_LABEL_MEANING, SPLIT_MEANINGS, SPLITS, split_column
+
 VIEW = "evaluations"
 METHOD_ORDER = ("zero-shot", "cde", "lafter", "latteclip", "nola")
 
-# One query: per dataset, every method's final-stage top-1 accuracy (mean and sample standard
-# deviation over seeds), its rank, and its gap to the best method there. rank = 1 wins.
+# Every row of the view once per split: its accuracy on that split, named in `split`.
+SPLIT_ROWS_SQL = "\nUNION ALL\n".join(
+    f"SELECT dataset, method, stage, seed, final, random_models, '{split}' AS split, "
+    f"{split_column(split, 'n')} AS n, {split_column(split, 'top1')} AS top1, "
+    f"{split_column(split, 'mean_per_class')} AS mean_per_class FROM {VIEW}"
+    for split in SPLITS
+)
+
+# One query: per dataset and split, every method's final-stage top-1 accuracy (mean and sample
+# standard deviation over seeds), its rank, and its gap to the best method there. rank = 1 wins.
 SUMMARY_SQL = f"""
-WITH per_seed AS (
-    SELECT dataset, method, seed,
-           avg(top1) AS top1, avg(mean_per_class) AS mean_per_class,
+WITH split_rows AS (
+{SPLIT_ROWS_SQL}
+), per_seed AS (
+    SELECT dataset, split, method, seed,
+           avg(top1) AS top1, avg(mean_per_class) AS mean_per_class, max(n) AS images,
            bool_or(random_models) AS random_models
-    FROM {VIEW}
+    FROM split_rows
     WHERE final AND top1 IS NOT NULL
-    GROUP BY dataset, method, seed
+    GROUP BY dataset, split, method, seed
 ), per_method AS (
-    SELECT dataset, method,
+    SELECT dataset, split, method,
            avg(top1) AS top1_mean, stddev_samp(top1) AS top1_std,
            avg(mean_per_class) AS mean_per_class_mean, stddev_samp(mean_per_class) AS mean_per_class_std,
-           count(*) AS seeds, bool_or(random_models) AS random_models
+           count(*) AS seeds, max(images) AS images, bool_or(random_models) AS random_models
     FROM per_seed
-    GROUP BY dataset, method
+    GROUP BY dataset, split, method
 )
-SELECT dataset, method, top1_mean, top1_std, mean_per_class_mean, mean_per_class_std, seeds,
-       rank() OVER (PARTITION BY dataset ORDER BY top1_mean DESC) AS rank,
-       top1_mean - max(top1_mean) OVER (PARTITION BY dataset) AS gap_to_best,
+SELECT dataset, split, method, top1_mean, top1_std, mean_per_class_mean, mean_per_class_std, seeds, images,
+       rank() OVER (PARTITION BY dataset, split ORDER BY top1_mean DESC) AS rank,
+       top1_mean - max(top1_mean) OVER (PARTITION BY dataset, split) AS gap_to_best,
        random_models
 FROM per_method
-ORDER BY dataset, rank, method
+ORDER BY dataset, split, rank, method
 """
 
-WINNERS_SQL = f"SELECT dataset, method, top1_mean, top1_std, seeds FROM ({SUMMARY_SQL}) WHERE rank = 1 ORDER BY dataset, method"
+WINNERS_SQL = (f"SELECT dataset, split, method, top1_mean, top1_std, seeds FROM ({SUMMARY_SQL}) WHERE rank = 1 "
+               "ORDER BY dataset, split, method")
 
-# Every stage of every method: accuracy and pseudo-label quality, mean and std over seeds.
+# Every stage of every method: accuracy on each split and pseudo-label quality, mean (and std) over seeds.
+_SPLIT_STAGE_COLUMNS = ",\n       ".join(
+    f"avg({split_column(split, 'top1')}) AS {split_column(split, 'top1_mean')}, "
+    f"avg({split_column(split, 'mean_per_class')}) AS {split_column(split, 'mean_per_class_mean')}, "
+    f"max({split_column(split, 'n')}) AS {split_column(split, 'n')}"
+    for split in SPLITS
+)
 STAGES_SQL = f"""
 SELECT dataset, method, stage, bool_or(final) AS final, count(*) AS seeds,
-       avg(top1) AS top1_mean, stddev_samp(top1) AS top1_std,
-       avg(mean_per_class) AS mean_per_class_mean,
+       {_SPLIT_STAGE_COLUMNS},
        avg(pseudo_label_precision) AS pseudo_label_precision_mean,
        stddev_samp(pseudo_label_precision) AS pseudo_label_precision_std,
-       avg(pseudo_label_coverage) AS pseudo_label_coverage_mean,
-       any_value(eval_split) AS eval_split
+       avg(pseudo_label_coverage) AS pseudo_label_coverage_mean
 FROM {VIEW}
 GROUP BY dataset, method, stage
 ORDER BY dataset, method, stage
 """
+
+SPLIT_LEGEND = "; ".join(f"{split}: {meaning}" for split, meaning in SPLIT_MEANINGS.items())
 
 
 def connect(root: str | Path):
@@ -108,17 +128,24 @@ def ordered_methods(methods: Sequence[str]) -> list[str]:
     return known + sorted(set(methods) - set(known))
 
 
+def dataset_splits(frame: pl.DataFrame) -> list[tuple[str, str]]:
+    """The (dataset, split) pairs of `SUMMARY_SQL`'s result, datasets sorted, splits in `SPLITS` order."""
+    present = set(frame.select("dataset", "split").iter_rows())
+    return [(d, s) for d in sorted(frame["dataset"].unique().to_list()) for s in SPLITS if (d, s) in present]
+
+
 def method_table(frame: pl.DataFrame) -> tuple[list[str], list[list[str]]]:
-    """(header, rows) of the dataset × method table: "mean ± std (n)" in percent, winner marked *."""
+    """(header, rows) of the dataset × split × method table: the split's labelled images, then per
+    method "mean ± std (seeds)" in percent, the winner marked *."""
     methods = ordered_methods(frame["method"].unique().to_list())
-    rows = []
-    for dataset in sorted(frame["dataset"].unique().to_list()):
-        part = {r["method"]: r for r in frame.filter(pl.col("dataset") == dataset).iter_rows(named=True)}
-        row = [dataset]
-        for method in methods:
-            row.append(_cell(part.get(method)))
-        rows.append(row)
-    return ["dataset", *methods], rows
+    lookup = {(r["dataset"], r["split"], r["method"]): r for r in frame.iter_rows(named=True)}
+    images = {}
+    for r in frame.iter_rows(named=True):
+        images[r["dataset"], r["split"]] = max(images.get((r["dataset"], r["split"]), 0), r["images"])
+    rows = [[dataset, split, str(images[dataset, split]),
+             *(_cell(lookup.get((dataset, split, method))) for method in methods)]
+            for dataset, split in dataset_splits(frame)]
+    return ["dataset", "split", "images", *methods], rows
 
 
 def _cell(record: dict | None) -> str:
@@ -133,9 +160,10 @@ def _cell(record: dict | None) -> str:
     return f"{text} *" if record["rank"] == 1 else text
 
 
-def format_text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+def format_text_table(header: Sequence[str], rows: Sequence[Sequence[str]], left: int = 2) -> str:
+    """Plain-text table; the first `left` columns left-aligned, the others right-aligned."""
     widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
-    line = lambda cells: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)  # noqa: E731
+    line = lambda cells: "  ".join(str(c).ljust(w) if i < left else str(c).rjust(w)  # noqa: E731
                                    for i, (c, w) in enumerate(zip(cells, widths)))
     return "\n".join([line(header), "  ".join("-" * w for w in widths), *(line(r) for r in rows)])
 
@@ -175,9 +203,10 @@ def write_report(root: str | Path, out: str | Path | None = None) -> Report:
         raise ValueError(f"the evaluation tables under {root} hold no final-stage accuracy (no labelled images?)")
     header, rows = method_table(ranked)
     random_models = bool(ranked["random_models"].any())
-    caption = ("Top-1 accuracy (%) of each method's final stage on each dataset: mean ± standard deviation "
-               "over seeds (number of seeds) where several exist; * marks the best method on the dataset.")
-    text = format_text_table(header, rows)
+    caption = ("Top-1 accuracy (%) of each method's final stage on each dataset and split: mean ± standard "
+               "deviation over seeds (number of seeds) where several exist; * marks the best method on the "
+               f"dataset and split. {SPLIT_LEGEND}.")
+    text = format_text_table(header, rows) + f"\n{SPLIT_LEGEND}"
     if random_models:
         text += "\n" + RANDOM_NOTE
     out.mkdir(parents=True, exist_ok=True)
@@ -190,20 +219,24 @@ def write_report(root: str | Path, out: str | Path | None = None) -> Report:
 
 def _markdown(header, rows, caption, ranked: pl.DataFrame, stages: pl.DataFrame, random_models: bool) -> str:
     winners = ranked.filter(pl.col("rank") == 1)
-    parts = ["# Which method wins where", "", caption, "", format_markdown_table(header, rows), ""]
+    parts = ["# Which method wins where", "", caption, "", format_markdown_table(header, rows, left=2), ""]
     if random_models:
         parts += [f"**{RANDOM_NOTE}**", ""]
     parts += ["## Winners", ""]
-    parts += [f"- **{r['dataset']}**: {r['method']} ({100 * r['top1_mean']:.1f}%)" for r in winners.iter_rows(named=True)]
+    parts += [f"- **{r['dataset']}**, {r['split']}: {r['method']} ({100 * r['top1_mean']:.1f}%)"
+              for r in winners.iter_rows(named=True)]
     stage_rows = [
-        [r["dataset"], r["method"], r["stage"] + (" (final)" if r["final"] else ""), _percent(r["top1_mean"]),
-         _percent(r["mean_per_class_mean"]), _percent(r["pseudo_label_precision_mean"]),
-         _percent(r["pseudo_label_coverage_mean"]), str(r["seeds"])]
+        [r["dataset"], r["method"], r["stage"] + (" (final)" if r["final"] else "")]
+        + [_percent(r[split_column(split, "top1_mean")]) for split in SPLITS]
+        + [_percent(r[split_column(split, "mean_per_class_mean")]) for split in SPLITS]
+        + [_percent(r["pseudo_label_precision_mean"]), _percent(r["pseudo_label_coverage_mean"]), str(r["seeds"])]
         for r in stages.iter_rows(named=True)
     ]
-    parts += ["", "## Every stage", "",
-              format_markdown_table(["dataset", "method", "stage", "top-1", "mean per class",
-                                     "pseudo-label precision", "pseudo-label coverage", "seeds"], stage_rows, left=3), ""]
+    stage_header = (["dataset", "method", "stage"] + [f"{split} top-1" for split in SPLITS]
+                    + [f"{split} mean per class" for split in SPLITS]
+                    + ["pseudo-label precision", "pseudo-label coverage", "seeds"])
+    parts += ["", "## Every stage", "", format_markdown_table(stage_header, stage_rows, left=3), "",
+              f"{SPLIT_LEGEND}; {PSEUDO_LABEL_MEANING}.", ""]
     return "\n".join(parts)
 
 
@@ -212,33 +245,34 @@ def _percent(value) -> str:
 
 
 def _bar_chart(ranked: pl.DataFrame, path: Path) -> None:
-    """Grouped bars: datasets on the x axis, one bar per method, std over seeds as error bars."""
+    """Grouped bars: (dataset, split) on the x axis, one bar per method, std over seeds as error bars."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    datasets = sorted(ranked["dataset"].unique().to_list())
+    groups = dataset_splits(ranked)
     methods = ordered_methods(ranked["method"].unique().to_list())
-    lookup = {(r["dataset"], r["method"]): r for r in ranked.iter_rows(named=True)}
-    figure = Figure(figsize=(max(6.0, 0.35 * len(datasets) * max(1, len(methods)) + 3), 4.0))
+    lookup = {(r["dataset"], r["split"], r["method"]): r for r in ranked.iter_rows(named=True)}
+    figure = Figure(figsize=(max(6.0, 0.35 * len(groups) * max(1, len(methods)) + 3), 4.0))
     FigureCanvasAgg(figure)
     axis = figure.add_subplot()
     width = 0.8 / max(1, len(methods))
     for m, method in enumerate(methods):
         positions, heights, errors = [], [], []
-        for d, dataset in enumerate(datasets):
-            record = lookup.get((dataset, method))
+        for g, (dataset, split) in enumerate(groups):
+            record = lookup.get((dataset, split, method))
             if record is None:
                 continue
-            positions.append(d - 0.4 + width * (m + 0.5))
+            positions.append(g - 0.4 + width * (m + 0.5))
             heights.append(100 * record["top1_mean"])
             std = record["top1_std"]
             errors.append(0.0 if std is None or math.isnan(std) else 100 * std)
         axis.bar(positions, heights, width, yerr=errors, capsize=2, label=method)
-    rotate = len(datasets) > 4
-    axis.set_xticks(range(len(datasets)), datasets, rotation=30 if rotate else 0, ha="right" if rotate else "center")
+    rotate = len(groups) > 4
+    axis.set_xticks(range(len(groups)), [f"{dataset}\n{split}" for dataset, split in groups],
+                    rotation=30 if rotate else 0, ha="right" if rotate else "center")
     axis.set_ylabel("top-1 accuracy (%)")
     axis.set_ylim(0, 100)
-    axis.set_title("Final-stage top-1 accuracy by dataset and method")
+    axis.set_title("Final-stage top-1 accuracy by dataset, split and method")
     axis.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -13,10 +13,19 @@ from assets_helpers import ALIGNMENT_EPOCHS, FAKE_DESCRIPTIONS, TUNING_EPOCHS, c
 from nola_core.alignment import AlignmentConfig
 from nola_core.features import load_feature_table, save_feature_table
 from nola_core.models import ModelConfig
-from nola_core.pipeline import NolaConfig, run_nola
+from nola_core.eval import STAGE_SCHEMA
+from nola_core.pipeline import TUNED_STAGE, NolaConfig, run_nola, tuned_head_probabilities
 from nola_core.tuning import TuningConfig
 from nola_assets.artifacts import ArtifactRef
-from nola_assets.assets import NOLA_ASSETS, PREDICTIONS_FILE, dino_features
+from nola_assets.assets import (
+    CLASSIFIERS_FILE,
+    METHOD_EVALUATION_FILE,
+    NOLA_ASSETS,
+    PREDICTIONS_FILE,
+    TUNED_FEATURES_FILE,
+    dino_features,
+    load_tuned_classifier,
+)
 from nola_assets import checks
 from nola_assets.checks import NOLA_CHECKS, coverage_result, finite_result, tuned_vs_zero_shot_result
 from nola_assets.partitions import DATASETS
@@ -88,8 +97,38 @@ def test_metadata_counts(graph, folder_labels):
     evaluation = _metadata(result, "evaluation")
     assert evaluation["random_models"] is True and evaluation["labelled_split"] is True
     assert "| zero-shot (templates) |" in evaluation["stages"]
+    assert "| transductive top-1 | held-out top-1 |" in evaluation["stages"]
     assert "randomly initialised" in evaluation["stages"]
     assert evaluation["accuracy"].startswith("![accuracy per stage](data:image/png;base64,")
+    assert evaluation["images/transductive"] == 120 and evaluation["images/held-out"] == 40
+
+
+def test_evaluation_reports_each_split_against_the_class_folders(graph, folder_labels):
+    """The tuned stage's accuracy in the evaluation asset's metadata and table, on each split, against
+    a figure computed here: transductive from predictions.parquet, held-out from the tuned head on the
+    held-out images' stored tuned embeddings, both checked against the class folders."""
+    result, store, root = graph
+    truth = folder_labels(root / "data" / DATASET)
+    predictions_ref = store.require_ref("predictions", DATASET)
+    predictions = store.read_table(predictions_ref, PREDICTIONS_FILE)
+    transductive = sum(truth[i] == c for i, c in zip(predictions["image_id"], predictions["predicted_class"])) / 120
+    clip = resources_for_test(root / "data", root / "artifacts")["models"].load_clip("cpu")
+    cde = store.read_tensors(store.require_ref("cde_classifier", DATASET), CLASSIFIERS_FILE)["cde"]
+    classifier = load_tuned_classifier(store, store.require_ref("prompt_tuned_encoder", DATASET), clip, cde,
+                                       torch.device("cpu"))
+    tuned_table = load_feature_table(predictions_ref.file(TUNED_FEATURES_FILE))
+    held_out = [i for i in tuned_table.ids if i not in set(predictions["image_id"])]
+    classes = tuned_head_probabilities(classifier, tuned_table.rows_for(held_out)).argmax(dim=-1).tolist()
+    names = store.require_ref("dataset_manifest", DATASET).facts["classes"]
+    held_out_top1 = sum(truth[i] == names[c] for i, c in zip(held_out, classes)) / 40
+    metadata = _metadata(result, "evaluation")
+    assert metadata[f"top1/transductive/{TUNED_STAGE}"] == pytest.approx(transductive, abs=1e-9)
+    assert metadata[f"top1/held-out/{TUNED_STAGE}"] == pytest.approx(held_out_top1, abs=1e-9)
+    table = store.read_table(store.require_ref("evaluation", DATASET), METHOD_EVALUATION_FILE)
+    row = table.filter(pl.col("stage") == TUNED_STAGE).row(0, named=True)
+    assert (row["transductive_n"], row["held_out_n"]) == (120, 40) and row["final"]
+    assert row["transductive_top1"] == pytest.approx(transductive, abs=1e-9)
+    assert row["held_out_top1"] == pytest.approx(held_out_top1, abs=1e-9)
 
 
 def test_asset_checks_ran_and_artifacts_are_finite(graph):
@@ -98,7 +137,9 @@ def test_asset_checks_ran_and_artifacts_are_finite(graph):
     assert len(evaluations) == len(NOLA_CHECKS)
     assert all(e.passed for (asset, name), e in evaluations.items() if name == "no_nan_or_inf")
     assert evaluations[("cde_pseudo_labels", "every_class_has_pseudo_labels")].passed
-    assert evaluations[("evaluation", "tuned_not_worse_than_zero_shot")].severity == AssetCheckSeverity.WARN
+    tuned_check = evaluations[("evaluation", "tuned_not_worse_than_zero_shot")]
+    assert tuned_check.severity == AssetCheckSeverity.WARN
+    assert tuned_check.metadata["split"].value == "held-out" and tuned_check.metadata["images"].value == 40
 
 
 def test_tuned_predictions_equal_run_nola(graph):
@@ -112,9 +153,8 @@ def test_tuned_predictions_equal_run_nola(graph):
     reference = run_nola(root / "data" / DATASET, config, descriptions=FAKE_DESCRIPTIONS)
     ours = store.read_table(store.require_ref("predictions", DATASET), PREDICTIONS_FILE)
     assert ours.equals(reference.predictions)
-    evaluation = store.read_json(store.require_ref("evaluation", DATASET), "evaluation.json")
-    for stage, values in reference.stages.items():
-        assert evaluation["stages"][stage] == values  # JSON round-trips floats exactly
+    evaluation = store.read_table(store.require_ref("evaluation", DATASET), METHOD_EVALUATION_FILE)
+    assert evaluation.select(list(STAGE_SCHEMA)).equals(reference.stages)
 
 
 def test_nan_in_a_reused_feature_table_fails_the_blocking_check(graph, tmp_path):
@@ -153,9 +193,12 @@ def test_check_judgements_on_crafted_input(tmp_path, monkeypatch):
     coverage = coverage_result(report)
     assert not coverage.passed and coverage.severity == AssetCheckSeverity.WARN and "dog" in coverage.description
 
-    stages = {"zero-shot (templates)": {"top1": 0.5}, "NoLA prompt-tuned": {"top1": 0.4}}
-    worse = tuned_vs_zero_shot_result({"stages": stages, "random_models": False})
-    assert not worse.passed and worse.severity == AssetCheckSeverity.WARN
-    unlabelled = tuned_vs_zero_shot_result({"stages": {"zero-shot (templates)": {}, "NoLA prompt-tuned": {}},
-                                            "random_models": True})
-    assert unlabelled.passed
+    def evaluation(held_out_n: int, zero_shot: float | None, tuned: float | None) -> pl.DataFrame:
+        return pl.DataFrame({"stage": ["zero-shot (templates)", "NoLA prompt-tuned"], "transductive_n": [0, 0],
+                             "transductive_top1": [None, None], "held_out_n": [held_out_n] * 2,
+                             "held_out_top1": [zero_shot, tuned], "random_models": [False, False]})
+
+    worse = tuned_vs_zero_shot_result(evaluation(10, 0.5, 0.4))
+    assert not worse.passed and worse.severity == AssetCheckSeverity.WARN and worse.metadata["split"].value == "held-out"
+    unlabelled = tuned_vs_zero_shot_result(evaluation(0, None, None))
+    assert unlabelled.passed and unlabelled.metadata["split"].value == "none"

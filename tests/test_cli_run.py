@@ -52,6 +52,7 @@ def test_demo_prints_the_stage_table_the_warning_and_the_artifacts(project, caps
     assert main(["demo", *FAST]) == 0
     out = capsys.readouterr().out
     assert "NoLA prompt-tuned" in out and "top-k pseudo-labels" in out
+    assert "transductive top-1" in out and "held-out top-1" in out  # both splits, named
     assert "randomly initialised" in out
     assert f"artifacts:    {project / 'artifacts' / 'fashion_mini'}" in out
     assert (project / "data" / "fashion_mini" / "dataset.yaml").is_file()  # a writable copy

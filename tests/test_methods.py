@@ -497,7 +497,7 @@ def test_latteclip_loop_improves_on_its_zero_shot_pseudo_labels():
 # --- evaluation table ----------------------------------------------------------------------------
 
 
-def test_evaluation_rows_report_accuracy_on_held_out_images_and_pseudo_label_quality():
+def test_evaluation_rows_report_accuracy_on_each_split_and_pseudo_label_quality():
     ids = ("u0", "u1", "u2", "u3", "h0", "h1")
     probabilities = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7], [0.8, 0.2], [0.7, 0.3]])
     run = MethodRun("toy", 3, [
@@ -509,20 +509,23 @@ def test_evaluation_rows_report_accuracy_on_held_out_images_and_pseudo_label_qua
     frame = evaluate_run(run, dataset="d", classes=["a", "b"], unlabeled_ids=ids[:4], labels=labels)
     assert frame.schema == pl.Schema(EVALUATION_SCHEMA)
     labeller, selection, final = frame.iter_rows(named=True)
-    assert final["final"] and final["eval_split"] == "held-out" and final["n_eval"] == 2
-    assert final["top1"] == 0.5 and final["mean_per_class"] == 0.5  # h0 right, h1 wrong
-    assert final["per_class"] == [{"class_name": "a", "accuracy": 1.0, "n": 1},
-                                  {"class_name": "b", "accuracy": 0.0, "n": 1}]
+    assert final["final"] and final["held_out_n"] == 2
+    assert final["held_out_top1"] == 0.5 and final["held_out_mean_per_class"] == 0.5  # h0 right, h1 wrong
+    assert final["held_out_per_class"] == [{"class_name": "a", "accuracy": 1.0, "n": 1},
+                                           {"class_name": "b", "accuracy": 0.0, "n": 1}]
+    # Transductive: the labelled copies u0, u1 (right), u2 (wrong); u3's label is unknown.
+    assert final["transductive_n"] == 3 and abs(final["transductive_top1"] - 2 / 3) < 1e-9
     assert final["pseudo_label_precision"] is None and final["seed"] == 3
     # u3's label is unknown: precision over u0, u1, u2 (u2 wrong); coverage over all 4.
     assert labeller["pseudo_labelled"] == 4 and labeller["pseudo_label_coverage"] == 1.0
     assert labeller["pseudo_labels_known"] == 3 and abs(labeller["pseudo_label_precision"] - 2 / 3) < 1e-9
-    assert selection["eval_split"] == "none" and selection["top1"] is None
+    assert selection["transductive_n"] == selection["held_out_n"] == 0
+    assert selection["transductive_top1"] is None and selection["held_out_top1"] is None
     assert selection["pseudo_label_coverage"] == 0.5 and selection["pseudo_label_class_coverage"] == 0.5
     assert selection["pseudo_label_precision"] == 0.5
 
-    # Without held-out images, accuracy falls back to the labelled copies of training images.
+    # Without held-out images, held-out accuracy is absent (not 0); transductive is unchanged.
     transductive = evaluate_run(run, dataset="d", classes=["a", "b"], unlabeled_ids=ids[:4],
-                                labels=EvaluationLabels({"u0": 0, "u1": 1, "u2": 1}, frozenset()))
-    assert transductive.row(2, named=True)["eval_split"] == "transductive"
-    assert abs(transductive.row(2, named=True)["top1"] - 2 / 3) < 1e-9
+                                labels=EvaluationLabels({"u0": 0, "u1": 1, "u2": 1}, frozenset())).row(2, named=True)
+    assert transductive["held_out_n"] == 0 and transductive["held_out_top1"] is None
+    assert abs(transductive["transductive_top1"] - 2 / 3) < 1e-9

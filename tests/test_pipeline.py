@@ -4,12 +4,21 @@ import json
 import shutil
 import time
 
+import polars as pl
 import pytest
 
 from nola_core.alignment import AlignmentConfig
 from nola_core.demo import demo_dataset_path
-from nola_core.models import ModelConfig
-from nola_core.pipeline import NolaConfig, run_nola
+from nola_core.models import ModelConfig, load_clip
+from nola_core.pipeline import (
+    TUNED_STAGE,
+    NolaConfig,
+    evaluation_records,
+    load_dataset,
+    run_nola,
+    tuned_head_probabilities,
+    tuned_image_features,
+)
 from nola_core.tuning import TuningConfig
 
 FAST = NolaConfig(
@@ -58,11 +67,26 @@ def test_nola_end_to_end_on_real_images(demo_copy, folder_labels):
     assert result.selection_report["precision"] == pytest.approx(precision, abs=1e-9)
 
     stages = result.stages
-    assert list(stages) == ["top-k pseudo-labels", "zero-shot (templates)", "CDE (descriptions)",
-                            "DL network (DINO)", "NoLA prompt-tuned", "tuned encoder + templates"]
-    for name in list(stages)[1:]:
-        assert stages[name]["n"] == 160  # 120 labelled copies + 40 held-out images
-        assert 0.0 <= stages[name]["top1"] <= 1.0
+    assert stages["stage"].to_list() == ["top-k pseudo-labels", "zero-shot (templates)", "CDE (descriptions)",
+                                         "DL network (DINO)", "NoLA prompt-tuned", "tuned encoder + templates"]
+    scored = stages.filter(pl.col("stage") != "top-k pseudo-labels")
+    assert scored["transductive_n"].to_list() == [120] * 5  # the labelled copies of the unlabeled images
+    assert scored["held_out_n"].to_list() == [40] * 5  # labelled images never adapted on
+    assert stages["pseudo_label_precision"][0] == pytest.approx(result.selection_report["precision"], abs=1e-9)
+    # The tuned stage on each split against the class folders: transductive from the prediction
+    # table, held-out from the tuned head on the held-out images (same records, so same batches).
+    tuned = stages.filter(pl.col("stage") == TUNED_STAGE).row(0, named=True)
+    predicted = dict(zip(result.predictions["image_id"], result.predictions["predicted_class"]))
+    right = sum(truth[image_id] == name for image_id, name in predicted.items())
+    assert tuned["transductive_top1"] == pytest.approx(right / 120, abs=1e-9)
+    records = evaluation_records(result.manifest, load_dataset(demo_copy)[2])
+    table = tuned_image_features(result.classifier, load_clip(FAST.models, "cpu"), demo_copy, records,
+                                 FAST.features, "cpu")
+    held_out = [r.image_id for r in records if r.image_id not in predicted]
+    classes = tuned_head_probabilities(result.classifier, table.rows_for(held_out)).argmax(dim=-1).tolist()
+    right = sum(truth[image_id] == result.spec.classes[c] for image_id, c in zip(held_out, classes))
+    assert tuned["held_out_top1"] == pytest.approx(right / 40, abs=1e-9)
+    assert "transductive top-1" in result.stage_table() and "held-out top-1" in result.stage_table()
     # The descriptions really reached the CDE classifier.
     assert not (result.cde - result.zero_shot).abs().max() < 1e-6
     assert len(result.history) == 3

@@ -23,10 +23,12 @@ import torch
 from nola_core.alignment import alignment_network, predict_alignment
 from nola_core.data import ImageRecord, Manifest
 from nola_core.features import FeatureTable, load_feature_table, save_feature_table
+from nola_core.eval import EvaluationLabels, evaluate_stages
+from nola_core.methods import PseudoLabels
 from nola_core.pipeline import (
     TUNED_STAGE,
     cosine_probabilities,
-    evaluate_stages,
+    nola_stage_outputs,
     prediction_table,
     stage_predictions,
     tuned_head_probabilities,
@@ -122,8 +124,12 @@ def test_streamed_stages_match_the_full_probability_matrices(chunk_size):
     labeled = Manifest(tuple(records))
     assert prediction_table(manifest, clip.ids, streamed[TUNED_STAGE], list("abcdefg")).equals(
         prediction_table(manifest, clip.ids, full[TUNED_STAGE], list("abcdefg")))
-    assert evaluate_stages(streamed, clip.ids, list("abcdefg"), labeled, {"precision": 0.5}) == \
-        evaluate_stages(full, clip.ids, list("abcdefg"), labeled, {"precision": 0.5})
+    labels, train_ids = EvaluationLabels.from_manifests(manifest, labeled), list(manifest.ids)
+    selection = PseudoLabels(tuple(train_ids[:5]), torch.arange(5), len(train_ids))
+    streamed_metrics = evaluate_stages(nola_stage_outputs(streamed, clip.ids, selection, train_ids), list("abcdefg"), labels)
+    assert streamed_metrics["held_out_n"].to_list() == [0] + [100] * 5  # the top-k selection scores no image
+    assert streamed_metrics.equals(evaluate_stages(nola_stage_outputs(full, clip.ids, selection, train_ids),
+                                                   list("abcdefg"), labels))
 
 
 def test_top_classes_cap_k_at_the_number_of_classes_and_keep_the_first_of_ties():

@@ -19,7 +19,8 @@ chunk by chunk over the (possibly memory-mapped, float16) feature tables: no rec
 embeddings of their tuned encoders to `tuned_output` as they compute them, when given one (the
 Dagster assets give one), instead of holding them in RAM.
 
-`evaluation` turns runs into the metrics table (the only place labels are read); `compare`
+`evaluation` turns runs into the metrics table (`nola_core.eval`, the only place labels are
+read, scores each stage on the transductive and the held-out split); `compare`
 runs any subset of the methods over seeds on one dataset folder.
 """
 

@@ -4,7 +4,7 @@ A method run is a list of stages. Each stage gives class probabilities for the e
 images (rows follow `ids`: each row's top classes, `nola_core.predictions.TopClasses`, as every
 recipe streams them, or a full [N, C] matrix) and, when it is a labeller, the hard
 pseudo-labels it hands to the next stage. Nothing here sees a ground-truth
-label: `nola_core.methods.evaluation` is the only consumer of labels, and it takes these
+label: `nola_core.eval.evaluate_stages` is the only consumer of labels, and it takes these
 objects as they are.
 """
 
