@@ -58,6 +58,7 @@ def export_classifier(
             "num_prompts": classifier.encoder.num_prompts,
             "deep": classifier.encoder.prompts.shape[0] > 1,
             "logit_scale": classifier.logit_scale,
+            "head_input": classifier.head_input,
         },
         "files": {TENSORS_NAME: _sha256(out_dir / TENSORS_NAME)},
         "exported_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -130,6 +131,7 @@ def load_classifier(
         num_prompts=prompts["num_prompts"],
         deep_prompts=prompts["deep"],
         logit_scale=prompts["logit_scale"],
+        head_input=prompts.get("head_input", "normalized"),  # exports before the field had a cosine head
     )
     classifier.load_trainable_state_dict(tensors)
     preprocess = Preprocess(**{k: tuple(v) if isinstance(v, list) else v for k, v in manifest["preprocess"].items()})

@@ -172,7 +172,8 @@ def build_prompt_classifier(clip: ClipModel, class_embeddings: torch.Tensor, con
         class_embeddings,
         num_prompts=config.num_prompts,
         deep_prompts=config.deep_prompts,
-        logit_scale=config.logit_scale,
+        logit_scale=config.head_logit_scale,
+        head_input=config.head_input,
         init_seed=config.seed,
     )
 
@@ -265,10 +266,11 @@ def tuned_image_features(
     device,
     output: Path | None = None,
 ) -> FeatureTable:
-    """Unit-norm image embeddings of the tuned encoder (eval view), float32.
+    """Projected image embeddings of the tuned encoder (eval view), unnormalised, float32.
 
-    One pass serves both the tuned head and the forgetting guard (the same embeddings scored by
-    the untouched zero-shot template classifier). With `output`, rows go to that store file as
+    One pass serves both the tuned head (`tuned_head_probabilities`, which reads them as training
+    did) and the forgetting guard (the same embeddings, normalised, scored by the untouched
+    zero-shot template classifier). With `output`, rows go to that store file as
     they are computed and the table comes back memory-mapped (`features.extract_features`).
     """
     return extract_features(classifier.image_features, root, records, eval_transform(clip.preprocess),
@@ -278,7 +280,7 @@ def tuned_image_features(
 
 def tuned_head_probabilities(classifier: PromptTunedClassifier, features: torch.Tensor) -> torch.Tensor:
     """Softmax of the tuned head on a chunk of `tuned_image_features` embeddings, [n, C] on the
-    CPU (`tuned_head_top_classes` streams it over a table)."""
+    CPU (`tuned_head_top_classes` streams it over a table): the same logits as the forward."""
     with torch.no_grad():
         return torch.softmax(classifier.logits_from_features(features.to(classifier.head.weight.device)),
                              dim=-1).cpu()

@@ -46,7 +46,14 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TuningConfig:
-    """Defaults are NoLA's: 16 shallow prompts, AdamW 4e-3 wd 0.01, batch 512, 50 epochs, LS 0.1.
+    """Defaults are NoLA's reference (`trainers/NoLA.py`, `config.yml`; docs/fidelity.md): 16
+    shallow prompts, AdamW 4e-3, weight decay 0.01 except on tensors whose name contains one of
+    `no_decay_names`, a constant learning rate, batch 512, 50 epochs, label smoothing 0.1.
+
+    The head (`models.vpt.PromptTunedClassifier`): `head_input` "projected" applies it to the
+    unnormalised projected CLS feature and `head_logit_scale` 1 adds no scale, as the reference's
+    `cde_adapter` (and LaFTer's `adapter`); "normalized" with e.g. 100 gives a cosine-style head.
+    Zero-shot and CDE scoring stay cosine x 100 (`AlignmentConfig.logit_scale`).
 
     `fixed_pseudo_labels` (default False, the paper): False runs the DL network's DINO forward
     on a fresh weak view of every image at every step. True takes one label per image, computed
@@ -66,9 +73,13 @@ class TuningConfig:
     micro_batch_size: int = 32  # images per forward/backward per process; lower it on small memory
     reference_batch_size: int = 512  # the batch the learning rate was set for
     epochs: int = 50
+    # The reference's list: in open_clip's names (ln_pre, ln_1, ...) only "bias" ever matches,
+    # so LayerNorm weights, prompts and the head are decayed, LayerNorm biases are not.
+    no_decay_names: tuple[str, ...] = ("bias", "LayerNorm.bias", "LayerNorm.weight")
     label_smoothing: float = 0.1
-    logit_scale: float = 100.0
-    lr_schedule: str = "cosine"  # cosine | constant
+    head_input: str = "projected"  # projected | normalized
+    head_logit_scale: float = 1.0
+    lr_schedule: str = "constant"  # constant (the reference's MultiStepLR without milestones) | cosine
     num_workers: int = 2  # on the CPU at most a quarter of the cores (`runtime.loader_workers`)
     precision: str = "auto"
     seed: int = 0
@@ -186,8 +197,7 @@ def train_prompts(
     step_size = min(micro * max(1, config.batch_size // micro), len(dataset))
     accumulation = math.ceil(step_size / (micro * world))  # micro-batches per process per step, at most
     lr = config.lr * min(1.0, step_size / config.reference_batch_size)
-    trainable = [p for p in classifier.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=config.weight_decay)
+    optimizer = tuning_optimizer(classifier, lr, config)
     steps_per_epoch = math.ceil(len(dataset) / step_size)
     scheduler = _schedule(optimizer, config.lr_schedule, steps_per_epoch * config.epochs)
     model: nn.Module = classifier
@@ -319,12 +329,25 @@ def _join_sync_with_zeros(model, last_input, device, config: TuningConfig) -> No
         (model(last_input[:1]).float().sum() * 0.0).backward()
 
 
+def tuning_optimizer(classifier: nn.Module, lr: float, config: TuningConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable tensors in two groups, as the reference's `setup_optim`: weight
+    decay `config.weight_decay`, except for tensors whose name contains one of
+    `config.no_decay_names` (weight decay 0)."""
+    trainable = [(name, p) for name, p in classifier.named_parameters() if p.requires_grad]
+    exempt = [any(part in name for part in config.no_decay_names) for name, _ in trainable]
+    groups = [
+        {"params": [p for (_, p), no in zip(trainable, exempt) if not no], "weight_decay": config.weight_decay},
+        {"params": [p for (_, p), no in zip(trainable, exempt) if no], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW([group for group in groups if group["params"]], lr=lr)
+
+
 def _schedule(optimizer, name: str, total_steps: int):
-    if name == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
     if name == "constant":
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    raise ValueError(f"unknown lr_schedule {name!r}; choose cosine or constant")
+    if name == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
+    raise ValueError(f"unknown lr_schedule {name!r}; choose constant or cosine")
 
 
 RESUME_FILE = "resume.pt"

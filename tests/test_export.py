@@ -82,9 +82,10 @@ def check_onnx_export_and_its_reported_difference(exported, images, folder):
     reported = export.onnx_max_abs_difference(path, exported, images)
     assert reported == pytest.approx(measured, rel=1e-3, abs=1e-7), f"reported {reported}, measured {measured}"
     moved = copy.deepcopy(exported)
-    moved.classifier.logit_scale *= 1.5  # every logit moves by half its value, at least 1 here
+    moved.classifier.logit_scale *= 1.5  # every logit moves by half its value
     measured_moved = onnx_minus_torch(session, moved.classifier, images)
-    assert measured_moved > 1.0
+    with torch.no_grad():
+        assert measured_moved > 0.4 * exported.classifier(images).abs().max().item() > 1e-3
     reported_moved = export.onnx_max_abs_difference(path, moved, images)
     assert reported_moved == pytest.approx(measured_moved, rel=1e-3), f"reported {reported_moved}, measured {measured_moved}"
 

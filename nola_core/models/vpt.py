@@ -49,10 +49,17 @@ class PromptedVisionEncoder(nn.Module):
         return pooled
 
 
-class PromptTunedClassifier(nn.Module):
-    """Prompted CLIP vision encoder + cosine classifier initialised from text embeddings.
+HEAD_INPUTS = ("projected", "normalized")
 
-    Trainable: the prompt tokens, every LayerNorm affine of the vision tower, the classifier.
+
+class PromptTunedClassifier(nn.Module):
+    """Prompted CLIP vision encoder + linear head (no bias) initialised from text embeddings.
+
+    The head reads the projected CLS feature as it comes out of the encoder (`head_input`
+    "projected", NoLA's and LaFTer's reference: their adapter takes the unnormalised feature, so
+    the feature norm acts as the logit scale) or L2-normalised ("normalized", a cosine-style
+    head), and its output is multiplied by `logit_scale` (1 in both references).
+    Trainable: the prompt tokens, every LayerNorm affine of the vision tower, the head.
     Everything else stays frozen, so a checkpoint is only `trainable_state_dict()`.
     """
 
@@ -62,16 +69,20 @@ class PromptTunedClassifier(nn.Module):
         class_embeddings: torch.Tensor,
         num_prompts: int = 16,
         deep_prompts: bool = False,
-        logit_scale: float = 100.0,
+        logit_scale: float = 1.0,
+        head_input: str = "projected",
         init_seed: int = 0,
     ):
         super().__init__()
+        if head_input not in HEAD_INPUTS:
+            raise ValueError(f"head_input {head_input!r} is not one of {HEAD_INPUTS}")
         self.encoder = PromptedVisionEncoder(visual, num_prompts=num_prompts, deep=deep_prompts, init_seed=init_seed)
         num_classes, dim = class_embeddings.shape
         self.head = nn.Linear(dim, num_classes, bias=False)
         with torch.no_grad():
             self.head.weight.copy_(F.normalize(class_embeddings.float(), dim=-1))
         self.logit_scale = logit_scale
+        self.head_input = head_input
         for parameter in self.encoder.visual.parameters():
             parameter.requires_grad_(False)
         for module in self.encoder.visual.modules():
@@ -85,9 +96,12 @@ class PromptTunedClassifier(nn.Module):
         return self
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.encoder(images), dim=-1)
+        """The projected CLS feature, unnormalised (cosine scorers normalise it themselves)."""
+        return self.encoder(images)
 
     def logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
+        if self.head_input == "normalized":
+            features = F.normalize(features, dim=-1)
         return self.logit_scale * self.head(features)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
