@@ -30,11 +30,13 @@ import test_deploy
 import test_export
 import test_fidelity_lafter_latteclip
 import test_fidelity_nola
+import test_methods_real
 import test_reliability
 import test_tuning
 from nola_core import alignment, export, features, pipeline, runtime, tuning
 from nola_core.data import MultiView, strong_transform
-from nola_core.methods import lafter, latteclip, nola
+from nola_core.data import known_labels
+from nola_core.methods import compare, compare_methods, lafter, latteclip, nola
 from nola_core.methods.common import PseudoLabels
 from nola_core.models import ModelConfig, PromptTunedClassifier, load_dino
 from nola_assets import artifacts, assets
@@ -129,6 +131,14 @@ def lafter_labeller_stays_frozen(tmp_path: Path) -> None:
 
 def latteclip_prototypes_reach_their_target(tmp_path: Path) -> None:
     test_fidelity_lafter_latteclip.latteclip_loop_check()
+
+
+def labels_never_reach_the_cde(tmp_path: Path) -> None:
+    """The bit-identical check of test_methods_real on the CDE alone (the cheapest method to run twice)."""
+    original, shuffled = test_methods_real.shuffled_label_copies(tmp_path)
+    config = dataclasses.replace(test_methods_real.FAST, methods=("cde",))
+    test_methods_real.check_checkpoints_do_not_depend_on_the_labels(compare_methods(original, config),
+                                                                  compare_methods(shuffled, config))
 
 
 def bias_weight_decay_and_constant_lr(tmp_path: Path) -> None:
@@ -286,6 +296,27 @@ def _writes_in_place(monkeypatch):
         monkeypatch.setattr(module, "atomic_output", in_place)
 
 
+def _labels_nudge_the_cde(monkeypatch):
+    """Three images' ground-truth labels each move their class's CDE row by 1e-3."""
+    labels: list[int] = []
+    real_load, real_cde = compare.load_dataset, compare.cde_weights
+
+    def load(dataset_dir):
+        spec, manifest, labeled = real_load(dataset_dir)
+        truth = known_labels(manifest, labeled)
+        labels[:] = [truth[image_id] for image_id in manifest.ids[:3]]
+        return spec, manifest, labeled
+
+    def cde_weights(*args, **kwargs):
+        weights = real_cde(*args, **kwargs).clone()
+        for c in labels:
+            weights[c] += 1e-3
+        return weights
+
+    monkeypatch.setattr(compare, "load_dataset", load)
+    monkeypatch.setattr(compare, "cde_weights", cde_weights)
+
+
 def _gpu_assets_without_pod_tags(monkeypatch):
     monkeypatch.setattr(assets, "GPU_POD_TAGS", {})
 
@@ -395,6 +426,8 @@ SABOTAGES = [
              onnx_export_and_reported_difference, _onnx_of_other_tensors, "ONNX logits differ"),
     Sabotage("artifact writes: in place, not through a renamed temporary file",
              artifact_writes_are_atomic, _writes_in_place, "did not fail the write"),
+    Sabotage("label-free: three ground-truth labels nudge the CDE classifier by 1e-3",
+             labels_never_reach_the_cde, _labels_nudge_the_cde, "cde: classifier depends on the labels"),
     Sabotage("deployment: GPU assets lose their dagster-k8s pod tags",
              gpu_asset_requests_a_gpu_pod, _gpu_assets_without_pod_tags, "no dagster-k8s/config tag"),
     Sabotage("NoLA optimiser: weight decay on biases too",
