@@ -3,6 +3,7 @@ text-limit / collision / forgetting-guard metadata of the graph (tiny random mod
 
 import json
 
+import polars as pl
 import pytest
 import torch
 from dagster import AssetKey, DagsterInstance, materialize
@@ -11,6 +12,7 @@ from assets_helpers import copy_demo, resources_for_test
 from nola_core.data import build_manifest, eval_transform, load_dataset_spec, load_rgb
 from nola_core.demo import demo_dataset_path
 from nola_core.export import MANIFEST_NAME, export_classifier, load_classifier
+from nola_core.methods import EVALUATION_SCHEMA
 from nola_core.models import ModelConfig, load_clip
 from nola_core.pipeline import build_prompt_classifier
 from nola_core.tuning import TuningConfig
@@ -79,11 +81,12 @@ def test_export_asset_then_cli_export_loads_to_identical_logits(graph, tmp_path,
 def test_forgetting_guard_and_label_free_signals_in_metadata(graph):
     result, _, _ = graph
     evaluation = _metadata(result, "evaluation")
-    assert "top1/tuned encoder + templates" in evaluation and "top1/zero-shot (templates)" in evaluation
     guard = _metadata(result, "exported_classifier")["forgetting_guard"]
-    assert guard["delta"] == pytest.approx(evaluation["top1/tuned encoder + templates"]
-                                           - evaluation["top1/zero-shot (templates)"])
-    assert forgetting_guard({"stages": {}})["delta"] is None  # no labelled split: nothing to compare
+    assert guard["split"] == "held-out"  # the demo has held-out images: the guard reads that split
+    assert guard["delta"] == pytest.approx(evaluation["top1/held-out/tuned encoder + templates"]
+                                           - evaluation["top1/held-out/zero-shot (templates)"])
+    no_labels = forgetting_guard(pl.DataFrame(schema=EVALUATION_SCHEMA))
+    assert no_labels["delta"] is None and no_labels["split"] is None  # no labelled split: nothing to compare
     tuned = _metadata(result, "prompt_tuned_encoder")
     assert "entropy" in tuned["history"] and "agreement" in tuned["history"]
     pseudo = _metadata(result, "cde_pseudo_labels")
