@@ -27,7 +27,9 @@ from nola_core.methods import (LaFTerConfig, LatteCLIPConfig, LatteTexts, TextCl
                                lafter_views, latteclip_config_for, train_text_classifier, tune_lafter)
 from nola_core.methods import lafter as lafter_module
 from nola_core.methods import latteclip as latteclip_module
+from nola_core.methods.lafter import build_lafter_classifier
 from nola_core.methods.latteclip import latteclip_parameter_groups, text_bank
+from nola_core.models import ModelConfig, load_clip
 from nola_core.tuning import TuningConfig
 from test_methods import (StrongView, ToyPromptClassifier, WeakView, orthogonal_clusters, write_feature_images)
 
@@ -140,6 +142,22 @@ def test_lafter_strong_view_is_the_references_get_random_transform():
     assert 0.14 <= gray_fraction <= 0.26, gray_fraction
 
 
+def test_lafter_student_logits_are_the_head_on_the_unnormalised_feature():
+    """Reference `forward_aug_with_prompts` / `eval_clip`: `adapter(x)` on the projected CLS
+    feature as it leaves `ln_post @ proj`, no normalisation, no scale (the issue: ours was
+    1 · cosine, about 10x softer on ViT-B). Through the tiny CLIP, whose features are not unit."""
+    clip = load_clip(ModelConfig.from_profile("tiny"))
+    weight = torch.randn(3, clip.embed_dim, generator=torch.Generator().manual_seed(0))
+    classifier = build_lafter_classifier(clip, weight, LaFTerConfig().tuning).eval()
+    size = clip.preprocess.image_size
+    images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        features = classifier.encoder(images)
+        logits = classifier(images)
+    assert not torch.allclose(features.norm(dim=-1), torch.ones(2), atol=0.05)
+    assert torch.allclose(logits, features @ weight.T, atol=1e-4)
+
+
 def test_lafter_config_defaults_are_the_references():
     """`LaFTer.sh` (lr 5e-4), `LaFTer.py` argparse defaults (batch 50, epochs 50), `trainers/LaFTer.py`
     (50 prompt tokens, shallow), `utils/utils.py` (`setup_lafter_training_utils`: AdamW, weight
@@ -155,6 +173,8 @@ def test_lafter_config_defaults_are_the_references():
     assert (tuning.batch_size, tuning.reference_batch_size, tuning.epochs, tuning.lr_schedule) == (50, 50, 50, "constant")
     assert tuning.batch_size % tuning.micro_batch_size == 0  # steps really are 50 images
     assert not tuning.fixed_pseudo_labels
+    assert (tuning.head_input, tuning.head_logit_scale) == ("projected", 1.0)  # `forward_aug_with_prompts`
+    assert tuning.no_decay_names == ("bias", "LayerNorm.bias", "LayerNorm.weight")
     assert lafter_config_for("EuroSAT").text.iterations == 400
     assert lafter_config_for("EuroSAT").templates == "eurosat_openai3"  # LaFTer's own three
     assert lafter_config_for("eurosat", LaFTerConfig(templates="eurosat")).templates == "eurosat"

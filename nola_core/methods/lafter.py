@@ -9,8 +9,10 @@ checked against its reference code (jmiemirza/LaFTer: `LaFTer.py`, `trainers/LaF
    embeddings, label-smoothed cross-entropy (0.1), AdamW lr 5e-4 (weight decay 0.01), a constant
    rate, 400–600 iterations by dataset (`utils.text_cls_epochs`, `lafter_config_for`).
 3. `tune_lafter`: FixMatch-style prompt tuning through the core loop `train_prompts`: 50 visual
-   prompt tokens + LayerNorm affines + the text classifier as the head, label-smoothed
-   cross-entropy on the strong view, no confidence threshold. Pseudo-labels: the argmax of a
+   prompt tokens + LayerNorm affines + the text classifier as the head, which reads the
+   unnormalised projected CLS feature with no scale (`forward_aug_with_prompts`: the feature
+   norm is the logit scale), label-smoothed cross-entropy on the strong view, no confidence
+   threshold. Pseudo-labels: the argmax of a
    *frozen copy* of the trained text classifier (`adapter_pl = deepcopy(adapter)`) on the
    L2-normalised features of the un-prompted vision tower for the weak view
    (`forward_normal_for_pl`); the tower's LayerNorm affines are the ones being tuned, so only the
@@ -85,9 +87,12 @@ class TextClassifierConfig:
 
 
 def _lafter_tuning() -> TuningConfig:
-    """LaFTer's prompt tuning (`LaFTer.sh`, `LaFTer.py` defaults, `setup_lafter_training_utils`)."""
-    return TuningConfig(num_prompts=50, lr=5e-4, weight_decay=0.01, batch_size=50, micro_batch_size=25,
-                        reference_batch_size=50, epochs=50, label_smoothing=0.1, lr_schedule="constant")
+    """LaFTer's prompt tuning (`scripts/LaFTer.sh`, `LaFTer.py` defaults, `utils.py`:
+    `setup_lafter_training_utils`; the head as `trainers/LaFTer.py`: `forward_aug_with_prompts`)."""
+    return TuningConfig(num_prompts=50, deep_prompts=False, lr=5e-4, weight_decay=0.01,
+                        no_decay_names=("bias", "LayerNorm.bias", "LayerNorm.weight"), batch_size=50,
+                        micro_batch_size=25, reference_batch_size=50, epochs=50, label_smoothing=0.1,
+                        head_input="projected", head_logit_scale=1.0, lr_schedule="constant")
 
 
 @dataclass(frozen=True)
@@ -177,13 +182,16 @@ def text_classifier_top_classes(
 
 
 def build_lafter_classifier(clip: ClipModel, weight: torch.Tensor, config: TuningConfig) -> PromptTunedClassifier:
-    """Prompted copy of the vision tower with the trained text classifier, unnormalised, as its head."""
+    """Prompted copy of the vision tower with the trained text classifier, its rows as trained (not
+    normalised), as the head; `config.head_input` / `head_logit_scale` say what the head reads
+    (LaFTer: the unnormalised projected feature, no scale, as `forward_aug_with_prompts`)."""
     classifier = PromptTunedClassifier(
         copy.deepcopy(clip.visual),
         weight,
         num_prompts=config.num_prompts,
         deep_prompts=config.deep_prompts,
-        logit_scale=1.0,
+        logit_scale=config.head_logit_scale,
+        head_input=config.head_input,
         init_seed=config.seed,
     )
     with torch.no_grad():
