@@ -4,7 +4,7 @@ Each expected value is written out here from the reference (file and function na
 test), not derived from the code under test; see docs/fidelity.md, section NoLA.
 """
 
-import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,11 +13,21 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2
 
 from nola_core.alignment import select_top_k
-from nola_core.data import CLIP_MEAN, CLIP_STD, MultiView, Preprocess, build_manifest, load_dataset_spec, strong_transform
+from nola_core.data import (
+    CLIP_MEAN,
+    CLIP_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    MultiView,
+    Preprocess,
+    build_manifest,
+    load_dataset_spec,
+    strong_transform,
+)
 from nola_core.demo import demo_dataset_path
 from nola_core.export import export_classifier, load_classifier
 from nola_core.models import ModelConfig, load_clip
-from nola_core.pipeline import build_prompt_classifier, tuned_head_probabilities
+from nola_core.pipeline import build_prompt_classifier, tuned_head_probabilities, tuning_views
 from nola_core.tuning import TuningConfig, train_prompts
 
 CLIP_224 = Preprocess(224, CLIP_MEAN, CLIP_STD)
@@ -120,7 +130,7 @@ def _describe(transform) -> list[tuple]:
 def test_strong_view_is_the_reference_composition():
     jitter = ("ColorJitter", (0.6, 1.4), (0.6, 1.4), (0.6, 1.4), (-0.1, 0.1))  # ColorJitter(.4, .4, .4, .1)
     expected = [
-        ("RandomResizedCrop", (224, 224), (0.2, 1.0), (3 / 4, 4 / 3), InterpolationMode.BILINEAR),  # torchvision default
+        ("RandomResizedCrop", (224, 224), (0.2, 1.0), (3 / 4, 4 / 3), InterpolationMode.BILINEAR),
         ("RandomHorizontalFlip", 0.5),
         ("RandomApply", 0.8, jitter),
         ("RandomPerspective", 0.2, 0.5, InterpolationMode.BICUBIC),  # interpolation=3
@@ -129,6 +139,8 @@ def test_strong_view_is_the_reference_composition():
         ("ToImage",), ("ToDtype",), ("Normalize", CLIP_MEAN, CLIP_STD),
     ]
     assert _describe(strong_transform(CLIP_224)) == expected
+    dino = SimpleNamespace(preprocess=Preprocess(224, IMAGENET_MEAN, IMAGENET_STD, crop_pct=0.9))
+    assert _describe(tuning_views(SimpleNamespace(preprocess=CLIP_224), dino).transforms[1]) == expected  # NoLA's
 
 
 def test_strong_view_blurs_every_image_with_pil_radius():
