@@ -187,8 +187,8 @@ def lafter_encoder(
 ) -> MaterializeResult:
     """LaFTer: a text-only linear classifier trained on the embedded descriptions and templates
     (noise + label smoothing), then CLIP's vision tower with 50 visual prompts, LayerNorm affines
-    and that classifier as head, FixMatch-style on its own online pseudo-labels. Epochs, seed and
-    batch sizes follow the shared tuning settings (`NOLA_TUNING_EPOCHS`, ...). Stored: the text
+    and that classifier as head, FixMatch-style on pseudo-labels from a frozen copy of it. Epochs,
+    seed and batch sizes follow the shared tuning settings (`NOLA_TUNING_EPOCHS`, ...). Stored: the text
     classifier and the trainable tensors (lafter.safetensors), and the tuned encoder's embeddings
     (tuned_features.safetensors, written as computed and scored from the file)."""
     started = time.perf_counter()
