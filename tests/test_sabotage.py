@@ -18,6 +18,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -27,15 +28,19 @@ import torch
 
 import test_alignment
 import test_deploy
+import test_evaluation_splits
 import test_export
 import test_fidelity_lafter_latteclip
 import test_fidelity_nola
+import test_fidelity_text
 import test_methods_real
 import test_reliability
 import test_tuning
 from nola_core import alignment, export, features, pipeline, runtime, tuning
+from nola_core import eval as evaluation
 from nola_core.data import MultiView, strong_transform
-from nola_core.data import known_labels
+from nola_core.data import known_labels, transforms
+from nola_core.llm import describe
 from nola_core.methods import compare, compare_methods, lafter, latteclip, nola
 from nola_core.methods.common import PseudoLabels
 from nola_core.models import ModelConfig, PromptTunedClassifier, load_dino
@@ -133,6 +138,31 @@ def latteclip_prototypes_reach_their_target(tmp_path: Path) -> None:
     test_fidelity_lafter_latteclip.latteclip_loop_check()
 
 
+def tiny_tuning_inputs():
+    """(CLIP, spec, 8 records, a seeded random CDE): test_fidelity_nola's `tiny` fixture."""
+    clip, spec, manifest, _ = _tuning_setup()
+    cde = torch.nn.functional.normalize(torch.randn(len(spec.classes), clip.embed_dim,
+                                                    generator=torch.Generator().manual_seed(0)), dim=-1)
+    return clip, spec, manifest.records[:8], cde
+
+
+def tuned_head_is_the_cde_adapter(tmp_path: Path) -> None:
+    test_fidelity_nola.test_tuned_head_is_the_cde_adapter_on_the_unnormalised_projected_feature(tiny_tuning_inputs(),
+                                                                                                tmp_path)
+
+
+def strong_view_is_the_reference(tmp_path: Path) -> None:
+    test_fidelity_nola.test_strong_view_is_the_reference_composition()
+
+
+def splits_scored_apart(tmp_path: Path) -> None:
+    test_evaluation_splits.test_the_splits_are_scored_apart_and_differ_where_they_must()
+
+
+def descriptions_name_their_class(tmp_path: Path) -> None:
+    test_fidelity_text.test_llm_lines_without_the_class_name_get_it_prepended_and_are_counted(tmp_path)
+
+
 def labels_never_reach_the_cde(tmp_path: Path) -> None:
     """The bit-identical check of test_methods_real on the CDE alone (the cheapest method to run twice)."""
     original, shuffled = test_methods_real.shuffled_label_copies(tmp_path)
@@ -142,12 +172,8 @@ def labels_never_reach_the_cde(tmp_path: Path) -> None:
 
 
 def bias_weight_decay_and_constant_lr(tmp_path: Path) -> None:
-    clip, spec, manifest, _ = _tuning_setup()
-    cde = torch.nn.functional.normalize(torch.randn(len(spec.classes), clip.embed_dim,
-                                                    generator=torch.Generator().manual_seed(0)), dim=-1)
     with pytest.MonkeyPatch.context() as patch:
-        test_fidelity_nola.test_no_weight_decay_on_biases_and_a_constant_learning_rate(
-            (clip, spec, manifest.records[:8], cde), patch)
+        test_fidelity_nola.test_no_weight_decay_on_biases_and_a_constant_learning_rate(tiny_tuning_inputs(), patch)
 
 
 # --- the known-wrong variants ----------------------------------------------------------------------
@@ -346,6 +372,39 @@ def _lafter_labeller_follows_the_student(monkeypatch):
     monkeypatch.setattr(lafter, "lafter_pseudo_labeller", labeller)
 
 
+def _cosine_schedule(monkeypatch):
+    real = tuning._schedule
+    monkeypatch.setattr(tuning, "_schedule", lambda optimizer, name, total_steps: real(optimizer, "cosine", total_steps))
+
+
+def _head_on_normalised_features_at_scale_100(monkeypatch):
+    """The tuned head before the fidelity fix: 100 · cosine instead of the CDE adapter on the raw feature."""
+    monkeypatch.setattr(PromptTunedClassifier, "logits_from_features",
+                        lambda self, features: 100 * self.head(torch.nn.functional.normalize(features, dim=-1)))
+
+
+def _strong_view_perspective_0_5(monkeypatch):
+    """strong_transform's own default changed back to the old perspective distortion 0.5."""
+    names = [n for n, p in inspect.signature(transforms.strong_transform).parameters.items() if p.default is not p.empty]
+    defaults = dict(zip(names, transforms.strong_transform.__defaults__), perspective_distortion=0.5)
+    monkeypatch.setattr(transforms.strong_transform, "__defaults__", tuple(defaults[n] for n in names))
+
+
+def _evaluation_blends_the_splits(monkeypatch):
+    """Every labelled image scored in each split (the blend the evaluation used to report)."""
+    real = evaluation._split_accuracy
+
+    def blended(split, ids, predicted, labels, classes):
+        held_out = frozenset(labels.by_id) if split == evaluation.HELD_OUT else frozenset()
+        return real(split, ids, predicted, evaluation.EvaluationLabels(labels.by_id, held_out), classes)
+
+    monkeypatch.setattr(evaluation, "_split_accuracy", blended)
+
+
+def _descriptions_not_prefixed(monkeypatch):
+    monkeypatch.setattr(describe, "prefix_unnamed_lines", lambda lines, class_name: (list(lines), 0))
+
+
 def _latteclip_mixer_off(monkeypatch):
     monkeypatch.setattr(latteclip, "mixer_weights", lambda texts, prototypes: torch.ones(texts.shape[:-1]))
 
@@ -432,6 +491,16 @@ SABOTAGES = [
              gpu_asset_requests_a_gpu_pod, _gpu_assets_without_pod_tags, "no dagster-k8s/config tag"),
     Sabotage("NoLA optimiser: weight decay on biases too",
              bias_weight_decay_and_constant_lr, _decay_on_biases, r"bias': 0\.01\} != \{'[^']*bias': 0\.0\}"),
+    Sabotage("NoLA schedule: cosine instead of the reference's constant learning rate",
+             bias_weight_decay_and_constant_lr, _cosine_schedule, r"all\("),
+    Sabotage("NoLA head: 100 · cosine instead of the CDE adapter on the unnormalised feature",
+             tuned_head_is_the_cde_adapter, _head_on_normalised_features_at_scale_100, "method allclose"),
+    Sabotage("strong view: perspective distortion 0.5, not the reference's 0.2",
+             strong_view_is_the_reference, _strong_view_perspective_0_5, "RandomPerspective"),
+    Sabotage("evaluation: each split scores every labelled image (a blend)",
+             splits_scored_apart, _evaluation_blends_the_splits, r"assert \(?10 == 6"),
+    Sabotage("descriptions: a line without the class name is kept as written",
+             descriptions_name_their_class, _descriptions_not_prefixed, "bag: It is often shown flat"),
     Sabotage("LaFTer: the pseudo-labeller follows the head being trained",
              lafter_labeller_stays_frozen, _lafter_labeller_follows_the_student, r"== 0\.0$"),
     Sabotage("LatteCLIP: the Dynamic Feature Mixer off (equal text weights)",
