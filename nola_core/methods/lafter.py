@@ -12,14 +12,14 @@ checked against its reference code (jmiemirza/LaFTer: `LaFTer.py`, `trainers/LaF
    prompt tokens + LayerNorm affines + the text classifier as the head, which reads the
    unnormalised projected CLS feature with no scale (`forward_aug_with_prompts`: the feature
    norm is the logit scale), label-smoothed cross-entropy on the strong view, no confidence
-   threshold. Pseudo-labels: the argmax of a
-   *frozen copy* of the trained text classifier (`adapter_pl = deepcopy(adapter)`) on the
-   L2-normalised features of the un-prompted vision tower for the weak view
-   (`forward_normal_for_pl`); the tower's LayerNorm affines are the ones being tuned, so only the
-   labeller's head is frozen. Settings (`LaFTer.sh`, `LaFTer.py` defaults): AdamW lr 5e-4, weight
-   decay 0.01 except on biases, batch 50, constant rate (its `MultiStepLR` has no milestones),
-   50 epochs. Strong view (`get_random_transform`): RandomResizedCrop 0.2–1, flip, colour jitter
-   p = 0.8, RandomGrayscale 0.2, Gaussian blur; weak view: resize + centre crop.
+   threshold. Pseudo-labels: the argmax of a *frozen copy* of the trained text classifier
+   (`adapter_pl = deepcopy(adapter)`) on the L2-normalised features of the un-prompted vision
+   tower for the weak view (`forward_normal_for_pl`); the tower's LayerNorm affines are the ones
+   being tuned, so only the labeller's head is frozen. Settings (`scripts/LaFTer.sh`, `LaFTer.py`
+   defaults): AdamW lr 5e-4, weight decay 0.01 except on biases, batch 50, constant rate (its
+   `MultiStepLR` has no milestones), 50 epochs. Strong view (`get_random_transform`):
+   RandomResizedCrop 0.2–1, flip, colour jitter p = 0.8, RandomGrayscale 0.2, Gaussian blur;
+   weak view: resize + centre crop.
 
 Where this differs from the reference, and why:
 - The paper's Linear is unspecified on the bias; the reference's has none, as ours.
@@ -27,6 +27,8 @@ Where this differs from the reference, and why:
 - The tuned model is the last epoch's: the reference code reported the best test accuracy over
   epochs, a selection on test labels we do not repeat.
 - The reference runs in fp32; we use the core loop's precision setting (bf16 autocast on GPUs).
+- Prompt initialisation: the reference's bound hard-codes a 16-pixel patch, also for ViT-B/32;
+  ours (`models.vpt`, shared with NoLA) uses the model's patch size (0.040 against 0.063).
 """
 
 from __future__ import annotations
