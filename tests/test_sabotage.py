@@ -3,11 +3,12 @@
 Each case breaks ONE mechanism on purpose (a monkeypatch to a known-wrong variant) and asserts
 that the behavioural check written for that mechanism then FAILS, with the message of that
 check. The checks are the plain functions the normal tests call (`check_*` in the test modules
-named in each case; a test function that takes no fixture is its own check), run here on the
-same controlled data. `test_every_check_passes_unbroken` runs each check once without a patch,
+named in each case; where a test holds its check inline, the test function itself, called with
+its arguments built here), run on the same controlled data. `test_every_check_passes_unbroken` runs each check once without a patch,
 so a check that always fails cannot pass for a detector.
 
-One line per case: `breaks` says which mechanism and how, `check` which check must catch it.
+One line per case in SABOTAGES: `breaks` says which mechanism and how; `check` names the check
+that must catch it (each wraps one check function, or one test function, of the module it names).
 When a mechanism changes on purpose (docs/fidelity.md), its case moves with it: a fix that
 passes this suite is one whose tests can tell it from the bug.
 """
@@ -38,8 +39,7 @@ import test_reliability
 import test_tuning
 from nola_core import alignment, export, features, pipeline, runtime, tuning
 from nola_core import eval as evaluation
-from nola_core.data import MultiView, strong_transform
-from nola_core.data import known_labels, transforms
+from nola_core.data import MultiView, known_labels, strong_transform, transforms
 from nola_core.llm import describe
 from nola_core.methods import compare, compare_methods, lafter, latteclip, nola
 from nola_core.methods.common import PseudoLabels
@@ -62,6 +62,14 @@ def _tiny_dino():
 @functools.cache
 def _tuned_for_export():
     return test_export.tuned_classifier()
+
+
+def tiny_tuning_inputs():
+    """(CLIP, spec, 8 records, a seeded random CDE): test_fidelity_nola's `tiny` fixture."""
+    clip, spec, manifest, _ = _tuning_setup()
+    cde = torch.nn.functional.normalize(torch.randn(len(spec.classes), clip.embed_dim,
+                                                    generator=torch.Generator().manual_seed(0)), dim=-1)
+    return clip, spec, manifest.records[:8], cde
 
 
 def tuning_trains_only_named_tensors(tmp_path: Path) -> None:
@@ -136,14 +144,6 @@ def lafter_labeller_stays_frozen(tmp_path: Path) -> None:
 
 def latteclip_prototypes_reach_their_target(tmp_path: Path) -> None:
     test_fidelity_lafter_latteclip.latteclip_loop_check()
-
-
-def tiny_tuning_inputs():
-    """(CLIP, spec, 8 records, a seeded random CDE): test_fidelity_nola's `tiny` fixture."""
-    clip, spec, manifest, _ = _tuning_setup()
-    cde = torch.nn.functional.normalize(torch.randn(len(spec.classes), clip.embed_dim,
-                                                    generator=torch.Generator().manual_seed(0)), dim=-1)
-    return clip, spec, manifest.records[:8], cde
 
 
 def tuned_head_is_the_cde_adapter(tmp_path: Path) -> None:
