@@ -196,11 +196,11 @@ def lafter_encoder(
     spec = data.spec(name)
     inputs = _inputs(artifacts, dataset_manifest, clip_features, name)
     texts = artifacts.read_json(class_descriptions, DESCRIPTIONS_FILE)["descriptions"]
-    config, model_config, device = method.lafter_config(compute), models.config(), compute.torch_device()
+    config, model_config, device = method.lafter_config(compute, name), models.config(), compute.torch_device()
     features = compute.feature_config()
     ref = artifacts.allocate("lafter_encoder", name, {
         "clip": model_config.clip_identity(), "descriptions": class_descriptions.facts["content_hash"],
-        "templates": spec.templates, "clip_features": clip_features.digest, "manifest": dataset_manifest.digest,
+        "templates": config.templates or spec.templates, "clip_features": clip_features.digest, "manifest": dataset_manifest.digest,
         "train_ids": digest_of(inputs.train_ids), "config": dataclasses.asdict(config),
         "precision": features.precision, "device_type": device.type, "decode": REDUCED_JPEG_DECODE,
     })

@@ -222,13 +222,14 @@ class MethodResource(EnvSettings):
     def tuning_config(self, compute: ComputeResource) -> TuningConfig:
         return dataclasses.replace(TuningConfig(), **compute.loader_overrides(), **_overrides(self, _TUNING_FIELDS))
 
-    def lafter_config(self, compute: ComputeResource):
-        """LaFTer's config (50 prompts, its text-classifier settings) with the shared tuning knobs
-        (`tuning_epochs`, `tuning_lr`, batch sizes, `seed`, loader settings); `num_prompts` and
-        `deep_prompts` stay LaFTer's own; `fixed_pseudo_labels` is NoLA's (LaFTer has no DINO)."""
-        from nola_core.methods import LaFTerConfig
+    def lafter_config(self, compute: ComputeResource, dataset: str):
+        """LaFTer's config for `dataset` (50 prompts, its reference's text-classifier iterations and
+        template set for that dataset) with the shared tuning knobs (`tuning_epochs`, `tuning_lr`,
+        batch sizes, `seed`, loader settings); `num_prompts` and `deep_prompts` stay LaFTer's own;
+        `fixed_pseudo_labels` is NoLA's (LaFTer has no DINO)."""
+        from nola_core.methods import lafter_config_for
 
-        base = LaFTerConfig()
+        base = lafter_config_for(dataset)
         shared = {k: v for k, v in _TUNING_FIELDS.items()
                   if k not in ("num_prompts", "deep_prompts", "fixed_pseudo_labels")}
         tuning = dataclasses.replace(base.tuning, **compute.loader_overrides(), **_overrides(self, shared))

@@ -307,3 +307,17 @@ def test_latteclip_weight_decay_spares_gains_biases_and_the_logit_scale():
     assert sorted(names[id(p)] for p in spared["params"]) == ["ln_final.bias", "ln_final.weight", "logit_scale",
                                                               "proj.bias"]
     assert sorted(names[id(p)] for p in decayed["params"]) == ["proj.weight", "text_projection"]
+
+
+def test_lafter_per_dataset_settings_reach_the_asset_and_the_comparison(monkeypatch):
+    """The graph's and the comparison's LaFTer take the reference's per-dataset settings
+    (EuroSAT: 400 text iterations and CLIP's three templates), not the ImageNet defaults."""
+    from nola_assets.resources import ComputeResource, MethodResource
+    from nola_core.methods.compare import ComparisonConfig
+
+    for variable in ("NOLA_TUNING_EPOCHS", "NOLA_TUNING_LR", "NOLA_SEED"):
+        monkeypatch.delenv(variable, raising=False)
+    config = MethodResource().lafter_config(ComputeResource(), "eurosat")
+    assert (config.text.iterations, config.templates) == (400, "eurosat_openai3")
+    assert MethodResource().lafter_config(ComputeResource(), "flowers102").text.iterations == 600
+    assert ComparisonConfig().lafter is None  # compare_methods then applies lafter_config_for

@@ -19,7 +19,7 @@ from nola_core.features import FeatureConfig
 from nola_core.methods.cde import CDEConfig, cde_weights, run_cde
 from nola_core.methods.common import MethodRun
 from nola_core.methods.evaluation import EvaluationLabels, evaluate_runs
-from nola_core.methods.lafter import LaFTerConfig, lafter_text_set, run_lafter
+from nola_core.methods.lafter import LaFTerConfig, lafter_config_for, lafter_text_set, run_lafter
 from nola_core.methods.latteclip import (
     LatteCLIPConfig,
     LatteTexts,
@@ -60,7 +60,7 @@ class ComparisonConfig:
     features: FeatureConfig = field(default_factory=FeatureConfig)
     zero_shot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
     cde: CDEConfig = field(default_factory=CDEConfig)
-    lafter: LaFTerConfig = field(default_factory=LaFTerConfig)
+    lafter: LaFTerConfig | None = None  # None: the reference's, with its per-dataset settings
     latteclip: LatteCLIPConfig | None = None  # None: the paper's, with its per-dataset lr
     nola: NolaConfig = field(default_factory=NolaConfig)
     device: str = "auto"
@@ -122,6 +122,7 @@ def compare_methods(
         runs.append(run_cde(clip_table, cde, train_ids, config.cde))
     text_set = None
     latte = config.latteclip or latteclip_config_for(spec.name)
+    lafter = config.lafter or lafter_config_for(spec.name)
     if "latteclip" in config.methods and latte_texts is None and lmm is not None:
         _, _, zs_labels = latteclip_zero_shot(clip, spec.classes, clip_table, train_ids, latte, device)
         latte_texts = generate_latteclip_texts(lmm, spec.root, train_records, zs_labels.labels, domain=spec.domain,
@@ -132,9 +133,9 @@ def compare_methods(
     for seed in config.seeds:
         if "lafter" in config.methods:
             if text_set is None:
-                text_set = lafter_text_set(clip, spec.classes, config.lafter.templates or spec.templates, texts, device)
+                text_set = lafter_text_set(clip, spec.classes, lafter.templates or spec.templates, texts, device)
             runs.append(run_lafter(clip, text_set, len(spec.classes), spec.root, train_records, records, clip_table,
-                                   config.lafter.with_seed(seed), config.features, device))
+                                   lafter.with_seed(seed), config.features, device))
         if "latteclip" in config.methods:
             runs.append(run_latteclip(clip, spec.classes, spec.root, train_records, records, clip_table,
                                       latte_texts or LatteTexts(), latte.with_seed(seed), config.features, device))
