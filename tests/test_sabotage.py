@@ -34,6 +34,7 @@ import test_export
 import test_fidelity_lafter_latteclip
 import test_fidelity_nola
 import test_fidelity_text
+import test_methods
 import test_methods_real
 import test_reliability
 import test_tuning
@@ -90,6 +91,10 @@ def nola_labeller_sees_weak_views(tmp_path: Path) -> None:
 
 def tuning_follows_the_labeller(tmp_path: Path) -> None:
     test_tuning.check_tuning_follows_the_labeller(_tuning_setup())
+
+
+def nola_stages_beat_the_cde(tmp_path: Path) -> None:
+    test_methods.test_nola_stages_improve_on_the_cde_labels_they_start_from(tmp_path)
 
 
 def onnx_export_and_reported_difference(tmp_path: Path) -> None:
@@ -457,6 +462,8 @@ SABOTAGES = [
              nola_labeller_sees_weak_views, _labeller_fed_the_strong_view, "no weak augmentation makes"),
     Sabotage("prompt tuning: the pseudo-labeller ignored (the model labels itself)",
              tuning_follows_the_labeller, _tuning_labels_with_the_model_being_tuned, "are predicted as it"),
+    Sabotage("NoLA tuning: the DL labeller ignored (the model labels itself), on the NoLA toy world",
+             nola_stages_beat_the_cde, _tuning_labels_with_the_model_being_tuned, r"\+ 0\.2\)"),  # tuned > CDE + 0.20
     Sabotage("top-k: no confidence filter (every image takes its argmax)",
              top_k_beats_zero_shot,
              _top_k_without_a_confidence_filter, "top-k precision"),
