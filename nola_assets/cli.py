@@ -19,6 +19,7 @@ DEMO_TUNING_EPOCHS = 10
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nola", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True)
+    _add_init(subparsers)
     _add_describe(subparsers)
     _add_demo(subparsers)
     _add_run(subparsers)
@@ -27,6 +28,67 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(subparsers)
     _add_predict(subparsers)
     return parser
+
+
+def _add_init(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "init",
+        help="make a dataset of a folder of images: dataset.yaml, images under unlabeled/",
+        description="Write FOLDER/dataset.yaml and put every image of FOLDER (any nesting) under "
+        "FOLDER/unlabeled/: linked (relative symlinks, the default) or moved (--move), never copied. "
+        "Subfolders named after classes can also become the evaluation split (--evaluate-class-folders): "
+        "labeled/<class>/ then links to their images. Prints the command that runs NoLA on it.",
+    )
+    p.add_argument("folder", type=Path, help="the folder of images; dataset.yaml is written in it")
+    classes = p.add_mutually_exclusive_group(required=True)
+    classes.add_argument("--classes", help='class names, comma-separated, in order: "cat, dog, bird"')
+    classes.add_argument("--classes-file", type=Path,
+                         help="a text file of class names, one per line (or comma-separated; # comments)")
+    p.add_argument("--move", action="store_true", help="move the images under unlabeled/ instead of linking them")
+    p.add_argument("--evaluate-class-folders", action=argparse.BooleanOptionalAction,
+                   help="use subfolders named after classes as the evaluation split (labeled/<class>/: accuracy "
+                   "is reported on those images, never used to train or choose anything), or not (--no-...); "
+                   "required when such subfolders exist")
+    p.add_argument("--name", help="dataset name (default: the folder's name)")
+    p.add_argument("--domain", help="what the images are, for the LLM's questions, e.g. 'satellite photo'")
+    p.set_defaults(handler=_init)
+
+
+def _init(args: argparse.Namespace) -> int:
+    """`nola init`: the core's init_dataset, its outcome and the next command. Class subfolders
+    are never used or ignored silently: without either flag, nothing is done and the choice offered."""
+    import shlex
+
+    from nola_core.data import DatasetSpecError
+    from nola_core.data.init import find_class_folders, init_dataset, parse_classes
+
+    try:
+        text = args.classes if args.classes is not None else args.classes_file.read_text(encoding="utf-8")
+        classes = parse_classes(text)
+        if args.evaluate_class_folders is None and args.folder.is_dir():
+            found = find_class_folders(args.folder, classes)
+            if found:
+                print(f"nola init: {args.folder} has subfolders named after classes ({', '.join(found)}). Rerun with "
+                      "--evaluate-class-folders to use them as the evaluation split (labeled/<class>/: accuracy "
+                      "reported on them, never used to train), or --no-evaluate-class-folders to treat them as "
+                      "unlabeled images only.", file=sys.stderr)
+                return 2
+        result = init_dataset(args.folder, classes, placement="move" if args.move else "link",
+                              name=args.name, evaluate_class_folders=bool(args.evaluate_class_folders),
+                              domain=args.domain)
+    except (DatasetSpecError, OSError) as error:
+        print(f"nola init: error: {error}", file=sys.stderr)
+        return 1
+    spec = result.spec
+    verb = "moved" if result.placement == "move" else "linked"
+    print(f"wrote {spec.root / 'dataset.yaml'}: dataset {spec.name!r}, {len(spec.classes)} classes")
+    print(f"{verb} {result.placed} images under {spec.unlabeled_dir}")
+    if result.labeled:
+        print(f"evaluation split: {sum(result.labeled.values())} images linked under {spec.labeled_dir}")
+    for warning in result.warnings:
+        print(f"warning: {warning}")
+    print(f"next: nola run {shlex.quote(str(spec.root))}")
+    return 0
 
 
 def _add_describe(subparsers: argparse._SubParsersAction) -> None:
@@ -251,19 +313,21 @@ def _add_report(subparsers: argparse._SubParsersAction) -> None:
         "dataset x method table of final-stage top-1 accuracy (mean +- std over seeds) and write it as "
         "report.md and report.png into --out.",
     )
-    p.add_argument("--root", default=os.environ.get("NOLA_EVALUATION_ROOT", "evaluations"),
-                   help="folder of evaluation parquet files, searched recursively "
-                   "(default: NOLA_EVALUATION_ROOT, else ./evaluations)")
+    p.add_argument("--root", type=Path,
+                   help="folder of evaluation parquet files, searched recursively (default: NOLA_EVALUATION_ROOT, "
+                   "else the artifact store's evaluation folder, $NOLA_ARTIFACT_ROOT/evaluation, "
+                   "artifacts/evaluation by default: where `nola demo` and `nola run` write)")
+
     p.add_argument("--out", help="where report.md and report.png go (default: --root)")
     p.set_defaults(handler=_report)
 
 
 def _report(args: argparse.Namespace) -> int:
     """`nola report`: print the table, write the markdown and the chart."""
-    from nola_core.report import write_report
+    from nola_core.report import default_evaluation_root, write_report
 
     try:
-        report = write_report(args.root, args.out)
+        report = write_report(args.root or default_evaluation_root(), args.out)
     except (FileNotFoundError, ValueError) as error:
         print(f"nola report: error: {error}", file=sys.stderr)
         return 1

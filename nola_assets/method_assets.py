@@ -46,7 +46,7 @@ from nola_core.methods import (
     write_evaluation,
 )
 from nola_core.methods.cde import CDEConfig
-from nola_core.report import write_report
+from nola_core.report import EVALUATION_FOLDER, write_report
 
 from nola_assets import reporting
 from nola_assets.artifacts import ArtifactRef, ArtifactStore, digest_of
@@ -69,7 +69,6 @@ from nola_assets.resources import (
     ModelsResource,
 )
 
-EVALUATION_FOLDER = "evaluation"  # <artifact root>/evaluation/<dataset>/<method>.parquet
 ZERO_SHOT_FILE = "zero_shot.safetensors"
 LAFTER_FILE = "lafter.safetensors"
 LATTE_TEXTS_FILE = "latte_texts.json"

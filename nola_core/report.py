@@ -9,6 +9,10 @@ accuracy of their final stage over seeds (with the standard deviation where seve
 exist). `write_report` prints the dataset × split × method table and writes it as markdown and
 as a PNG bar chart.
 
+`nola report` reads `default_evaluation_root()` unless told otherwise: the folder where the
+`method_comparison` asset writes one table per dataset and method,
+`<artifact root>/evaluation/<dataset>/<method>.parquet`.
+
 The root should hold evaluation tables only: rows of other parquet files lack the
 dataset/method/stage keys and are filtered out, but their columns would still be unioned in.
 """
@@ -16,15 +20,18 @@ dataset/method/stage keys and are filtered out, but their columns would still be
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import polars as pl
 
 from nola_core.eval import PSEUDO_LABEL_MEANING, SPLIT_MEANINGS, SPLITS, split_column
 
 VIEW = "evaluations"
+EVALUATION_FOLDER = "evaluation"  # under the artifact root: <artifact root>/evaluation/<dataset>/<method>.parquet
+DEFAULT_ARTIFACT_ROOT = "artifacts"  # the artifact store's default (nola_assets.artifacts.ArtifactStore)
 METHOD_ORDER = ("zero-shot", "cde", "lafter", "latteclip", "nola")
 
 # Every row of the view once per split: its accuracy on that split, named in `split`.
@@ -85,6 +92,18 @@ ORDER BY dataset, method, stage
 """
 
 SPLIT_LEGEND = "; ".join(f"{split}: {meaning}" for split, meaning in SPLIT_MEANINGS.items())
+
+
+def default_evaluation_root(environ: Mapping[str, str] | None = None) -> Path:
+    """NOLA_EVALUATION_ROOT if set, else the artifact store's evaluation folder:
+    `$NOLA_ARTIFACT_ROOT/evaluation`, `artifacts/evaluation` (relative to the working directory) by
+    default, the same folder `nola demo` and `nola run` write to."""
+    environ = os.environ if environ is None else environ
+    explicit = environ.get("NOLA_EVALUATION_ROOT", "").strip()
+    if explicit:
+        return Path(explicit).resolve()
+    artifact_root = environ.get("NOLA_ARTIFACT_ROOT", "").strip() or DEFAULT_ARTIFACT_ROOT
+    return Path(artifact_root).resolve() / EVALUATION_FOLDER
 
 
 def connect(root: str | Path):
