@@ -14,15 +14,19 @@ UNLABELED_TABLE = "unlabeled.parquet"
 LABELED_TABLE = "labeled.parquet"
 
 
-def folder_state(dataset_dir: Path) -> str:
-    """SHA-256 over (path, size, mtime) of dataset.yaml and every file under unlabeled/.
+FileState = tuple[str, int, int]
+"""(path relative to the dataset folder, size, mtime_ns); size and mtime -1 for a file that
+vanished or a link that leads nowhere."""
 
-    Costs one stat per file and no reads: it tells the sensor whether hashing is needed at all.
-    Linked folders are entered once (a symlink loop ends the walk there) and only when they stay
-    inside the dataset folder or unlabeled/'s own real location, as in the manifest; a dangling
-    link or a file deleted while walking counts as missing instead of failing the tick.
+
+def stat_walk(dataset_dir: Path) -> list[FileState]:
+    """dataset.yaml and every file under unlabeled/, with size and mtime: one stat per file, no reads.
+
+    What the sensor compares between ticks to tell whether a folder changed. Linked folders are
+    entered once (a symlink loop ends the walk there) and only when they stay inside the dataset
+    folder or unlabeled/'s own real location, as in the manifest; a dangling link or a file deleted
+    while walking counts as missing instead of failing the tick.
     """
-    digest = hashlib.sha256()
     spec_file = dataset_dir / "dataset.yaml"
     entries = [spec_file] if spec_file.is_file() else []
     unlabeled = dataset_dir / "unlabeled"
@@ -36,13 +40,22 @@ def folder_state(dataset_dir: Path) -> str:
         visited.add(real)
         subfolders[:] = sorted(s for s in subfolders if not s.startswith("."))
         entries += [Path(folder) / name for name in sorted(files) if not name.startswith(".")]
+    states = []
     for path in entries:
         try:
             info = path.stat()
-            state = f"{info.st_size}\0{info.st_mtime_ns}"
+            size, mtime = info.st_size, info.st_mtime_ns
         except OSError:  # dangling link, deleted meanwhile, unreadable
-            state = "missing"
-        digest.update(f"{path.relative_to(dataset_dir).as_posix()}\0{state}\n".encode())
+            size, mtime = -1, -1
+        states.append((path.relative_to(dataset_dir).as_posix(), size, mtime))
+    return states
+
+
+def folder_state(files: list[FileState]) -> str:
+    """SHA-256 over a `stat_walk`: changes when any file is added, removed, resized or touched."""
+    digest = hashlib.sha256()
+    for path, size, mtime in files:
+        digest.update(f"{path}\0{size}\0{mtime}\n".encode())
     return digest.hexdigest()
 
 

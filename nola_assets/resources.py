@@ -312,6 +312,12 @@ class DatasetsResource(EnvSettings):
     """The data root: one folder per dataset (dataset.yaml, unlabeled/, optional labeled/)."""
 
     data_root: Optional[str] = Field(default=None, description="env NOLA_DATA_ROOT; default data/ (relative to the working directory)")
+    sensor_quiet_seconds: Optional[float] = Field(
+        default=None, description="env NOLA_SENSOR_QUIET_SECONDS; default 60: the sensor requests a run for a dataset "
+        "only once its files have not changed for this long (or a .ready file is in its folder)")
+    sensor_tick_budget_seconds: Optional[float] = Field(
+        default=None, description="env NOLA_SENSOR_TICK_BUDGET_SECONDS; default 20: stat walking stops for this tick "
+        "after this long (the next tick goes on where it stopped)")
 
     def root(self) -> Path:
         return Path(self.setting("data_root", "data")).resolve()

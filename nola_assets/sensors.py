@@ -1,24 +1,30 @@
 """The job, the sensor that watches the data root, and the full-refresh schedule.
 
-`unlabeled_images_sensor` keeps, in its cursor, per dataset: a cheap folder state (stats of
-dataset.yaml and unlabeled/) and the image-set version last acted on. A tick:
+`unlabeled_images_sensor` does only cheap work: it reads dataset.yaml files and stats files, and
+never opens an image (hashing and decoding happen in the run's `dataset_manifest` step). A tick:
 
-- a dataset folder that is not a partition yet → add the partition, request the whole graph;
-- unchanged folder state → nothing, no file is read (a partition deleted in the UI stays deleted
-  until its folder changes; a folder whose dataset.yaml was refused waits for a change, too);
-- changed state → rebuild the manifest (re-hashing only files whose size or mtime changed) and,
-  if the image-set version changed, request the image-dependent assets with run key
-  `<dataset>:<version>`; unreadable files change the version too, so they are reported in a run
-  (tags, and the manifest's metadata) rather than ignored;
-- at most `max_datasets_per_tick` datasets are hashed per tick; the rest wait for the next one.
+- registers every new dataset folder whose dataset.yaml is valid as a partition, all in this tick
+  (a refused dataset.yaml is logged once and retried when that file changes);
+- stat walks dataset folders (`stat_walk`: path, size, mtime of dataset.yaml and unlabeled/) until
+  its time budget (`sensor_tick_budget_seconds`) is spent, each folder whole; the next tick goes on
+  with the folder after the last one walked, so a huge folder never starves the others;
+- a folder whose stats changed starts its quiet period; once they have stayed the same for
+  `sensor_quiet_seconds` (or a `.ready` file is in the folder), the dataset gets one run: the
+  whole graph if it has no manifest yet, else the image-dependent assets. Its run key is
+  `<dataset>:<change number>:<state>`, the change number counted per dataset in the cursor, so a
+  folder going A → B → A gets three runs, and a version whose run failed gets a new one on its
+  next change.
 
-With no cursor entry (first tick, or after a cursor reset) an existing partition is compared with
-the version its last manifest materialization recorded, so `dagster dev` after `nola demo`
-requests nothing until images change.
+With no cursor entry (first tick, or after a cursor reset) an existing partition whose files
+match the sizes and mtimes its last manifest recorded is taken as done, so `dagster dev` after
+`nola demo` requests nothing until files change. At most one run per partition runs at a time:
+the instance files limit the `dagster/partition` tag per unique value (deploy/README.md).
 """
 
 
 import json
+import time
+from typing import Callable
 
 from dagster import (
     AssetSelection,
@@ -34,18 +40,19 @@ from dagster import (
     sensor,
 )
 
-from nola_core.data import DatasetSpecError, build_manifest, load_dataset_spec
+from nola_core.data import DatasetSpecError, is_image_path, load_dataset_spec
 
 from nola_assets.artifacts import ArtifactStore
 from nola_assets.assets import IMAGE_DEPENDENT_ASSETS
-from nola_assets.datasets import folder_state, image_set_version, load_manifests
+from nola_assets.datasets import UNLABELED_TABLE, FileState, folder_state, stat_walk
 from nola_assets.export_assets import EXPORT_ASSETS
 from nola_assets.method_assets import METHOD_ASSETS
 from nola_assets.partitions import DATASETS, datasets_partitions
 from nola_assets.resources import DatasetsResource
 
-MAX_DATASETS_PER_TICK = 4
-SKIPPED_SAMPLE = 5
+QUIET_SECONDS = 60.0  # DatasetsResource.sensor_quiet_seconds
+TICK_BUDGET_SECONDS = 20.0  # DatasetsResource.sensor_tick_budget_seconds; Dagster cuts a tick at 60 s
+READY_MARKER = ".ready"
 
 nola_job = define_asset_job(
     "nola_job",
@@ -57,63 +64,113 @@ nola_job = define_asset_job(
 RERUN_ON_NEW_IMAGES = IMAGE_DEPENDENT_ASSETS + [a.key for a in METHOD_ASSETS + EXPORT_ASSETS]
 
 
-def build_unlabeled_images_sensor(max_datasets_per_tick: int = MAX_DATASETS_PER_TICK, name: str = "unlabeled_images_sensor"):
+def build_unlabeled_images_sensor(name: str = "unlabeled_images_sensor", clock: Callable[[], float] = time.time):
+    """The data-root sensor; `clock` (seconds) is what the quiet period is measured with."""
+
     @sensor(
         name=name,
         job=nola_job,
         minimum_interval_seconds=30,
         default_status=DefaultSensorStatus.RUNNING,
-        description="New dataset folder → new partition and a run; new, removed or unreadable images "
-        f"under unlabeled/ → a run of the image-dependent assets (at most {max_datasets_per_tick} "
-        "datasets hashed per tick).",
+        description="New dataset folder → new partition; a folder whose files changed and then stayed "
+        "unchanged for the quiet period (or holds a .ready file) → one run. Stats files only, under a time budget.",
     )
     def _sensor(context: SensorEvaluationContext, data: DatasetsResource, artifacts: ArtifactStore) -> SensorResult:
+        started = time.monotonic()
+        budget = float(data.setting("sensor_tick_budget_seconds", TICK_BUDGET_SECONDS))
+        quiet = float(data.setting("sensor_quiet_seconds", QUIET_SECONDS))
+        now = clock()
         cursor = json.loads(context.cursor) if context.cursor else {}
+        seen: dict[str, dict] = cursor.get("datasets", {})
+        names = data.names()
+        seen = {name: entry for name, entry in seen.items() if name in names}  # folders gone: forgotten
         partitions = set(context.instance.get_dynamic_partitions(DATASETS))
-        new_partitions: list[str] = []
+
+        new_partitions = [name for name in names if name not in partitions and _valid_spec(context, data, name, seen)]
+        usable = partitions | set(new_partitions)
+        order = _rotated([n for n in names if n in usable], cursor.get("resume_at"))
         requests: list[RunRequest] = []
-        hashed = 0
-        for name in data.names():
-            state = folder_state(data.dataset_dir(name))
-            seen = cursor.get(name, {})
-            if seen.get("state") == state:
+        walked = files_statted = waiting = 0
+        resume_at = None
+        for name in order:
+            if walked and time.monotonic() - started > budget:
+                resume_at = name
+                break
+            walked += 1
+            files = stat_walk(data.dataset_dir(name))
+            files_statted += len(files)
+            entry = seen.setdefault(name, {"changes": 0})
+            state = folder_state(files)
+            if entry.get("state") != state:
+                if "state" not in entry and name in partitions and _matches_last_manifest(artifacts, name, files):
+                    entry.update(state=state, since=now, requested=state)
+                    continue
+                entry.update(state=state, since=now)  # changed: the quiet period starts now
+            if entry.get("requested") == state:
                 continue
-            if hashed == max_datasets_per_tick:
-                context.log.info(f"{name}: changed, left for the next tick (per-tick cap reached)")
+            if now - entry["since"] < quiet and not (data.dataset_dir(name) / READY_MARKER).exists():
+                waiting += 1
                 continue
-            hashed += 1
-            previous_ref = artifacts.load_ref("dataset_manifest", name)
-            previous = load_manifests(artifacts, previous_ref)[0] if previous_ref is not None else None
-            try:
-                manifest = build_manifest(load_dataset_spec(data.dataset_dir(name)), "unlabeled", previous=previous)
-            except DatasetSpecError as error:
-                context.log.warning(f"{name}: not a usable dataset yet: {error}")
-                cursor[name] = {"state": state, "version": None}
-                continue
-            version = image_set_version(manifest)
-            cursor[name] = {"state": state, "version": version}
-            tags = {"nola/dataset": name, "nola/images": str(len(manifest))}
-            if manifest.skipped:
-                sample = ", ".join(s.path for s in manifest.skipped[:SKIPPED_SAMPLE])
-                context.log.warning(f"{name}: {len(manifest.skipped)} file(s) left out: "
-                                    + "; ".join(f"{s.path} ({s.reason})" for s in manifest.skipped[:SKIPPED_SAMPLE]))
-                tags.update({"nola/skipped_files": str(len(manifest.skipped)), "nola/skipped_sample": sample})
-            run_key = f"{name}:{version[:16]}"
-            if name not in partitions:
-                new_partitions.append(name)
-                requests.append(RunRequest(run_key=run_key, partition_key=name, tags=tags))
-                continue
-            acted_on = seen.get("version") if seen else (previous_ref.facts["image_set_version"] if previous_ref else None)
-            if version != acted_on:
-                requests.append(RunRequest(run_key=run_key, partition_key=name, tags=tags,
-                                           asset_selection=RERUN_ON_NEW_IMAGES))
+            entry["changes"] += 1
+            entry["requested"] = state
+            has_manifest = artifacts.load_ref("dataset_manifest", name) is not None
+            requests.append(RunRequest(
+                run_key=f"{name}:{entry['changes']}:{state[:12]}",
+                partition_key=name,
+                asset_selection=RERUN_ON_NEW_IMAGES if has_manifest else None,
+                tags={"nola/dataset": name, "nola/change": str(entry["changes"]),
+                      "nola/images": str(sum(is_image_path(path) for path, _, _ in files))},
+            ))
+        context.log.info(
+            f"walked {walked} of {len(order)} dataset folder(s) ({files_statted} files) in "
+            f"{time.monotonic() - started:.2f} s; {len(new_partitions)} new partition(s), {len(requests)} run(s) "
+            f"requested, {waiting} waiting for their quiet period ({quiet:g} s)"
+            + (f"; the next tick goes on at {resume_at}" if resume_at else ""))
         return SensorResult(
             run_requests=requests,
             dynamic_partitions_requests=[datasets_partitions.build_add_request(new_partitions)] if new_partitions else [],
-            cursor=json.dumps(cursor, sort_keys=True),
+            cursor=json.dumps({"datasets": seen, "resume_at": resume_at}, sort_keys=True),
         )
 
     return _sensor
+
+
+def _valid_spec(context: SensorEvaluationContext, data: DatasetsResource, name: str, seen: dict[str, dict]) -> bool:
+    """Whether a new folder's dataset.yaml is usable; a refused one is logged once per version of that file."""
+    spec_file = data.dataset_dir(name) / "dataset.yaml"
+    info = spec_file.stat()
+    spec_state = [info.st_size, info.st_mtime_ns]
+    if seen.get(name, {}).get("refused") == spec_state:
+        return False
+    try:
+        load_dataset_spec(data.dataset_dir(name))
+    except DatasetSpecError as error:
+        context.log.warning(f"{name}: not a usable dataset yet: {error}")
+        seen[name] = {"refused": spec_state}
+        return False
+    seen.pop(name, None)
+    return True
+
+
+def _rotated(names: list[str], resume_at: str | None) -> list[str]:
+    """`names` starting at `resume_at` (or the first name after it, if it is gone), wrapping around."""
+    if resume_at is None:
+        return names
+    start = next((i for i, name in enumerate(names) if name >= resume_at), 0)
+    return names[start:] + names[:start]
+
+
+def _matches_last_manifest(artifacts: ArtifactStore, name: str, files: list[FileState]) -> bool:
+    """Whether the image files under unlabeled/ are exactly those the last manifest hashed, with the
+    same sizes and mtimes (reads the manifest table, no image)."""
+    ref = artifacts.load_ref("dataset_manifest", name)
+    if ref is None:
+        return False
+    table = artifacts.read_table(ref, UNLABELED_TABLE).select("path", "size", "mtime_ns")
+    recorded = {path: (size, mtime) for path, size, mtime in table.iter_rows()}
+    walked = {path: (size, mtime) for path, size, mtime in files if path.startswith("unlabeled/") and is_image_path(path)}
+    return walked.keys() == recorded.keys() and all(
+        recorded[path] == walked[path] for path in walked if recorded[path][0] is not None)
 
 
 unlabeled_images_sensor = build_unlabeled_images_sensor()

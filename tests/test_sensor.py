@@ -1,8 +1,8 @@
 """unlabeled_images_sensor on a real (ephemeral) instance, tick by tick."""
 
 import json
+import os
 
-import pytest
 from dagster import DagsterInstance, build_sensor_context, materialize
 
 from assets_helpers import copy_demo, new_image, resources_for_test
@@ -10,15 +10,17 @@ from nola_assets.artifacts import ArtifactStore
 from nola_assets.assets import NOLA_ASSETS, class_descriptions, cde_classifier, dataset_manifest
 from nola_assets.partitions import DATASETS
 from nola_assets.resources import DatasetsResource
-from nola_assets.sensors import build_unlabeled_images_sensor, nola_job, unlabeled_images_sensor
+from nola_assets.sensors import READY_MARKER, build_unlabeled_images_sensor, nola_job, unlabeled_images_sensor
 
 
 class Daemon:
-    """Ticks a sensor the way the daemon does: cursor carried over, partition requests applied."""
+    """Ticks a sensor the way the daemon does: cursor carried over, partition requests applied.
+    `quiet_seconds` 0 (the default here): a folder is requested on the tick that sees it change."""
 
-    def __init__(self, sensor, instance, data_root, artifact_root):
+    def __init__(self, sensor, instance, data_root, artifact_root, quiet_seconds=0.0, tick_budget_seconds=None):
         self.sensor, self.instance, self.cursor = sensor, instance, None
-        self.resources = {"data": DatasetsResource(data_root=str(data_root)),
+        self.resources = {"data": DatasetsResource(data_root=str(data_root), sensor_quiet_seconds=quiet_seconds,
+                                                   sensor_tick_budget_seconds=tick_budget_seconds),
                           "artifacts": ArtifactStore(artifact_root=str(artifact_root))}
 
     def tick(self):
@@ -30,78 +32,112 @@ class Daemon:
         return result
 
 
-@pytest.fixture
-def setup(tmp_path):
-    data_root = tmp_path / "data"
+class Clock:
+    def __init__(self):
+        self.now = 1_000_000.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_new_dataset_then_nothing_then_new_image(tmp_path):
+    data_root, artifact_root = tmp_path / "data", tmp_path / "artifacts"
     copy_demo(data_root, "shoes", labeled=False)
-    instance = DagsterInstance.ephemeral()
-    return Daemon(unlabeled_images_sensor, instance, data_root, tmp_path / "artifacts"), data_root
-
-
-def test_new_dataset_then_nothing_then_new_image_then_corrupt_image(setup):
-    daemon, data_root = setup
+    daemon = Daemon(unlabeled_images_sensor, DagsterInstance.ephemeral(), data_root, artifact_root)
     first = daemon.tick()
     [added] = first.dynamic_partitions_requests
     assert added.partitions_def_name == DATASETS and list(added.partition_keys) == ["shoes"]
     [request] = first.run_requests
-    assert request.partition_key == "shoes" and request.run_key.startswith("shoes:")
-    assert request.asset_selection is None  # a new dataset: the whole graph
+    assert request.partition_key == "shoes" and request.run_key.startswith("shoes:1:")
+    assert request.asset_selection is None  # no manifest yet: the whole graph
+    assert request.tags["nola/images"] == "120"
     assert daemon.instance.get_dynamic_partitions(DATASETS) == ["shoes"]
 
-    assert daemon.tick().run_requests == []  # same images: nothing
+    assert daemon.tick().run_requests == []  # same files: nothing
 
     # The cursor survives a restart: a fresh context with the stored cursor requests nothing.
     restarted = build_sensor_context(instance=daemon.instance, cursor=daemon.cursor, resources=daemon.resources)
     assert unlabeled_images_sensor(restarted).run_requests == []
 
+    materialize(NOLA_ASSETS, selection=[dataset_manifest], instance=daemon.instance, partition_key="shoes",
+                resources=resources_for_test(data_root, artifact_root))
     new_image(data_root / "shoes" / "unlabeled" / "new_0001.png", seed=1)
     [grown] = daemon.tick().run_requests
-    assert grown.run_key != request.run_key and grown.tags["nola/images"] == "121"
-    rerun = set(grown.asset_selection)  # everything downstream of the images, nothing else
+    assert grown.run_key.startswith("shoes:2:") and grown.tags["nola/images"] == "121"
+    rerun = set(grown.asset_selection)  # a manifest exists: everything downstream of the images, nothing else
     assert class_descriptions.key not in rerun and cde_classifier.key not in rerun
-    assert {"dino_features", "prompt_tuned_encoder", "lafter_encoder", "method_comparison",
+    assert {"dataset_manifest", "dino_features", "prompt_tuned_encoder", "lafter_encoder", "method_comparison",
             "exported_classifier"} <= {key.path[-1] for key in rerun}
     assert daemon.tick().run_requests == []
 
-    (data_root / "shoes" / "unlabeled" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
-    [corrupt] = daemon.tick().run_requests
-    assert corrupt.run_key not in (request.run_key, grown.run_key)
-    assert corrupt.tags["nola/skipped_files"] == "1"
-    assert "unlabeled/broken.png" in corrupt.tags["nola/skipped_sample"]
-    assert corrupt.tags["nola/images"] == "121"
+
+def test_a_folder_going_a_b_a_gets_three_runs(tmp_path):
+    """Run keys count changes: going back to an earlier image set is not "already done"."""
+    data_root = tmp_path / "data"
+    copy_demo(data_root, "shoes", labeled=False)
+    daemon = Daemon(unlabeled_images_sensor, DagsterInstance.ephemeral(), data_root, tmp_path / "artifacts")
+    extra = data_root / "shoes" / "unlabeled" / "extra.png"
+    keys = [daemon.tick().run_requests[0].run_key]  # A
+    new_image(extra, seed=3)
+    keys.append(daemon.tick().run_requests[0].run_key)  # B
+    extra.unlink()
+    keys.append(daemon.tick().run_requests[0].run_key)  # A again
+    assert [key.split(":")[1] for key in keys] == ["1", "2", "3"]
+    assert len(set(keys)) == 3
 
 
-def test_rename_and_touch_request_nothing(setup):
-    daemon, data_root = setup
-    daemon.tick()
-    unlabeled = data_root / "shoes" / "unlabeled"
-    (unlabeled / "img_0001.png").rename(unlabeled / "renamed.png")
-    (unlabeled / "img_0002.png").touch()
-    assert daemon.tick().run_requests == []
-    assert json.loads(daemon.cursor)["shoes"]["state"]  # the new folder state is remembered
+def test_a_folder_being_copied_is_requested_once_after_its_quiet_period(tmp_path):
+    data_root = tmp_path / "data"
+    folder = copy_demo(data_root, "shoes", labeled=False)
+    clock = Clock()
+    daemon = Daemon(build_unlabeled_images_sensor("clocked", clock=clock), DagsterInstance.ephemeral(), data_root,
+                    tmp_path / "artifacts", quiet_seconds=60)
+    growing = folder / "unlabeled" / "half_copied.jpg"
+    requests = []
+    for second in range(0, 300, 30):  # a tick every 30 s; the copy goes on for the first 120 s
+        clock.now += 30
+        if second <= 120:
+            with open(growing, "ab") as out:
+                out.write(b"\xff" * 1000)
+            os.utime(growing, ns=(int(clock.now * 1e9),) * 2)
+        tick = daemon.tick()
+        requests += [(second, r.run_key) for r in tick.run_requests]
+    assert daemon.instance.get_dynamic_partitions(DATASETS) == ["shoes"]  # registered at once
+    [(second, key)] = requests
+    assert second == 180 and key.startswith("shoes:1:")  # last change at 120 s, quiet from 180 s
+
+    growing.write_bytes(b"more")  # a new change, and the writer says it is done: no waiting
+    (folder / READY_MARKER).touch()
+    assert len(daemon.tick().run_requests) == 1
 
 
-def test_an_existing_partition_already_materialized_requests_nothing(setup, tmp_path):
-    daemon, data_root = setup
+def test_an_existing_partition_already_materialized_requests_nothing(tmp_path):
+    data_root, artifact_root = tmp_path / "data", tmp_path / "artifacts"
+    copy_demo(data_root, "shoes", labeled=False)
+    daemon = Daemon(unlabeled_images_sensor, DagsterInstance.ephemeral(), data_root, artifact_root)
     daemon.instance.add_dynamic_partitions(DATASETS, ["shoes"])
     materialize(NOLA_ASSETS, selection=[dataset_manifest], instance=daemon.instance, partition_key="shoes",
-                resources=resources_for_test(data_root, tmp_path / "artifacts"))
-    assert daemon.tick().run_requests == []  # no cursor yet, but the last manifest has this image set
+                resources=resources_for_test(data_root, artifact_root))
+    assert daemon.tick().run_requests == []  # no cursor yet, but the last manifest has these files
     new_image(data_root / "shoes" / "unlabeled" / "new.png", seed=2)
     assert len(daemon.tick().run_requests) == 1
 
 
-def test_work_per_tick_is_capped_and_bad_specs_do_not_stop_the_others(setup, tmp_path):
-    _, data_root = setup
-    copy_demo(data_root, "more", labeled=False)
-    (data_root / "broken").mkdir()
-    (data_root / "broken" / "dataset.yaml").write_text("name: broken\nclasses: [just-one]\n")
-    daemon = Daemon(build_unlabeled_images_sensor(max_datasets_per_tick=1, name="capped"), DagsterInstance.ephemeral(),
-                    data_root, tmp_path / "artifacts")
-    ticks = [daemon.tick() for _ in range(4)]
-    keys = [[r.partition_key for r in tick.run_requests] for tick in ticks]
-    assert keys == [[], ["more"], ["shoes"], []]  # "broken" (first in order) is hashed, refused, and remembered
-    assert sorted(daemon.instance.get_dynamic_partitions(DATASETS)) == ["more", "shoes"]
+def test_the_time_budget_rotates_and_bad_specs_do_not_stop_the_others(tmp_path):
+    data_root = tmp_path / "data"
+    for name in ("a_more", "c_shoes"):
+        copy_demo(data_root, name, labeled=False)
+    (data_root / "b_broken").mkdir()
+    (data_root / "b_broken" / "dataset.yaml").write_text("name: broken\nclasses: [just-one]\n")
+    daemon = Daemon(build_unlabeled_images_sensor("budgeted"), DagsterInstance.ephemeral(), data_root,
+                    tmp_path / "artifacts", tick_budget_seconds=0)
+    ticks = [daemon.tick() for _ in range(3)]
+    # Every usable folder is a partition after the first tick; a spent budget walks one folder per tick,
+    # and the next tick goes on after it. "b_broken" is refused (logged once) and never walked.
+    assert [list(r.partition_keys) for r in ticks[0].dynamic_partitions_requests] == [["a_more", "c_shoes"]]
+    assert [[r.partition_key for r in tick.run_requests] for tick in ticks] == [["a_more"], ["c_shoes"], []]
+    assert json.loads(ticks[0].cursor)["resume_at"] == "c_shoes"
+    assert "refused" in json.loads(ticks[2].cursor)["datasets"]["b_broken"]
 
 
 def test_the_sensor_targets_the_partitioned_job():
