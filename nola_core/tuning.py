@@ -55,14 +55,14 @@ class TuningConfig:
     `cde_adapter` (and LaFTer's `adapter`); "normalized" with e.g. 100 gives a cosine-style head.
     Zero-shot and CDE scoring stay cosine x 100 (`AlignmentConfig.logit_scale`).
 
-    `fixed_pseudo_labels` (default False, the paper): False runs the DL network's DINO forward
-    on a fresh weak view of every image at every step. True takes one label per image, computed
-    once from the DINO features of the evaluation view (the feature store holds them), and
-    skips the weak view and the DINO forward during tuning: about a quarter less compute per
-    step (see BENCHMARKS.md). Trade-off: the labels no longer vary with the weak augmentation
-    (random crop, flip), so the supervision is the same every epoch; crops that cut the object
-    out are no longer relabelled. `fused_attention` / `precast_weights` only change speed
-    (`nola_core.acceleration`).
+    `fixed_pseudo_labels`: True takes one label per image, computed once from the DINO features of
+    the evaluation view (the feature store holds them), and skips the weak view and the DINO
+    forward during tuning (about a quarter less compute per step, BENCHMARKS.md). That is what
+    NoLA's reference does in effect: its "weak" view is `te_transform` (resize + centre crop, no
+    randomness), so every image gets the same label at every step; NoLA's recipe therefore sets
+    it (`pipeline.nola_tuning_config`). False (this dataclass's default, and LaFTer's) runs the
+    labeller on a fresh weak view (`MultiView`'s first transform) of every image at every step.
+    `fused_attention` / `precast_weights` only change speed (`nola_core.acceleration`).
     """
 
     num_prompts: int = 16
@@ -192,9 +192,10 @@ def train_prompts(
     transform = _StrongOnly(views) if fixed_labels is not None else views
     dataset = _SeededItems(ManifestImageDataset(Path(root), records, transform, decode_min_side=views.decode_min_side))
     micro = max(1, min(config.micro_batch_size, len(dataset)))
-    # Images per optimizer step: the same for any number of processes (each takes its share of the
-    # step in micro-batches), so the process count changes only float rounding, not the training.
-    step_size = min(micro * max(1, config.batch_size // micro), len(dataset))
+    # Images per optimizer step: `batch_size` for any micro-batch size and number of processes (each
+    # takes its share of the step in micro-batches of at most `micro`), so neither changes the
+    # training beyond float rounding.
+    step_size = min(config.batch_size, len(dataset))
     accumulation = math.ceil(step_size / (micro * world))  # micro-batches per process per step, at most
     lr = config.lr * min(1.0, step_size / config.reference_batch_size)
     optimizer = tuning_optimizer(classifier, lr, config)

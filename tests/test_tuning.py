@@ -219,3 +219,25 @@ def test_checkpoint_for_another_model_is_refused(setup, tmp_path):
 
 def _demo_images(spec, manifest, count):
     return [load_rgb(spec.root / record.path) for record in manifest.records[:count]]
+
+
+def test_every_optimizer_step_takes_batch_size_images_whatever_the_micro_batch(setup, monkeypatch):
+    """A batch that the micro-batch does not divide (LaFTer: 50 images, micro-batches of 32) is
+    still one optimizer step of `batch_size` images, cut into micro-batches of at most `micro`."""
+    from nola_core import tuning
+
+    clip, spec, manifest, cde = setup
+    steps = []
+
+    def recorded_plan(*args, **kwargs):
+        plan = real_plan(*args, **kwargs)
+        steps.extend((images, [len(batch) for batch in batches]) for images, batches in plan)
+        return plan
+
+    real_plan = tuning.epoch_plan
+    monkeypatch.setattr(tuning, "epoch_plan", recorded_plan)
+    config = TuningConfig(epochs=1, batch_size=10, micro_batch_size=4, reference_batch_size=10, num_workers=0)
+    views = MultiView((weak_transform(clip.preprocess), strong_transform(clip.preprocess)))
+    train_prompts(_classifier(clip, cde), spec.root, manifest.records[:20], views,
+                  _first_pixel_labeller(len(spec.classes)), config, device="cpu")
+    assert steps == [(10, [4, 4, 2]), (10, [4, 4, 2])]
