@@ -150,8 +150,9 @@ def _removed_images(context: AssetExecutionContext, before: Manifest | None, now
             context.log.warning(f"{len(removed)} image(s) gone since the last manifest: " + ", ".join(removed[:10]))
             metadata["removed_since_last_manifest"] = MetadataValue.json(removed[:100])
     seen_by_sensor = context.run.tags.get("nola/images") if context.run else None
-    if seen_by_sensor is not None and int(seen_by_sensor) > len(now):
-        missing = int(seen_by_sensor) - len(now)
+    scanned = len(now) + len(now.skipped)  # the sensor counts image files, readable or not
+    if seen_by_sensor is not None and int(seen_by_sensor) > scanned:
+        missing = int(seen_by_sensor) - scanned
         context.log.warning(f"{missing} image(s) counted at the sensor tick are gone (deleted before this run)")
         metadata["gone_since_sensor_tick"] = missing
     return metadata

@@ -29,6 +29,13 @@ INSTANCE_YAML = """\
 telemetry:
   enabled: false
 concurrency:
+  runs:
+    # Runs queued for the daemon (`nola dev`): at most one run per dataset partition at a time.
+    tag_concurrency_limits:
+      - key: dagster/partition
+        value:
+          applyLimitPerUniqueValue: true
+        limit: 1
   pools:
     # Every pool, including `gpu` (the pool of the GPU-bound NoLA assets), runs one step at a time,
     # so two trainings never share a device by accident. Raise it for a machine with more GPUs, or

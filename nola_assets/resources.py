@@ -23,6 +23,7 @@ from nola_core.alignment import AlignmentConfig
 from nola_core.data import DatasetSpec, check_dataset_name, load_dataset_spec
 from nola_core.features import FeatureConfig
 from nola_core.models import ClipModel, DinoModel, ModelConfig, load_clip, load_dino
+from nola_core.pipeline import nola_tuning_config
 from nola_core.runtime import resolve_device
 from nola_core.tuning import TuningConfig
 
@@ -190,7 +191,8 @@ _TUNING_FIELDS = {
 
 
 class MethodResource(EnvSettings):
-    """NoLA's hyper-parameters; unset fields keep the paper's values (`AlignmentConfig`, `TuningConfig`)."""
+    """NoLA's hyper-parameters; unset fields keep the reference's values (`AlignmentConfig`,
+    `pipeline.nola_tuning_config`)."""
 
     k_min: Optional[int] = Field(default=None, description="k = max(k_min, floor(k_fraction·N/C)) (env NOLA_K_MIN; 16)")
     k_fraction: Optional[float] = Field(default=None, description="env NOLA_K_FRACTION; 0.2")
@@ -212,15 +214,16 @@ class MethodResource(EnvSettings):
     )
     fixed_pseudo_labels: Optional[bool] = Field(
         default=None,
-        description="DL-network labels computed once per image from the stored DINO features instead of a DINO "
-        "forward per weak view: faster tuning, labels of the unaugmented image (env NOLA_FIXED_PSEUDO_LABELS; false)",
+        description="DL-network labels computed once per image from the stored DINO features of the evaluation view, "
+        "as NoLA's reference labels its deterministic view; false runs a DINO forward per random weak view "
+        "(env NOLA_FIXED_PSEUDO_LABELS; true)",
     )
 
     def alignment_config(self) -> AlignmentConfig:
         return dataclasses.replace(AlignmentConfig(), **_overrides(self, _ALIGNMENT_FIELDS))
 
     def tuning_config(self, compute: ComputeResource) -> TuningConfig:
-        return dataclasses.replace(TuningConfig(), **compute.loader_overrides(), **_overrides(self, _TUNING_FIELDS))
+        return dataclasses.replace(nola_tuning_config(), **compute.loader_overrides(), **_overrides(self, _TUNING_FIELDS))
 
     def lafter_config(self, compute: ComputeResource, dataset: str):
         """LaFTer's config for `dataset` (50 prompts, its reference's text-classifier iterations and

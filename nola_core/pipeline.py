@@ -80,12 +80,19 @@ RANDOM_MODEL_NOTE = (
 )
 
 
+def nola_tuning_config(**overrides) -> TuningConfig:
+    """NoLA's tuning: `TuningConfig`'s defaults with one pseudo-label per image from the DINO
+    features of the evaluation view, as the reference labels its deterministic `te_transform`
+    view (resize + centre crop) at every step (`TuningConfig.fixed_pseudo_labels`)."""
+    return TuningConfig(**{"fixed_pseudo_labels": True, **overrides})
+
+
 @dataclass(frozen=True)
 class NolaConfig:
     models: ModelConfig = field(default_factory=ModelConfig)
     features: FeatureConfig = field(default_factory=FeatureConfig)
     alignment: AlignmentConfig = field(default_factory=AlignmentConfig)
-    tuning: TuningConfig = field(default_factory=TuningConfig)
+    tuning: TuningConfig = field(default_factory=nola_tuning_config)
     device: str = "auto"
     # WiSE-FT post-step: mix untuned and tuned trainable tensors with this weight on the tuned
     # ones (0 = untuned, 1 = tuned). None (default) keeps the tuned model as trained.

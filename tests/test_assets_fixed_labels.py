@@ -1,8 +1,9 @@
-"""`fixed_pseudo_labels` (MethodResource, env NOLA_FIXED_PSEUDO_LABELS) reaches prompt tuning in the graph.
+"""`fixed_pseudo_labels` (MethodResource, env NOLA_FIXED_PSEUDO_LABELS; NoLA's default) reaches
+prompt tuning in the graph.
 
 The labels then come from the stored DINO features, so the DINO feature artifact enters the
-tuned encoder's key; with the paper's per-view labels it does not (DINO runs live on each weak
-view), so existing artifacts keep their keys.
+tuned encoder's key; with per-view labels (`fixed_pseudo_labels=False`) it does not (DINO runs
+live on each weak view).
 """
 
 from dagster import AssetKey, AssetSelection
@@ -25,7 +26,7 @@ def _tune(resources, selection):
 def test_fixed_pseudo_labels_flag_trains_from_the_stored_dino_features(tmp_path):
     copy_demo(tmp_path / "data", DATASET, labeled=False)
     settings = dict(tuning_epochs=1, tuning_batch_size=16, micro_batch_size=8)
-    resources = resources_for_test(tmp_path / "data", tmp_path / "artifacts", **settings)
+    resources = resources_for_test(tmp_path / "data", tmp_path / "artifacts", fixed_pseudo_labels=False, **settings)
     per_view, per_view_tensors, per_view_meta = _tune(resources, AssetSelection.assets(prompt_tuned_encoder).upstream())
     assert "dino_features" not in per_view.key and per_view_meta["pseudo_labels_per"].value == "weak view"
 

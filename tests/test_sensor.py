@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 from dagster import DagsterInstance, build_sensor_context, materialize
 
@@ -142,3 +143,45 @@ def test_the_time_budget_rotates_and_bad_specs_do_not_stop_the_others(tmp_path):
 
 def test_the_sensor_targets_the_partitioned_job():
     assert unlabeled_images_sensor.job_name == nola_job.name
+
+
+# ── one run per partition, in every instance file ──────────────────────────────────────────────
+
+REPO = Path(__file__).resolve().parents[1]
+PER_PARTITION_LIMIT = {"key": "dagster/partition", "value": {"applyLimitPerUniqueValue": True}, "limit": 1}
+
+
+def _instance_files():
+    """(name, the `concurrency` block) of every Dagster instance file the project ships."""
+    import yaml
+
+    from nola_assets.local import INSTANCE_YAML
+    files = {path.name: yaml.safe_load(path.read_text()) for path in sorted((REPO / "deploy" / "dagster").glob("dagster*.yaml"))}
+    files["nola_assets/local.py"] = yaml.safe_load(INSTANCE_YAML)
+    return {name: settings["concurrency"] for name, settings in files.items()}
+
+
+def test_every_instance_file_limits_runs_to_one_per_partition():
+    from dagster._core.test_utils import create_run_for_test, instance_for_test
+    from dagster._utils.tags import TagConcurrencyLimitsCounter
+
+    files = _instance_files()
+    assert {"dagster.yaml", "dagster.cpu.yaml", "dagster.local.yaml", "dagster.postgres-local.yaml",
+            "nola_assets/local.py"} <= set(files)
+    for name, concurrency in files.items():
+        assert PER_PARTITION_LIMIT in concurrency["runs"]["tag_concurrency_limits"], name
+        # Dagster itself reads the block; the queue daemon's own counter then holds a second run of
+        # partition "a" back while one is in progress, and lets "b" go.
+        with instance_for_test(overrides={"concurrency": concurrency}) as instance:
+            limits = instance.get_concurrency_config().run_queue_config.tag_concurrency_limits
+            running = create_run_for_test(instance, tags={"dagster/partition": "a"})
+            counter = TagConcurrencyLimitsCounter(limits, [running])
+            assert counter.is_blocked(create_run_for_test(instance, tags={"dagster/partition": "a"})), name
+            assert not counter.is_blocked(create_run_for_test(instance, tags={"dagster/partition": "b"})), name
+
+
+def test_the_helm_values_limit_runs_to_one_per_partition():
+    import yaml
+
+    values = yaml.safe_load((REPO / "deploy" / "k8s" / "values.yaml").read_text())
+    assert PER_PARTITION_LIMIT in values["concurrency"]["runs"]["tagConcurrencyLimits"]
