@@ -14,6 +14,9 @@ from pathlib import Path
 
 DEMO_TUNING_EPOCHS = 10
 """`nola demo` tunes for 10 epochs unless told otherwise (--tuning-epochs, NOLA_TUNING_EPOCHS)."""
+CLIP_FEATURE_TABLES = 4
+"""CLIP-dimension feature tables a run stores per dataset (for the preflight's disk estimate): the
+image features, and the tuned features of NoLA, LaFTer and LatteCLIP."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -218,6 +221,7 @@ def _add_run_options(p: argparse.ArgumentParser, default_profile: str | None) ->
     p.add_argument("--tuning-epochs", type=int, help="prompt-tuning epochs (default: NOLA_TUNING_EPOCHS, else "
                    + (f"{DEMO_TUNING_EPOCHS} for the demo, " if default_profile == "tiny" else "") + "50)")
     p.add_argument("--alignment-epochs", type=int, help="DL-network epochs (default: NOLA_ALIGNMENT_EPOCHS, else 50)")
+    p.add_argument("-v", "--verbose", action="store_true", help="show tracebacks")
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -253,8 +257,35 @@ def _resources_config(args: argparse.Namespace, demo: bool) -> dict[str, dict]:
     }
 
 
+def _preflight(paths: list[Path], args: argparse.Namespace, demo: bool) -> bool:
+    """nola_core.preflight on what this command would run, before any Dagster run: its problems
+    printed as a few lines (a traceback only with --verbose). True: go."""
+    from nola_core.preflight import preflight
+
+    from nola_assets.artifacts import ArtifactStore
+    from nola_assets.resources import DescriptionsResource, ModelsResource
+
+    try:
+        models = ModelsResource(**_resources_config(args, demo)["models"]).config()
+        problems = preflight(paths, models, ArtifactStore().root(), DescriptionsResource().source(),
+                             clip_tables=CLIP_FEATURE_TABLES)
+    except Exception as error:  # noqa: BLE001  (the check itself failed: say so in one line)
+        if args.verbose:
+            raise
+        print(f"nola: error: the preflight check failed: {type(error).__name__}: {error} (--verbose: traceback)",
+              file=sys.stderr)
+        return False
+    for problem in problems:
+        print(f"nola: error: {problem.message()}", file=sys.stderr)
+    if problems:
+        print("nola: nothing was started.", file=sys.stderr)
+    return not problems
+
+
 def _materialize(paths: list[Path], args: argparse.Namespace, copy: bool, launched_by: str, demo: bool) -> int:
-    """Register each dataset, run the whole graph for it, print the stage table and the artifacts."""
+    """Check, register each dataset, run the whole graph for it, print the stage table and the artifacts."""
+    if not _preflight(paths, args, demo):
+        return 1
     from dagster import AssetKey
 
     from nola_core.data import DatasetSpecError
