@@ -63,6 +63,7 @@ CLASSIFIERS_FILE = "classifiers.safetensors"
 FEATURES_FILE = "features.safetensors"
 PSEUDO_LABELS_FILE = "pseudo_labels.parquet"
 REPORT_FILE = "report.json"
+CLASS_SIMILARITY_FILE = "class_similarity.png"  # the most confused classes' heatmap, drawn off the GPU step
 NETWORK_FILE = "dl_network.safetensors"
 TRAINABLE_FILE = "trainable.safetensors"
 RESUME_DIR = "resume"  # prompt tuning's per-epoch state while it runs
@@ -300,22 +301,31 @@ def cde_classifier(
         context.log.warning(f"{name}: {count} description(s) of {class_name!r} exceed the "
                             f"{text_checks['context_length']}-token context and are truncated")
 
-    similarity = (cde @ cde.T).numpy()
-    agreement = (zero_shot * cde).sum(-1).tolist()
+    # The class-similarity heatmap is drawn by cde_pseudo_labels, a CPU step: this one holds the `gpu` slot.
     return _result(ref, started, {
         "name_collisions": MetadataValue.json(text_checks["collisions"]),
         "truncated_descriptions": sum(text_checks["truncated"].values()),
         "truncated_per_class": MetadataValue.md(reporting.markdown_table(
             ["class", "descriptions", "truncated"],
-            [(c, len(texts.get(c, [])), text_checks["truncated"].get(c, 0)) for c in spec.classes])),
+            [(c, len(texts.get(c, [])), n) for c, n in text_checks["truncated"].items() if n])),
         "classes": len(spec.classes),
         "embedding_dim": int(cde.shape[1]),
         "clip": MetadataValue.json(config.clip_identity()),
-        "cde_vs_zero_shot_cosine": MetadataValue.md(reporting.markdown_table(
-            ["class", "cos(CDE, zero-shot)"], list(zip(spec.classes, agreement)))),
+        "per_class": cde_class_table(spec.classes, texts, zero_shot, cde),
         "text_checks": MetadataValue.json(text_checks),
-        "class_similarity": reporting.png_markdown(
-            reporting.heatmap(similarity, spec.classes, "CDE class-class cosine"), "CDE similarity"),
+    })
+
+
+def cde_class_table(classes, texts: dict, zero_shot: torch.Tensor, cde: torch.Tensor) -> MetadataValue:
+    """Per class: descriptions, cos(CDE, zero-shot), and the nearest other class under the CDE."""
+    similarity = (cde @ cde.T).fill_diagonal_(-2.0)
+    nearest_cosine, nearest = similarity.max(dim=1)
+    return reporting.per_class_table({
+        "class": list(classes),
+        "descriptions": [len(texts.get(c, [])) for c in classes],
+        "cos(CDE, zero-shot)": [round(v, 4) for v in (zero_shot * cde).sum(-1).tolist()],
+        "nearest class": [classes[i] for i in nearest.tolist()],
+        "cos(nearest)": [round(v, 4) for v in nearest_cosine.tolist()],
     })
 
 
@@ -475,10 +485,13 @@ def cde_pseudo_labels(
     if empty:
         context.log.warning(f"{name}: no pseudo-label at all for classes {empty}: the DL network never sees them")
 
+    similarity_png = artifacts.write_bytes(ref, CLASS_SIMILARITY_FILE, reporting.class_similarity_heatmap(
+        (cde @ cde.T).numpy(), classes, "CDE class-class cosine"))
     metadata = {
         "k": selection.k,
         "selected": report["selected"],
         "candidate_images": len(train_ids),
+        "class_similarity": MetadataValue.path(str(similarity_png)),
         "per_class": MetadataValue.json(report["per_class"]),
         "short_classes": MetadataValue.json(report["short_classes"]),
         "classes_without_pseudo_labels": MetadataValue.json(empty),

@@ -1,4 +1,8 @@
-"""Metadata for the UI: markdown tables and small PNG plots (matplotlib, Agg backend)."""
+"""Metadata for the UI: markdown and Dagster tables, and small PNG plots (matplotlib, Agg backend).
+
+Plots stay small whatever the number of classes: the class-similarity heatmap shows at most
+`HEATMAP_CLASSES` classes, bar charts have a bounded width.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +11,13 @@ import io
 from typing import Mapping, Sequence
 
 import matplotlib
+import numpy as np
 import polars as pl
 
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
-from dagster import MetadataValue  # noqa: E402
+from dagster import MetadataValue, TableColumn, TableRecord, TableSchema  # noqa: E402
 
 from nola_core.eval import stage_table_rows  # noqa: E402
 
@@ -31,6 +36,15 @@ def _cell(value: object) -> str:
     return str(value).replace("|", "\\|")
 
 
+def per_class_table(columns: Mapping[str, Sequence[object]]) -> MetadataValue:
+    """One row per class as a Dagster table (sortable in the UI, compact in the event log)."""
+    kinds = {str: "string", int: "int", float: "float", bool: "bool"}
+    schema = TableSchema(columns=[TableColumn(name, kinds.get(type(values[0]), "string") if values else "string")
+                                  for name, values in columns.items()])
+    rows = zip(*columns.values())
+    return MetadataValue.table([TableRecord(dict(zip(columns, row))) for row in rows], schema=schema)
+
+
 def stage_table_markdown(stages: pl.DataFrame, note: str | None = None) -> str:
     """The stage table of `nola_core.eval.format_stage_table` (`evaluate_stages`' rows), as markdown:
     top-1 and mean per-class accuracy on each named split."""
@@ -39,10 +53,16 @@ def stage_table_markdown(stages: pl.DataFrame, note: str | None = None) -> str:
     return f"{table}\n\n**{note}**" if note else table
 
 
+HEATMAP_CLASSES = 50  # classes drawn in the class-similarity heatmap: the most confused ones
+MAX_TICK_LABELS = 60  # above this many bars or classes, ticks are not labelled (they could not be read)
+MAX_FIGURE_INCHES = 24.0
+
+
 def bar_chart(labels: Sequence[str], values: Sequence[float], title: str, ylabel: str) -> bytes:
-    figure, axis = plt.subplots(figsize=(max(4.0, 0.5 * len(labels) + 2), 3.2))
+    figure, axis = plt.subplots(figsize=(min(MAX_FIGURE_INCHES, max(4.0, 0.5 * len(labels) + 2)), 3.2))
     axis.bar(range(len(labels)), values, color="#4c72b0")
-    axis.set_xticks(range(len(labels)), labels, rotation=45 if len(labels) > 6 else 0, ha="right")
+    if len(labels) <= MAX_TICK_LABELS:
+        axis.set_xticks(range(len(labels)), labels, rotation=45 if len(labels) > 6 else 0, ha="right")
     axis.set_title(title)
     axis.set_ylabel(ylabel)
     return _png(figure)
@@ -67,10 +87,25 @@ def scatter_2d(points, colours: Sequence[int] | None, title: str) -> bytes:
     return _png(figure)
 
 
+def most_confused(similarity: np.ndarray, top: int = HEATMAP_CLASSES) -> np.ndarray:
+    """Indices of the `top` classes whose nearest other class is most similar, most confused first."""
+    others = np.array(similarity, dtype=np.float64, copy=True)
+    np.fill_diagonal(others, -np.inf)
+    return np.argsort(-others.max(axis=1), kind="stable")[:top]
+
+
+def class_similarity_heatmap(similarity: np.ndarray, classes: Sequence[str], title: str,
+                             top: int = HEATMAP_CLASSES) -> bytes:
+    """The heatmap of the `top` most confused classes only: its size does not grow with the class count."""
+    keep = most_confused(similarity, top)
+    shown = f"{len(keep)} most confused of {len(classes)} classes" if len(keep) < len(classes) else f"{len(classes)} classes"
+    return heatmap(np.asarray(similarity)[np.ix_(keep, keep)], [classes[i] for i in keep], f"{title}\n({shown})")
+
+
 def heatmap(matrix, labels: Sequence[str], title: str) -> bytes:
-    figure, axis = plt.subplots(figsize=(max(3.5, 0.4 * len(labels) + 2),) * 2)
+    figure, axis = plt.subplots(figsize=(min(MAX_FIGURE_INCHES, max(3.5, 0.3 * len(labels) + 2)),) * 2)
     image = axis.imshow(matrix, cmap="viridis")
-    if len(labels) <= 30:
+    if len(labels) <= MAX_TICK_LABELS:
         axis.set_xticks(range(len(labels)), labels, rotation=90)
         axis.set_yticks(range(len(labels)), labels)
     figure.colorbar(image, ax=axis, fraction=0.046)
