@@ -39,6 +39,7 @@ from nola_core.methods import PseudoLabels
 from nola_core.methods.evaluation import method_rows
 from nola_core.methods import nola as nola_method
 from nola_core.models import ClipModel
+from nola_core.progress import progress_callback
 from nola_core.text import get_templates
 from nola_core.tuning import EpochStats, TuningConfig, load_trainable
 
@@ -105,16 +106,10 @@ def _result(ref: ArtifactRef, started: float, metadata: dict) -> MaterializeResu
     return MaterializeResult(value=ref, metadata=metadata, data_version=DataVersion(ref.digest))
 
 
-def _image_progress(context: AssetExecutionContext, what: str, every: float = 0.2) -> Callable[[int, int], None]:
-    """Log `what: done/total` about every `every` of the way."""
-    mark = [0.0]
-
-    def progress(done: int, total: int) -> None:
-        if done == total or done / total >= mark[0] + every:
-            mark[0] = done / total
-            context.log.info(f"{what}: {done}/{total} images")
-
-    return progress
+def _image_progress(context: AssetExecutionContext, what: str) -> Callable[[int, int], None]:
+    """`what: done/total images`, rate and time left in the step log at a bounded rate (a bar too
+    under `nola run` at a terminal: nola_core.progress)."""
+    return progress_callback(what, "images", context.log.info)
 
 
 def _on_processes(context: AssetExecutionContext, compute: ComputeResource, items: int, stage: Callable,
@@ -552,11 +547,10 @@ def alignment_checkpoint(
         "pseudo_labels": cde_pseudo_labels.digest, "dino_features": dino_features.digest,
         "config": dataclasses.asdict(config), "device_type": device.type,
     })
-    every = max(1, config.epochs // 10)
+    epochs_done = progress_callback("DL network", "epochs", context.log.info)
 
     def progress(epoch: int, epochs: int, loss: float) -> None:
-        if epoch % every == 0 or epoch == epochs:
-            context.log.info(f"DL network epoch {epoch}/{epochs}: loss {loss:.4f}")
+        epochs_done(epoch, epochs, loss=loss)
 
     network, losses = train_alignment(features, selection, config, device, progress)
     shape = {"in_dim": int(features.shape[1]), "hidden_dim": config.hidden_dim, "num_classes": selection.num_classes}
@@ -623,11 +617,12 @@ def prompt_tuned_encoder(
     ref = artifacts.allocate("prompt_tuned_encoder", name, key)
 
     logged: set[int] = set()
+    epochs_done = progress_callback("prompt tuning", "epochs", context.log.info)
 
     def progress(stats: EpochStats) -> None:
         logged.add(stats.epoch)
-        context.log.info(f"prompt tuning epoch {stats.epoch}/{tuning.epochs}: loss {stats.loss:.4f}, "
-                         f"agreement with pseudo-labels {stats.agreement:.3f}, entropy {stats.mean_entropy:.3f}")
+        epochs_done(stats.epoch, tuning.epochs, loss=stats.loss, agreement=stats.agreement,
+                    entropy=stats.mean_entropy)
 
     context.log.info(f"prompt tuning on {len(records)} images, {tuning.epochs} epochs, device {device}")
     # Per-epoch resumable state, under this artifact's content-keyed folder: a killed run (SIGKILL,

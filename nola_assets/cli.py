@@ -291,6 +291,7 @@ def _materialize(paths: list[Path], args: argparse.Namespace, copy: bool, launch
     from nola_core.data import DatasetSpecError
     from nola_core.eval import format_stage_table, split_counts
     from nola_core.pipeline import RANDOM_MODEL_NOTE
+    from nola_core.progress import terminal_progress
 
     from nola_assets.artifacts import ArtifactStore
     from nola_assets.assets import PREDICTIONS_FILE
@@ -306,7 +307,8 @@ def _materialize(paths: list[Path], args: argparse.Namespace, copy: bool, launch
             print(f"nola: error: {error}", file=sys.stderr)
             return 1
         started = time.perf_counter()
-        result = materialize_dataset(instance, name, config, {"nola/launched_by": launched_by})
+        with terminal_progress():  # bars for extraction and epochs, only when stdout is a terminal
+            result = materialize_dataset(instance, name, config, {"nola/launched_by": launched_by})
         evaluation = evaluation_of(result, store)
         predictions = result.asset_value(AssetKey("predictions")).file(PREDICTIONS_FILE)
         print(f"\n{name}: every asset materialized in {time.perf_counter() - started:.1f} s (run {result.run_id})")
