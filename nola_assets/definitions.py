@@ -18,7 +18,8 @@ from nola_assets.resources import (
     MethodResource,
     ModelsResource,
 )
-from nola_assets.sensors import full_refresh_schedule, nola_job, unlabeled_images_sensor
+from nola_assets.schedules import full_refresh_schedule
+from nola_assets.sensors import nola_job, unlabeled_images_sensor
 
 
 def nola_resources() -> dict:

@@ -1,4 +1,4 @@
-"""The job, the sensor that watches the data root, and the full-refresh schedule.
+"""The job and the sensor that watches the data root (the weekly refresh: nola_assets/schedules.py).
 
 `unlabeled_images_sensor` does only cheap work: it reads dataset.yaml files and stats files, and
 never opens an image (hashing and decoding happen in the run's `dataset_manifest` step). A tick:
@@ -28,15 +28,11 @@ from typing import Callable
 
 from dagster import (
     AssetSelection,
-    DefaultScheduleStatus,
     DefaultSensorStatus,
     RunRequest,
-    ScheduleEvaluationContext,
     SensorEvaluationContext,
     SensorResult,
-    SkipReason,
     define_asset_job,
-    schedule,
     sensor,
 )
 
@@ -175,17 +171,3 @@ def _matches_last_manifest(artifacts: ArtifactStore, name: str, files: list[File
 
 unlabeled_images_sensor = build_unlabeled_images_sensor()
 
-
-@schedule(
-    job=nola_job,
-    cron_schedule="0 3 * * 0",
-    default_status=DefaultScheduleStatus.STOPPED,
-    description="Weekly full refresh of every dataset partition (features of unchanged images are reused).",
-)
-def full_refresh_schedule(context: ScheduleEvaluationContext):
-    names = context.instance.get_dynamic_partitions(DATASETS)
-    if not names:
-        return SkipReason("no dataset partition yet")
-    stamp = context.scheduled_execution_time.strftime("%Y%m%dT%H%M")
-    return [RunRequest(run_key=f"{name}:refresh:{stamp}", partition_key=name, tags={"nola/dataset": name})
-            for name in names]

@@ -9,7 +9,7 @@ from dagster import AssetKey, DefaultScheduleStatus
 
 from nola_assets.definitions import defs
 from nola_assets.assets import GPU_POOL, NOLA_ASSETS
-from nola_assets.sensors import full_refresh_schedule
+from nola_assets.schedules import full_refresh_schedule
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,0 +1,113 @@
+"""The weekly refresh: for each dataset partition, only the assets that are stale, and none when none is.
+
+An asset of a partition is stale when it was never materialized, when its latest materialization
+was made by another code version than the one the definitions declare now (`nola_asset(version=)`),
+or when an input's data version (its artifact digest) differs from the one that materialization
+read. A stale asset is requested with everything downstream of it; a partition with nothing stale
+gets no run. This is Dagster's own rule (the tags `dagster/code_version`, `dagster/data_version`
+and `dagster/input_data_version/<asset>` that every materialization carries), evaluated per
+partition: `RunRequest(stale_assets_only=True)` in Dagster 1.13 asks the stale-status resolver
+without a partition key, which answers FRESH for every partitioned asset, so it would never
+request anything here (dagster/_scheduler/stale.py). Inside a run, every asset whose key has a
+finished artifact reuses it (`assets.allocate_or_reuse`), so a run requested for a stale asset
+still recomputes only what changed.
+"""
+
+from typing import Iterable, Sequence
+
+from dagster import (
+    AssetKey,
+    AssetRecordsFilter,
+    AssetsDefinition,
+    DataProvenance,
+    DefaultScheduleStatus,
+    DagsterInstance,
+    RunRequest,
+    ScheduleEvaluationContext,
+    SkipReason,
+    schedule,
+)
+
+from nola_assets.assets import NOLA_ASSETS
+from nola_assets.export_assets import EXPORT_ASSETS
+from nola_assets.method_assets import METHOD_ASSETS
+from nola_assets.partitions import DATASETS
+from nola_assets.sensors import nola_job
+
+DATA_VERSION_TAG = "dagster/data_version"
+
+
+def _latest_tags(instance: DagsterInstance, key: AssetKey, partition: str) -> dict | None:
+    records = instance.fetch_materializations(AssetRecordsFilter(asset_key=key, asset_partitions=[partition]),
+                                              limit=1).records
+    return dict(records[0].asset_materialization.tags or {}) if records else None
+
+
+def stale_assets(instance: DagsterInstance, assets: Sequence[AssetsDefinition], partition: str) -> list[AssetKey]:
+    """The assets of `partition` to rematerialize: the stale ones (never materialized, another code
+    version, an input with another data version than it read) and everything downstream of them."""
+    by_key = {a.key: a for a in assets}
+    tags = {key: _latest_tags(instance, key, partition) for key in by_key}
+    requested: set[AssetKey] = set()
+
+    def stale(key: AssetKey) -> bool:
+        if tags[key] is None:
+            return True
+        provenance = DataProvenance.from_tags(tags[key])
+        if provenance is None or provenance.code_version != by_key[key].code_versions_by_key[key]:
+            return True
+        return any(tags[parent] is None
+                   or provenance.input_data_versions.get(parent) is None
+                   or provenance.input_data_versions[parent].value != tags[parent].get(DATA_VERSION_TAG)
+                   for parent in by_key[key].dependency_keys if parent in by_key)
+
+    for key in _topological(by_key):
+        if stale(key) or any(parent in requested for parent in by_key[key].dependency_keys):
+            requested.add(key)
+    return [key for key in _topological(by_key) if key in requested]
+
+
+def _topological(by_key: dict[AssetKey, AssetsDefinition]) -> list[AssetKey]:
+    order: list[AssetKey] = []
+
+    def visit(key: AssetKey) -> None:
+        if key in order:
+            return
+        for parent in sorted(by_key[key].dependency_keys & by_key.keys(), key=str):
+            visit(parent)
+        order.append(key)
+
+    for key in sorted(by_key, key=str):
+        visit(key)
+    return order
+
+
+def build_refresh_schedule(assets: Iterable[AssetsDefinition] = (*NOLA_ASSETS, *METHOD_ASSETS, *EXPORT_ASSETS)):
+    """The weekly schedule over `assets` (the code location's, or a test's with one version bumped)."""
+    assets = list(assets)
+
+    @schedule(
+        name="full_refresh_schedule",
+        job=nola_job,
+        cron_schedule="0 3 * * 0",
+        default_status=DefaultScheduleStatus.STOPPED,
+        description="Weekly, per dataset partition: the stale assets (new code version, changed input data "
+        "version, never materialized) and what depends on them; nothing for an unchanged dataset.",
+    )
+    def _schedule(context: ScheduleEvaluationContext):
+        names = context.instance.get_dynamic_partitions(DATASETS)
+        stamp = context.scheduled_execution_time.strftime("%Y%m%dT%H%M")
+        requests = []
+        for name in names:
+            stale = stale_assets(context.instance, assets, name)
+            if stale:
+                requests.append(RunRequest(run_key=f"{name}:refresh:{stamp}", partition_key=name, asset_selection=stale,
+                                           tags={"nola/dataset": name, "nola/stale": str(len(stale))}))
+        if not requests:
+            return SkipReason(f"nothing stale in {len(names)} dataset partition(s)")
+        return requests
+
+    return _schedule
+
+
+full_refresh_schedule = build_refresh_schedule()
