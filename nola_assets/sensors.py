@@ -170,4 +170,3 @@ def _matches_last_manifest(artifacts: ArtifactStore, name: str, files: list[File
 
 
 unlabeled_images_sensor = build_unlabeled_images_sensor()
-
