@@ -37,6 +37,7 @@ def fresh_folder(tmp_path, monkeypatch):
     return tmp_path
 
 
+@pytest.mark.slow  # the whole demo (every method), about a minute on 2 busy cores
 def test_the_readme_commands_run_in_order_from_an_empty_folder(fresh_folder, capsys):
     commands = readme_commands()
     subcommands = [argv[0] for argv in commands]
