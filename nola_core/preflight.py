@@ -22,6 +22,7 @@ import os
 import shutil
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -33,7 +34,7 @@ from nola_core.models.config import ModelConfig
 
 HF_HOST = "huggingface.co"
 NETWORK_TIMEOUT_S = 3.0
-"""How long the reachability probe of a weights host may take before the network counts as absent."""
+"""How long the reachability probe of a model's weights hosts may take before the network counts as absent."""
 FEATURE_BYTES = 2  # float16 feature tables (nola_core.features)
 REWRITE_FACTOR = 2  # a table is rewritten beside the old one before the rename
 OFFLINE_VALUES = ("1", "true", "yes", "on")
@@ -61,34 +62,49 @@ class Environment:
     """What the checks read from the machine; tests replace any part of it."""
 
     environ: Mapping[str, str]
-    reachable: Callable[[str], bool]  # host -> can a TCP connection to it on 443 be opened
+    reachable: Callable[[Sequence[str]], bool]  # hosts -> can a TCP connection to one of them on 443 be opened
     free_bytes: Callable[[Path], int]
 
     @classmethod
     def current(cls) -> "Environment":
-        return cls(environ=os.environ, reachable=host_reachable, free_bytes=free_bytes_at)
+        """This machine; each host set is probed once per Environment."""
+        seen: dict[frozenset, bool] = {}
+
+        def reachable(hosts: Sequence[str]) -> bool:
+            key = frozenset(hosts)
+            if key not in seen:
+                seen[key] = any_host_reachable(hosts)
+            return seen[key]
+
+        return cls(environ=os.environ, reachable=reachable, free_bytes=free_bytes_at)
 
     @property
     def offline(self) -> bool:
         return self.environ.get("HF_HUB_OFFLINE", "").strip().lower() in OFFLINE_VALUES
 
 
-def host_reachable(host: str, timeout_s: float = NETWORK_TIMEOUT_S) -> bool:
-    """Whether `host:443` accepts a TCP connection within `timeout_s`, DNS included (run in a
-    thread: name resolution ignores socket timeouts and can hang on an air-gapped machine)."""
-    answer = []
+def any_host_reachable(hosts: Sequence[str], timeout_s: float = NETWORK_TIMEOUT_S, port: int = 443) -> bool:
+    """Whether one of `hosts` accepts a TCP connection on `port` within `timeout_s` in all, DNS
+    included: every host is probed at once, in threads, since name resolution ignores socket
+    timeouts and can hang on an air-gapped machine."""
+    found = threading.Event()
 
-    def probe() -> None:
+    def probe(host: str) -> None:
         try:
-            socket.create_connection((host, 443), timeout=timeout_s).close()
-            answer.append(True)
+            socket.create_connection((host, port), timeout=timeout_s).close()
+            found.set()
         except OSError:
             pass
 
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout_s)
-    return bool(answer)
+    threads = [threading.Thread(target=probe, args=(host,), daemon=True) for host in hosts]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + timeout_s
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+        if found.is_set():
+            break
+    return found.is_set()
 
 
 def free_bytes_at(path: Path) -> int:
@@ -200,10 +216,11 @@ def _cached_or_downloadable(what: str, hub_files: list[tuple[str, str]], local_f
         return None
     if env.offline:
         return Problem(what, "weights not in the local caches, and HF_HUB_OFFLINE is set", fix)
-    if any(env.reachable(host) for host in hosts if host):
+    hosts = [host for host in hosts if host]
+    if env.reachable(hosts):
         return None
-    return Problem(what, f"weights not in the local caches, and {', '.join(h for h in hosts if h)} cannot be "
-                   "reached (no network?)", fix)
+    return Problem(what, f"weights not in the local caches, and {', '.join(hosts)} cannot be reached (no network?)",
+                   fix)
 
 
 def check_descriptions(source: str, spec: DatasetSpec, env: Environment) -> list[Problem]:

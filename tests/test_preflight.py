@@ -3,6 +3,7 @@ before any Dagster run exists."""
 
 import dataclasses
 import shutil
+import socket
 import time
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from nola_core.demo import demo_dataset_path
 from nola_core.models import ModelConfig
 from nola_core.preflight import (
     Environment,
+    any_host_reachable,
     check_descriptions,
     check_disk,
     check_models,
@@ -41,7 +43,7 @@ def no_weights(tmp_path, monkeypatch):
 def _env(online=False, offline=False, free=10**12, **environ) -> Environment:
     if offline:
         environ["HF_HUB_OFFLINE"] = "1"
-    return Environment(environ=environ, reachable=lambda host: online, free_bytes=lambda path: free)
+    return Environment(environ=environ, reachable=lambda hosts: online, free_bytes=lambda path: free)
 
 
 def test_offline_paper_run_without_weights_stops_at_once_naming_the_fix(no_weights, monkeypatch, capsys):
@@ -79,6 +81,17 @@ def test_weights_in_the_hub_cache_or_reachable_pass(no_weights):
         (folder / "snapshots" / ("0" * 40)).mkdir(parents=True)
         (folder / "snapshots" / ("0" * 40) / name).write_bytes(b"weights")
     assert check_models(PAPER, _env(offline=True)) == []
+
+
+def test_the_network_probe_answers_within_its_bound():
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        open_port = server.getsockname()[1]
+        assert any_host_reachable(["no-such-host.invalid", "127.0.0.1"], timeout_s=2, port=open_port)
+    started = time.perf_counter()
+    assert not any_host_reachable(["no-such-host.invalid", "127.0.0.1"], timeout_s=2, port=open_port)  # closed
+    assert time.perf_counter() - started < 2.5
 
 
 def test_checkpoint_paths_random_models_and_unknown_tags(tmp_path):
