@@ -325,10 +325,11 @@ def _materialize(paths: list[Path], args: argparse.Namespace, copy: bool, launch
 
 def _dev(args: argparse.Namespace) -> None:
     """Replaces this process with `dagster dev`."""
-    from nola_assets.local import dagster_home
+    from nola_assets.local import dagster_home, local_instance
     from nola_assets.resources import env_name
 
     home = dagster_home()
+    local_instance()  # fails runs a killed process left in progress, freeing their pool slots
     target = ["-w", "workspace.yaml"] if Path("workspace.yaml").is_file() else ["-m", "nola_assets.definitions"]
     print(f"DAGSTER_HOME={home}", file=sys.stderr)
     if args.profile is not None:

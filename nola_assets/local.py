@@ -5,22 +5,32 @@ The instance lives in a project-local Dagster home (`$DAGSTER_HOME`, default `.d
 SQLite storage, so `dagster dev` on the same home shows every run and materialization. Its
 `dagster.yaml`, written once if missing, limits every concurrency pool, and so the `gpu` pool of
 the GPU-bound assets, to one step at a time.
+
+Runs here are processes on this machine that nothing monitors (the default run launcher cannot
+check a run worker's health): a killed `nola run` would leave its run STARTED and its pool slot
+claimed forever. So `local_instance()` first fails every in-progress run none of whose processes
+is alive and frees its slots, and `materialize_dataset` waits for a free `gpu` slot before it
+starts, saying which run holds it, and stops cleanly on Ctrl-C or SIGTERM while it waits.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
+import sys
+import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Mapping
 
 import polars as pl
-from dagster import AssetKey, DagsterInstance, ExecuteInProcessResult
+from dagster import AssetKey, DagsterEventType, DagsterInstance, DagsterRunStatus, ExecuteInProcessResult, RunsFilter
 
 from nola_core.data import load_dataset_spec
 
 from nola_assets.artifacts import ArtifactRef, ArtifactStore
-from nola_assets.assets import METHOD_EVALUATION_FILE
+from nola_assets.assets import GPU_POOL, METHOD_EVALUATION_FILE
 from nola_assets.partitions import DATASETS
 
 DEFAULT_HOME = ".dagster_home"
@@ -57,8 +67,98 @@ def dagster_home() -> Path:
     return home
 
 
+IN_PROGRESS = [DagsterRunStatus.STARTING, DagsterRunStatus.STARTED, DagsterRunStatus.CANCELING]
+POOL_POLL_SECONDS = 2.0
+
+
 def local_instance() -> DagsterInstance:
-    return DagsterInstance.from_config(str(dagster_home()))
+    """The local instance, after failing the runs whose processes are gone (`fail_runs_of_dead_processes`)."""
+    instance = DagsterInstance.from_config(str(dagster_home()))
+    for run_id, pids in fail_runs_of_dead_processes(instance):
+        print(f"nola: run {run_id} was still marked in progress, but its process(es) {pids} are gone: "
+              "marked failed, its pool slots freed", file=sys.stderr)
+    return instance
+
+
+def fail_runs_of_dead_processes(instance: DagsterInstance) -> list[tuple[str, list[int]]]:
+    """Mark failed every in-progress run whose processes (the pids its engine events name) are all
+    gone, and free the pool slots it claimed; returns (run id, pids) of each. A run that logged no
+    pid yet is left alone. Meant for an instance whose runs all run on this machine."""
+    failed = []
+    for record in instance.get_run_records(RunsFilter(statuses=IN_PROGRESS)):
+        run = record.dagster_run
+        pids = {int(entry.dagster_event.engine_event_data.metadata["pid"].value): entry.timestamp
+                for entry in instance.all_logs(run.run_id, of_type=DagsterEventType.ENGINE_EVENT)
+                if "pid" in entry.dagster_event.engine_event_data.metadata}
+        if not pids or any(process_alive(pid, since) for pid, since in pids.items()):
+            continue
+        instance.report_run_failed(run, message=f"Marked failed by nola: the run's process(es) {sorted(pids)} "
+                                   "are gone (killed or crashed); its pool slots are freed.")
+        instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+        failed.append((run.run_id, sorted(pids)))
+    return failed
+
+
+def process_alive(pid: int, since: float) -> bool:
+    """Whether process `pid` exists, is not a zombie, and is the one that logged at `since` (a
+    process started later under a reused pid is not; needs /proc to tell, else trusted)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime"))
+    except (OSError, StopIteration, IndexError):
+        return True
+    started = boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    return fields[0] != "Z" and started <= since + 2.0  # btime and clock ticks round to a second or so
+
+
+def wait_for_pool(instance: DagsterInstance, pool: str = GPU_POOL, poll_seconds: float = POOL_POLL_SECONDS) -> None:
+    """Return once `pool` has a free slot, saying which runs hold it while it waits; Ctrl-C or
+    SIGTERM while waiting exits (130 / 143) with nothing started."""
+    stop = {}
+
+    def on_signal(number, _frame):
+        stop["signal"] = number
+
+    previous = {number: signal.signal(number, on_signal) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        said = None
+        while not stop:
+            holders = pool_holders(instance, pool)
+            if holders is None:
+                return
+            if holders != said:
+                print(f"nola: waiting for a slot of the `{pool}` pool, held by {holders} "
+                      "(Ctrl-C to stop; nothing is started until a slot is free)", file=sys.stderr, flush=True)
+                said = holders
+            time.sleep(poll_seconds)
+        raise SystemExit(128 + stop["signal"])
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def pool_holders(instance: DagsterInstance, pool: str) -> str | None:
+    """None when `pool` has a free slot (or no limit); else which runs and steps hold it, since when."""
+    storage = instance.event_log_storage
+    if pool not in storage.get_concurrency_keys():
+        return None
+    info = storage.get_concurrency_info(pool)
+    if not info.claimed_slots or len(info.claimed_slots) < info.slot_count:
+        return None
+    held = []
+    for slot in info.claimed_slots:
+        record = instance.get_run_record_by_id(slot.run_id)
+        since = record.start_time if record and record.start_time else None
+        held.append(f"run {slot.run_id} (step {slot.step_key}"
+                    + (f", started {datetime.fromtimestamp(since):%Y-%m-%d %H:%M:%S}" if since else "") + ")")
+    return "; ".join(held)
 
 
 def register_dataset(instance: DagsterInstance, source: Path, data_root: Path, copy: bool = False) -> str:
@@ -105,6 +205,7 @@ def materialize_dataset(
         "resources": {key: {"config": dict(values)} for key, values in resources_config.items() if values},
         "loggers": {"console": {"config": {"log_level": "INFO"}}},
     }
+    wait_for_pool(instance)
     return defs.resolve_job_def("nola_job").execute_in_process(
         instance=instance, partition_key=name, run_config=run_config, tags=dict(tags)
     )
