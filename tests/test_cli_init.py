@@ -54,7 +54,7 @@ def test_init_links_a_flat_folder_into_a_dataset(tmp_path, capsys):
 def test_init_moves_when_asked(tmp_path):
     originals = _flat_folder(tmp_path / "photos" / "batch1")
     assert main(["init", str(tmp_path / "photos"), "--classes", CLASSES, "--move"]) == 0
-    assert not any(p.exists() for p in originals)
+    assert not any(p.exists() for p in originals) and not (tmp_path / "photos" / "batch1").exists()
     moved = sorted((tmp_path / "photos" / "unlabeled" / "batch1").iterdir())  # nesting kept
     assert len(moved) == len(originals) and not any(p.is_symlink() for p in moved)
     assert len(load_dataset(tmp_path / "photos")[1]) == len(originals)

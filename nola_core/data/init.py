@@ -10,6 +10,7 @@ with `load_dataset_spec`, so a folder `init_dataset` returns is one every comman
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from dataclasses import dataclass
@@ -130,6 +131,10 @@ def init_dataset(
         else:
             target.symlink_to(os.path.relpath(source, target.parent))
         placed_at[source] = target
+    if placement == "move":  # folders the move emptied go too, deepest first
+        for emptied in sorted({s.parent for s in images} - {root}, key=lambda d: len(d.parts), reverse=True):
+            with contextlib.suppress(OSError):
+                emptied.rmdir()
     labeled: dict[str, int] = {}
     if evaluate_class_folders:
         for source, target in placed_at.items():
