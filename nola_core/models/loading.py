@@ -7,6 +7,7 @@ preprocessing the weights were trained with. Models come back frozen and in eval
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import pickle
 from dataclasses import dataclass
@@ -24,6 +25,25 @@ logger = logging.getLogger(__name__)
 
 class WeightsUnavailableError(RuntimeError):
     """Pretrained weights could not be fetched (offline, unknown tag, unreadable file)."""
+
+
+class CheckpointHashError(WeightsUnavailableError):
+    """A checkpoint whose SHA-256 is not the one its config expects (corrupt or replaced)."""
+
+
+def verify_checkpoint(path: str | None, expected_sha256: str | None) -> None:
+    """Refuse a checkpoint file whose content is not the expected one (no-op without a hash)."""
+    if path is None or expected_sha256 is None:
+        return
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    if digest.hexdigest() != expected_sha256:
+        raise CheckpointHashError(
+            f"{path}: SHA-256 {digest.hexdigest()} differs from the expected {expected_sha256}; "
+            "the file is corrupt or was replaced (retrain with `python -m nola_core.mini.train`)"
+        )
 
 
 class UnsafeCheckpointError(ValueError):
@@ -83,6 +103,7 @@ def load_clip(config: ModelConfig, device: torch.device | str = "cpu") -> ClipMo
             f"{len(open_clip.list_models())} (see open_clip.list_models())"
         )
     weights = config.clip_checkpoint or config.clip_pretrained
+    verify_checkpoint(config.clip_checkpoint, config.clip_checkpoint_sha256)
     with _seeded_init(config.init_seed):
         try:
             model = open_clip.create_model(config.clip_name, pretrained=weights, device=device)
@@ -116,6 +137,7 @@ def load_dino(config: ModelConfig, device: torch.device | str = "cpu") -> DinoMo
         overlay = dict(kwargs.get("pretrained_cfg_overlay", {}), file=config.dino_checkpoint)
         kwargs["pretrained_cfg_overlay"] = overlay
     pretrained = config.dino_pretrained or config.dino_checkpoint is not None
+    verify_checkpoint(config.dino_checkpoint, config.dino_checkpoint_sha256)
     with _seeded_init(config.init_seed):
         try:
             model = timm.create_model(spec.timm_name, pretrained=pretrained, **kwargs)

@@ -1,0 +1,57 @@
+"""Accuracy of the mini models on in-memory images, for the training report and calibration.
+
+Images go through the preprocessing the loader attached to each model (the same as in the
+pipeline); labels are used only to score.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from nola_core.data.transforms import eval_transform
+from nola_core.mini.fashion import CLASSES
+from nola_core.text import get_templates, zero_shot_classifier
+
+
+def _batch(images: Sequence[np.ndarray], preprocess) -> torch.Tensor:
+    transform = eval_transform(preprocess)
+    return torch.stack([transform(Image.fromarray(image).convert("RGB")) for image in images])
+
+
+@torch.inference_mode()
+def clip_features(clip, images: Sequence[np.ndarray], batch_size: int = 512) -> torch.Tensor:
+    pixels = _batch(images, clip.preprocess)
+    return torch.cat([clip.encode_image(chunk) for chunk in pixels.split(batch_size)]).float()
+
+
+@torch.inference_mode()
+def dino_features(dino, images: Sequence[np.ndarray], batch_size: int = 512) -> torch.Tensor:
+    pixels = _batch(images, dino.preprocess)
+    return torch.cat([dino.encode_image(chunk) for chunk in pixels.split(batch_size)]).float()
+
+
+def clip_zero_shot_accuracy(clip, images: Sequence[np.ndarray], labels: np.ndarray, templates: str = "generic") -> float:
+    """Top-1 of the zero-shot classifier (class names in the `generic` templates)."""
+    classifier = zero_shot_classifier(clip, CLASSES, get_templates(templates))
+    predicted = (clip_features(clip, images) @ classifier.T).argmax(1).numpy()
+    return float((predicted == np.asarray(labels)).mean())
+
+
+def knn_accuracy(features: torch.Tensor, labels: np.ndarray, k: int = 20) -> float:
+    """Leave-one-out k-nearest-neighbour top-1 (cosine, majority vote) within one set."""
+    normed = F.normalize(features, dim=1)
+    similarity = normed @ normed.T
+    similarity.fill_diagonal_(-2.0)
+    neighbours = similarity.topk(k, dim=1).indices
+    votes = torch.as_tensor(np.asarray(labels, dtype=np.int64))[neighbours]
+    predicted = torch.mode(votes, dim=1).values.numpy()
+    return float((predicted == np.asarray(labels)).mean())
+
+
+def dino_knn_accuracy(dino, images: Sequence[np.ndarray], labels: np.ndarray, k: int = 20) -> float:
+    return knn_accuracy(dino_features(dino, images), labels, k)
