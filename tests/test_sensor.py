@@ -4,7 +4,7 @@ import json
 import os
 from pathlib import Path
 
-from dagster import DagsterInstance, build_sensor_context, materialize
+from dagster import DagsterInstance, DagsterRunStatus, build_sensor_context, materialize
 
 from assets_helpers import copy_demo, new_image, resources_for_test
 from nola_assets.artifacts import ArtifactStore
@@ -185,3 +185,29 @@ def test_the_helm_values_limit_runs_to_one_per_partition():
 
     values = yaml.safe_load((REPO / "deploy" / "k8s" / "values.yaml").read_text())
     assert PER_PARTITION_LIMIT in values["concurrency"]["runs"]["tagConcurrencyLimits"]
+
+
+def test_the_queue_daemon_starts_one_run_per_partition_under_the_local_instance_file():
+    """Three queued runs (partitions a, a, b) under dagster.local.yaml's limits: the daemon's queue
+    starts one of each partition, and the second run of "a" only once the first has finished."""
+    from dagster._core.remote_origin import RegisteredCodeLocationOrigin, RemoteJobOrigin, RemoteRepositoryOrigin
+    from dagster._core.test_utils import create_run_for_test, create_test_daemon_workspace_context, instance_for_test
+    from dagster._core.workspace.load_target import EmptyWorkspaceTarget
+    from dagster._daemon.run_coordinator.queued_run_coordinator_daemon import QueuedRunCoordinatorDaemon
+
+    overrides = {"run_coordinator": {"module": "dagster._core.run_coordinator", "class": "QueuedRunCoordinator"},
+                 "run_launcher": {"module": "dagster._core.test_utils", "class": "MockedRunLauncher"},
+                 "concurrency": _instance_files()["dagster.local.yaml"]}
+    with instance_for_test(overrides=overrides) as instance:
+        origin = RemoteJobOrigin(RemoteRepositoryOrigin(RegisteredCodeLocationOrigin("nola"), "__repository__"),
+                                 "nola_job")
+        first_a, second_a, b = (create_run_for_test(instance, status=DagsterRunStatus.QUEUED, remote_job_origin=origin,
+                                                    tags={"dagster/partition": p}) for p in "aab")
+        with create_test_daemon_workspace_context(EmptyWorkspaceTarget(), instance) as workspace:
+            daemon = QueuedRunCoordinatorDaemon(interval_seconds=1)
+            list(daemon.run_iteration(workspace))
+            launched = {run.run_id for run in instance.run_launcher.queue()}
+            assert launched == {first_a.run_id, b.run_id}
+            instance.report_run_failed(instance.get_run_by_id(first_a.run_id))  # the first run of "a" ends
+            list(daemon.run_iteration(workspace))
+            assert instance.run_launcher.did_run_launch(second_a.run_id)
