@@ -133,8 +133,10 @@ def build_unlabeled_images_sensor(name: str = "unlabeled_images_sensor", clock: 
 
 def _valid_spec(context: SensorEvaluationContext, data: DatasetsResource, name: str, seen: dict[str, dict]) -> bool:
     """Whether a new folder's dataset.yaml is usable; a refused one is logged once per version of that file."""
-    spec_file = data.dataset_dir(name) / "dataset.yaml"
-    info = spec_file.stat()
+    try:
+        info = (data.dataset_dir(name) / "dataset.yaml").stat()
+    except OSError:  # removed since the folder was listed
+        return False
     spec_state = [info.st_size, info.st_mtime_ns]
     if seen.get(name, {}).get("refused") == spec_state:
         return False

@@ -4,7 +4,6 @@ failed and release their pool slot; waiting for a slot says for whom, and stops 
 import signal
 import subprocess
 import sys
-import textwrap
 
 from dagster import DagsterRunStatus
 from dagster._core.events import EngineEventData
@@ -51,23 +50,26 @@ def test_a_pid_reused_by_a_newer_process_is_not_the_run_process():
     assert not process_alive(os.getpid(), since=0.0)  # this process started long after "since"
 
 
-def test_waiting_for_a_slot_says_who_holds_it_and_stops_on_sigterm(tmp_path):
-    """In a child process: the `gpu` slot is held by a run of this (live) test process."""
+def test_waiting_for_a_slot_says_who_holds_it_and_stops_on_sigterm(capsys):
+    """The `gpu` slot is held by a run of this (live) process; a SIGTERM to this process while it
+    waits ends the wait with exit status 143 and nothing started."""
     import os
+    import threading
 
-    with instance_for_test(temp_dir=str(tmp_path)) as instance:
+    import pytest
+
+    from nola_assets.local import wait_for_pool
+
+    with instance_for_test() as instance:
         instance.event_log_storage.set_concurrency_slots("gpu", 1)
         holder = _started_run(instance, os.getpid(), "prompt_tuned_encoder")
         assert holder.run_id in pool_holders(instance, "gpu")
-        script = textwrap.dedent(f"""
-            from dagster import DagsterInstance
-            from nola_assets.local import wait_for_pool
-            wait_for_pool(DagsterInstance.from_config({str(tmp_path)!r}), poll_seconds=0.2)
-            print("returned")
-        """)
-        child = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        line = child.stderr.readline()
-        assert "waiting for a slot of the `gpu` pool" in line and holder.run_id in line and "prompt_tuned_encoder" in line
-        child.send_signal(signal.SIGTERM)
-        out, _ = child.communicate(timeout=30)
-        assert child.returncode == 128 + signal.SIGTERM and "returned" not in out
+        before = signal.getsignal(signal.SIGTERM)
+        threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        with pytest.raises(SystemExit) as stopped:
+            wait_for_pool(instance, poll_seconds=0.1)
+        assert stopped.value.code == 128 + signal.SIGTERM
+        assert signal.getsignal(signal.SIGTERM) is before  # the handlers are put back
+        message = capsys.readouterr().err
+        assert "waiting for a slot of the `gpu` pool" in message
+        assert holder.run_id in message and "prompt_tuned_encoder" in message
