@@ -4,6 +4,11 @@ Bounds (stated here, measured on 2 cores): the per-class table of `cde_classifie
 serialized (167 KB measured); each PNG under 200 KB (heatmap 134 KB, bars 12 KB); drawing the heatmap
 and the bar chart raises the peak RSS by under 150 MB (70 MB, 3.7 s measured; the uncapped heatmap of
 397 classes took 7.1 GB).
+
+Measured once end to end (not a test: 36 s), a 1,000-class copy of the demo dataset with tiny
+models through `cde_pseudo_labels`: serialized materialization metadata 171 KB for `cde_classifier`
+(the table), 65 KB for `cde_pseudo_labels`, 54 KB for `class_descriptions` (its per-class markdown),
+16 KB for each of the others.
 """
 
 import json
