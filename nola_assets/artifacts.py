@@ -4,12 +4,15 @@ Layout under the artifact root (env `NOLA_ARTIFACT_ROOT`, default `artifacts/`):
 
     <dataset>/<asset>/<digest>/key.json       what the digest was computed from, readable
     <dataset>/<asset>/<digest>/<files>        the artifact itself
+    <dataset>/<asset>/<digest>/ref.json       written last: the artifact is complete
     refs/<dataset>/<asset>.json               the artifact the last materialization produced
 
 The digest is a SHA-256 over the asset name, the dataset and a key that holds everything that
-changes the content: model identities, upstream digests, description hash, image-set
-fingerprint, k, seeds, config values. Every file is written to a temporary name in the same
-folder and renamed into place, so a reader never sees half a file.
+changes the content: the asset's code version, model identities, upstream digests, description
+hash, image-set fingerprint, k, seeds, config values. Every file is written to a temporary name
+in the same folder and renamed into place, so a reader never sees half a file. A folder with its
+ref.json is finished and never written again: `complete_ref` finds it for a key, and the asset
+reuses it instead of computing.
 
 Assets return an `ArtifactRef` (a small JSON document) as their value; `ArtifactRefIOManager`
 stores it under `refs/` and hands it to downstream assets, which read the files it points to.
@@ -70,6 +73,10 @@ def digest_of(value: Any) -> str:
     return hashlib.sha256(canonical_json(value).encode("utf-8")).hexdigest()
 
 
+def artifact_digest(asset: str, dataset: str, key: Mapping[str, Any]) -> str:
+    return digest_of({"asset": asset, "dataset": dataset, "key": key})[:24]
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     """Call `write(temporary)` next to `path`, then rename the temporary file onto `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -96,11 +103,24 @@ class ArtifactStore(EnvSettings):
         """The content-addressed folder for `key`, created, with its key.json written."""
         check_dataset_name(dataset)  # the dataset is a folder of the store: nothing may lead outside it
         key = json.loads(canonical_json(dict(key)))  # plain JSON types only, so the ref round-trips
-        digest = digest_of({"asset": asset, "dataset": dataset, "key": key})[:24]
+        digest = artifact_digest(asset, dataset, key)
         ref = ArtifactRef(asset=asset, dataset=dataset, digest=digest,
                           path=str(self.root() / dataset / asset / digest), key=key)
         self.write_json(ref, "key.json", {"asset": asset, "dataset": dataset, "digest": digest, "key": key})
         return ref
+
+    def complete_ref(self, asset: str, dataset: str, key: Mapping[str, Any]) -> ArtifactRef | None:
+        """The finished artifact for `key` (its folder holds ref.json), if one exists; creates nothing."""
+        key = json.loads(canonical_json(dict(key)))
+        return self.ref_at(asset, check_dataset_name(dataset), artifact_digest(asset, dataset, key))
+
+    def ref_at(self, asset: str, dataset: str, digest: str) -> ArtifactRef | None:
+        """The ref.json of the artifact folder `digest`, re-rooted under the current root; None while unfinished."""
+        folder = self.root() / check_dataset_name(dataset) / asset / digest
+        if not (folder / "ref.json").is_file():
+            return None
+        ref = ArtifactRef.from_json(json.loads((folder / "ref.json").read_text(encoding="utf-8")))
+        return dataclasses.replace(ref, path=str(folder))
 
     def write_json(self, ref: ArtifactRef, name: str, value: Any) -> Path:
         text = json.dumps(value, indent=2, ensure_ascii=False, allow_nan=False) + "\n"

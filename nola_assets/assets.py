@@ -57,7 +57,6 @@ from nola_assets.resources import (
 
 REFS_IO_MANAGER = "artifact_refs"
 GPU_POOL = "gpu"
-CODE_VERSION = "1"
 
 DESCRIPTIONS_FILE = "descriptions.json"
 CLASSIFIERS_FILE = "classifiers.safetensors"
@@ -87,23 +86,46 @@ GPU_POD_TAGS = {
 }
 
 
-def nola_asset(group: str, pool: str | None = None, kinds: set[str] | None = None):
-    """Every NoLA asset: partitioned by dataset, value stored as an `ArtifactRef`."""
+def nola_asset(group: str, version: str, pool: str | None = None, kinds: set[str] | None = None):
+    """Every NoLA asset: partitioned by dataset, value stored as an `ArtifactRef`.
+
+    `version` is the asset's code version: bump it with any change to what the asset computes. It
+    enters the artifact key (`allocate_or_reuse`), so a new version never reuses or overwrites the
+    old artifacts, and Dagster shows the asset and what depends on it as stale until rematerialized.
+    """
     return asset(
         partitions_def=datasets_partitions,
         io_manager_key=REFS_IO_MANAGER,
         group_name=group,
         pool=pool,
         op_tags=GPU_POD_TAGS if pool == GPU_POOL else None,
-        code_version=CODE_VERSION,
+        code_version=version,
         kinds=kinds or {"pytorch"},
     )
 
 
-def _result(ref: ArtifactRef, started: float, metadata: dict) -> MaterializeResult:
-    metadata = {**metadata, "seconds": round(time.perf_counter() - started, 2),
+def _result(ref: ArtifactRef, started: float, metadata: dict, reused: bool = False) -> MaterializeResult:
+    metadata = {**metadata, "reused": reused, "seconds": round(time.perf_counter() - started, 2),
                 "artifact": MetadataValue.path(ref.path), "artifact_digest": ref.digest}
     return MaterializeResult(value=ref, metadata=metadata, data_version=DataVersion(ref.digest))
+
+
+def code_version(context: AssetExecutionContext) -> str:
+    """The code version of the asset being materialized, as its definition declares it."""
+    return context.assets_def.code_versions_by_key[context.asset_key]
+
+
+def allocate_or_reuse(context: AssetExecutionContext, artifacts: ArtifactStore, key: dict) -> tuple[ArtifactRef, bool]:
+    """The artifact of this asset and partition for `key` plus the asset's code version, and whether
+    it is already finished (its ref.json is written only after the asset returned), in which case
+    the asset returns it as is (`_result(..., reused=True)`) and computes nothing."""
+    asset_name, dataset = context.asset_key.path[-1], context.partition_key
+    key = {**key, "code_version": code_version(context)}
+    finished = artifacts.complete_ref(asset_name, dataset, key)
+    if finished is not None:
+        context.log.info(f"{asset_name}: reusing the finished artifact {finished.digest} (same key)")
+        return finished, True
+    return artifacts.allocate(asset_name, dataset, key), False
 
 
 def _image_progress(context: AssetExecutionContext, what: str) -> Callable[[int, int], None]:
@@ -153,7 +175,7 @@ def _removed_images(context: AssetExecutionContext, before: Manifest | None, now
         metadata["gone_since_sensor_tick"] = missing
     return metadata
 
-@nola_asset(group="dataset", kinds={"polars", "parquet"})
+@nola_asset(group="dataset", version="1", kinds={"polars", "parquet"})
 def dataset_manifest(context: AssetExecutionContext, data: DatasetsResource, artifacts: ArtifactStore) -> MaterializeResult:
     """Every readable image of the dataset folder, identified by the SHA-256 of its bytes.
 
@@ -173,14 +195,15 @@ def dataset_manifest(context: AssetExecutionContext, data: DatasetsResource, art
     if labeled is not None:
         tables[LABELED_TABLE] = labeled.to_polars()
     spec_facts = {"name": spec.name, "classes": list(spec.classes), "templates": spec.templates, "domain": spec.domain}
-    ref = artifacts.allocate("dataset_manifest", name, {
+    ref, reused = allocate_or_reuse(context, artifacts, {
         "spec": spec_facts,
         # Paths, ids, labels and skip reasons: what downstream reads (sizes and mtimes are not).
         **{table: digest_of(frame.select("path", "image_id", "label", "skipped").rows())
            for table, frame in tables.items()},
     })
-    for table, frame in tables.items():
-        artifacts.write_table(ref, table, frame)
+    if not reused:  # a reused manifest keeps the sizes and mtimes it first saw: only the key's columns matter
+        for table, frame in tables.items():
+            artifacts.write_table(ref, table, frame)
     version = image_set_version(unlabeled)
     ref = ref.with_facts(classes=list(spec.classes), has_labels=labeled is not None, image_set_version=version)
 
@@ -202,13 +225,13 @@ def dataset_manifest(context: AssetExecutionContext, data: DatasetsResource, art
                             + "; ".join(f"{s.path} ({s.reason})" for s in unlabeled.skipped[:10]))
         metadata["skipped"] = MetadataValue.md(reporting.markdown_table(
             ["file", "reason"], [(s.path, s.reason) for s in unlabeled.skipped[:200]]))
-    return _result(ref, started, metadata)
+    return _result(ref, started, metadata, reused=reused)
 
 
 # ── 2. text: descriptions and the CDE classifier ──────────────────────────────────────────────
 
 
-@nola_asset(group="text_classifier", kinds={"json"})
+@nola_asset(group="text_classifier", version="1", kinds={"json"})
 def class_descriptions(
     context: AssetExecutionContext,
     data: DatasetsResource,
@@ -237,9 +260,11 @@ def class_descriptions(
         raise RetryRequested(max_retries=2, seconds_to_wait=60) from error
     described = DescriptionSet(texts, provenance)
     prefixed = provenance.get("class_name_prefixed") or {}
-    ref = artifacts.allocate("class_descriptions", name, {
+    ref, reused = allocate_or_reuse(context, artifacts, {
         "classes": list(spec.classes), "content_hash": described.content_hash,
         "prefix_class_name": provenance.get("prefix_class_name")})
+    if reused:
+        return _result(ref, started, {"content_hash": described.content_hash}, reused=True)
     artifacts.write_json(ref, DESCRIPTIONS_FILE, described.to_json())
     ref = ref.with_facts(content_hash=described.content_hash)
     lines = [(c, line) for c, v in texts.items() for line in v]
@@ -260,7 +285,7 @@ def class_descriptions(
     })
 
 
-@nola_asset(group="text_classifier", pool=GPU_POOL)
+@nola_asset(group="text_classifier", version="1", pool=GPU_POOL)
 def cde_classifier(
     context: AssetExecutionContext,
     class_descriptions: ArtifactRef,
@@ -277,12 +302,14 @@ def cde_classifier(
     spec = data.spec(name)
     texts = artifacts.read_json(class_descriptions, DESCRIPTIONS_FILE)["descriptions"]
     config, device = models.config(), compute.torch_device()
-    ref = artifacts.allocate("cde_classifier", name, {
+    ref, reused = allocate_or_reuse(context, artifacts, {
         "clip": config.clip_identity(),
         "descriptions": class_descriptions.facts["content_hash"],
         "classes": list(spec.classes),
         "templates": list(get_templates(spec.templates)),
     })
+    if reused:
+        return _result(ref, started, {}, reused=True)
     context.log.info(f"loading CLIP {config.clip_name} on {device}")
     clip = models.load_clip(device)
     text_checks = pipeline.text_checks(clip, spec, texts)
@@ -352,11 +379,14 @@ def _feature_asset(
         "device_type": device.type,
         "decode": REDUCED_JPEG_DECODE,
     }
-    previous_ref = artifacts.load_ref(asset_name, name)
+    ref, reused = allocate_or_reuse(context, artifacts, {"model_key": model_key,
+                                                         "images": digest_of([r.image_id for r in records])})
+    if reused:
+        return _result(ref, started, {"computed": 0}, reused=True)
+    previous_ref = artifacts.load_ref(asset_name, name)  # its rows are reused only under the same code version
+    same_code = previous_ref is not None and previous_ref.key.get("code_version") == ref.key["code_version"]
     previous = (load_feature_table(previous_ref.file(FEATURES_FILE), mmap=True)
-                if previous_ref is not None and previous_ref.key["model_key"] == model_key else None)
-    ref = artifacts.allocate(asset_name, name, {"model_key": model_key,
-                                                "images": digest_of([r.image_id for r in records])})
+                if same_code and previous_ref.key["model_key"] == model_key else None)
     # New rows go to a scratch file, then old and new rows are merged chunk by chunk into the
     # table: neither is ever whole in RAM (1.3 M x 768 float16 is 2 GB).
     fresh = ref.file(f".new-{FEATURES_FILE}")
@@ -379,7 +409,7 @@ def _feature_asset(
     metadata = {
         "images": len(table),
         "computed": computed,
-        "reused": len(records) - computed,
+        "rows_reused": len(records) - computed,
         "unreadable": len(table.failed),
         "feature_dim": int(table.features.shape[1]),
         "model": MetadataValue.json(model_key["model"]),
@@ -408,7 +438,7 @@ def _pca_2d(features: torch.Tensor):
     return (x @ v[:2].T).numpy()
 
 
-@nola_asset(group="image_features", pool=GPU_POOL)
+@nola_asset(group="image_features", version="1", pool=GPU_POOL)
 def clip_features(
     context: AssetExecutionContext,
     dataset_manifest: ArtifactRef,
@@ -422,7 +452,7 @@ def clip_features(
     return _feature_asset(context, "clip_features", "clip", dataset_manifest, data, models, compute, artifacts)
 
 
-@nola_asset(group="image_features", pool=GPU_POOL)
+@nola_asset(group="image_features", version="1", pool=GPU_POOL)
 def dino_features(
     context: AssetExecutionContext,
     dataset_manifest: ArtifactRef,
@@ -439,7 +469,7 @@ def dino_features(
 # ── 4. alignment: top-k pseudo-labels and the DL network ──────────────────────────────────────
 
 
-@nola_asset(group="alignment", kinds={"pytorch", "parquet"})
+@nola_asset(group="alignment", version="1", kinds={"pytorch", "parquet"})
 def cde_pseudo_labels(
     context: AssetExecutionContext,
     dataset_manifest: ArtifactRef,
@@ -463,11 +493,13 @@ def cde_pseudo_labels(
     cde = artifacts.read_tensors(cde_classifier, CLASSIFIERS_FILE)["cde"]
     config = method.alignment_config()
     classes = dataset_manifest.facts["classes"]
-    ref = artifacts.allocate("cde_pseudo_labels", name, {
+    ref, reused = allocate_or_reuse(context, artifacts, {
         "cde": cde_classifier.digest, "clip_features": clip_features.digest,
         "train_ids": digest_of(train_ids), "k_min": config.k_min, "k_fraction": config.k_fraction,
         "logit_scale": config.logit_scale,
     })
+    if reused:
+        return _result(ref, started, {}, reused=True)
     selection = pipeline.cde_pseudo_labels(clip_table.rows_for(train_ids), cde, config)
     report = selection_report(selection, classes, train_ids,
                               known_labels(unlabeled, labeled) if labeled is not None else {})
@@ -526,7 +558,7 @@ def selection_from_frame(frame: pl.DataFrame, k: int, num_classes: int) -> Pseud
     )
 
 
-@nola_asset(group="alignment", pool=GPU_POOL)
+@nola_asset(group="alignment", version="1", pool=GPU_POOL)
 def alignment_checkpoint(
     context: AssetExecutionContext,
     cde_pseudo_labels: ArtifactRef,
@@ -543,10 +575,12 @@ def alignment_checkpoint(
     selection = selection_from_frame(frame, cde_pseudo_labels.facts["k"], cde_pseudo_labels.facts["num_classes"])
     features = load_feature_table(dino_features.file(FEATURES_FILE), mmap=True).rows_for(frame["image_id"].to_list())
     config, device = method.alignment_config(), compute.torch_device()
-    ref = artifacts.allocate("alignment_checkpoint", name, {
+    ref, reused = allocate_or_reuse(context, artifacts, {
         "pseudo_labels": cde_pseudo_labels.digest, "dino_features": dino_features.digest,
         "config": dataclasses.asdict(config), "device_type": device.type,
     })
+    if reused:
+        return _result(ref, started, {}, reused=True)
     epochs_done = progress_callback("DL network", "epochs", context.log.info)
 
     def progress(epoch: int, epochs: int, loss: float) -> None:
@@ -575,7 +609,7 @@ def load_alignment_network(artifacts: ArtifactStore, ref: ArtifactRef) -> torch.
 # ── 5. prompt tuning ──────────────────────────────────────────────────────────────────────────
 
 
-@nola_asset(group="prompt_tuning", pool=GPU_POOL)
+@nola_asset(group="prompt_tuning", version="1", pool=GPU_POOL)
 def prompt_tuned_encoder(
     context: AssetExecutionContext,
     dataset_manifest: ArtifactRef,
@@ -608,13 +642,16 @@ def prompt_tuned_encoder(
         "alignment": alignment_checkpoint.digest, "tuning": dataclasses.asdict(tuning), "wiseft_alpha": alpha,
         "device_type": device.type, "decode": REDUCED_JPEG_DECODE,
     }  # no process count: every optimizer step sees the same images whatever the split (nola_core.tuning)
-    dl_network = load_alignment_network(artifacts, alignment_checkpoint)
-    fixed_labels = None
     if tuning.fixed_pseudo_labels:  # only then do the stored DINO features shape the result
         key["dino_features"] = dino_features.digest
+    ref, reused = allocate_or_reuse(context, artifacts, key)
+    if reused:
+        return _result(ref, started, {}, reused=True)
+    dl_network = load_alignment_network(artifacts, alignment_checkpoint)
+    fixed_labels = None
+    if tuning.fixed_pseudo_labels:
         fixed_labels = pipeline.fixed_pseudo_labels(  # streamed over the mapped table; only labels travel
             dl_network, load_feature_table(dino_features.file(FEATURES_FILE), mmap=True), [r.image_id for r in records])
-    ref = artifacts.allocate("prompt_tuned_encoder", name, key)
 
     logged: set[int] = set()
     epochs_done = progress_callback("prompt tuning", "epochs", context.log.info)
@@ -667,7 +704,7 @@ def load_tuned_classifier(artifacts: ArtifactStore, ref: ArtifactRef, clip: Clip
 # ── 6. results ────────────────────────────────────────────────────────────────────────────────
 
 
-@nola_asset(group="results", pool=GPU_POOL, kinds={"pytorch", "parquet"})
+@nola_asset(group="results", version="1", pool=GPU_POOL, kinds={"pytorch", "parquet"})
 def predictions(
     context: AssetExecutionContext,
     dataset_manifest: ArtifactRef,
@@ -687,12 +724,14 @@ def predictions(
     unlabeled, labeled = load_manifests(artifacts, dataset_manifest)
     records = pipeline.evaluation_records(unlabeled, labeled)
     device = compute.torch_device()
-    ref = artifacts.allocate("predictions", name, {
+    ref, reused = allocate_or_reuse(context, artifacts, {
         "tuned": prompt_tuned_encoder.digest, "clip_features": clip_features.digest,
         "manifest": dataset_manifest.digest, "precision": compute.feature_config().precision,
         "decode": REDUCED_JPEG_DECODE,
         "device_type": device.type,
     })
+    if reused:
+        return _result(ref, started, {}, reused=True)
     clip = models.load_clip(device)
     classifier = load_tuned_classifier(artifacts, prompt_tuned_encoder, clip,
                                        artifacts.read_tensors(cde_classifier, CLASSIFIERS_FILE)["cde"], device)
@@ -717,7 +756,7 @@ def predictions(
     })
 
 
-@nola_asset(group="results", kinds={"json"})
+@nola_asset(group="results", version="1", kinds={"json"})
 def evaluation(
     context: AssetExecutionContext,
     dataset_manifest: ArtifactRef,
@@ -740,10 +779,12 @@ def evaluation(
     name = context.partition_key
     unlabeled, labeled = load_manifests(artifacts, dataset_manifest)
     classes = dataset_manifest.facts["classes"]
-    ref = artifacts.allocate("evaluation", name, {
+    ref, reused = allocate_or_reuse(context, artifacts, {
         "predictions": predictions.digest, "dino_features": dino_features.digest,
         "alignment": alignment_checkpoint.digest, "pseudo_labels": cde_pseudo_labels.digest,
     })
+    if reused:
+        return _result(ref, started, {}, reused=True)
     classifiers = artifacts.read_tensors(cde_classifier, CLASSIFIERS_FILE)
     classifier = load_tuned_classifier(artifacts, prompt_tuned_encoder, models.load_clip("cpu"),
                                        classifiers["cde"], torch.device("cpu"))

@@ -1,10 +1,14 @@
 """Asset checks: finite artifacts (error, blocking), pseudo-labels for every class (warn), and
-the tuned model not worse than zero-shot on a labelled split (warn): the held-out split where
-there is one, else the transductive one (`nola_core.eval.comparison_split`), named in the
-check's metadata.
+the tuned model not worse than zero-shot on a labelled split: the held-out split where there is
+one, else the transductive one (`nola_core.eval.comparison_split`), named in the check's
+metadata. That judgement also gates the export: on a run started by a sensor or a schedule,
+`exported_classifier` refuses a tuned model worse than zero-shot (`export_blocked`; the check's
+severity is then ERROR), unless `NOLA_EXPORT_WORSE_THAN_ZERO_SHOT=allow`.
 
-Each check reads the artifact the asset's last materialization of that partition wrote. The
-judgement itself is a plain function of the artifact, tested on crafted input.
+Each check reads the artifact of the materialization it evaluates (`checked_ref`: the one this
+run made, else the partition's latest), found through the materialization's `artifact_digest`,
+never through the refs/ pointer another run may have moved since. The judgement itself is a
+plain function of the artifact, tested on crafted input.
 """
 
 
@@ -19,7 +23,10 @@ from dagster import (
     AssetCheckResult,
     AssetCheckSeverity,
     AssetChecksDefinition,
+    AssetKey,
+    AssetRecordsFilter,
     AssetsDefinition,
+    DagsterEventType,
     MetadataValue,
     PreviewWarning,
     asset_check,
@@ -32,12 +39,42 @@ from nola_core.pipeline import TUNED_STAGE, ZERO_SHOT_STAGE
 from nola_assets import assets
 from nola_assets.artifacts import ArtifactRef, ArtifactStore
 from nola_assets.partitions import datasets_partitions
+from nola_assets.resources import MethodResource
 
 CHECK_CHUNK_ELEMENTS = 2**24
 """Values read at once per tensor (32 MB of float16): a 2 GB feature table is checked in slices."""
 
 
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+
+EXPORT_POLICIES = ("block", "allow")  # MethodResource.export_worse_than_zero_shot
+AUTOMATED_RUN_TAGS = ("dagster/sensor_name", "dagster/schedule_name")  # set by Dagster on runs a sensor or schedule requested
+
+
+def export_blocked(run_tags: dict, policy: str) -> bool:
+    """Whether this run may not export a tuned model that is worse than zero-shot: runs nobody
+    watched (sensor, schedule) may not, unless the policy is `allow`; a person's run exports with a warning."""
+    if policy not in EXPORT_POLICIES:
+        raise ValueError(f"NOLA_EXPORT_WORSE_THAN_ZERO_SHOT={policy!r}: expected one of {EXPORT_POLICIES}")
+    return policy == "block" and any(tag in run_tags for tag in AUTOMATED_RUN_TAGS)
+
+
+def checked_ref(context: AssetCheckExecutionContext, artifacts: ArtifactStore, asset_name: str) -> ArtifactRef:
+    """The artifact of the materialization this check evaluates: the one this run made, else (a
+    check run on its own) the partition's latest, found by the `artifact_digest` in its metadata."""
+    key, partition = AssetKey(asset_name), context.partition_key
+    ours = [r for r in context.instance.get_records_for_run(
+                context.run.run_id, of_type=DagsterEventType.ASSET_MATERIALIZATION).records
+            if r.asset_key == key and r.partition_key == partition]
+    records = ours[-1:] or context.instance.fetch_materializations(
+        AssetRecordsFilter(asset_key=key, asset_partitions=[partition]), limit=1).records
+    if not records:
+        raise FileNotFoundError(f"{asset_name} has no materialization for partition {partition!r} to check")
+    digest = records[0].asset_materialization.metadata["artifact_digest"].value
+    ref = artifacts.ref_at(asset_name, partition, digest)
+    if ref is None:
+        raise FileNotFoundError(f"the artifact {digest} of {asset_name} for {partition!r} is gone from {artifacts.root()}")
+    return ref
 
 
 def nonfinite_counts(artifact_dir: Path) -> dict[str, int]:
@@ -88,8 +125,9 @@ def coverage_result(report: dict) -> AssetCheckResult:
     )
 
 
-def tuned_vs_zero_shot_result(evaluation: pl.DataFrame) -> AssetCheckResult:
-    """Judge the `evaluation` asset's table (`EVALUATION_SCHEMA` rows) on `comparison_split`."""
+def tuned_vs_zero_shot_result(evaluation: pl.DataFrame, blocks_export: bool = False) -> AssetCheckResult:
+    """Judge the `evaluation` asset's table (`EVALUATION_SCHEMA` rows) on `comparison_split`; a
+    failure is an ERROR when it `blocks_export` of this run, else a WARN."""
     split = comparison_split(evaluation)
     random_models = bool(evaluation["random_models"].any())
     if split is None:
@@ -98,13 +136,15 @@ def tuned_vs_zero_shot_result(evaluation: pl.DataFrame) -> AssetCheckResult:
     tuned = stage_value(evaluation, TUNED_STAGE, split_column(split, "top1"))
     zero_shot = stage_value(evaluation, ZERO_SHOT_STAGE, split_column(split, "top1"))
     images = stage_value(evaluation, TUNED_STAGE, split_column(split, "n"))
+    passed = tuned >= zero_shot
     return AssetCheckResult(
-        passed=tuned >= zero_shot,
-        severity=AssetCheckSeverity.WARN,
+        passed=passed,
+        severity=AssetCheckSeverity.ERROR if blocks_export and not passed else AssetCheckSeverity.WARN,
         description=f"{split} split ({images} images): tuned top-1 {100 * tuned:.1f}% vs zero-shot "
-        f"{100 * zero_shot:.1f}%" + (" (random models: expected to be noise)" if random_models else ""),
+        f"{100 * zero_shot:.1f}%" + (" (random models: expected to be noise)" if random_models else "")
+        + ("; this run does not export it" if blocks_export and not passed else ""),
         metadata={"split": split, "images": images, "tuned_top1": tuned, "zero_shot_top1": zero_shot,
-                  "random_models": random_models},
+                  "random_models": random_models, "blocks_export": blocks_export and not passed},
     )
 
 
@@ -125,7 +165,7 @@ def finite_check(asset_def: AssetsDefinition) -> AssetChecksDefinition:
     @_check(asset_def, "no_nan_or_inf", "Every float tensor and table column of the artifact is finite; "
             "a failure stops the assets downstream in the same run.", blocking=True)
     def _no_nan_or_inf(context: AssetCheckExecutionContext, artifacts: ArtifactStore) -> AssetCheckResult:
-        return finite_result(artifacts.require_ref(asset_name, context.partition_key))
+        return finite_result(checked_ref(context, artifacts, asset_name))
 
     return _no_nan_or_inf
 
@@ -133,16 +173,19 @@ def finite_check(asset_def: AssetsDefinition) -> AssetChecksDefinition:
 @_check(assets.cde_pseudo_labels, "every_class_has_pseudo_labels",
         "Each class got at least one top-k pseudo-label (a class with none is never learnt).")
 def every_class_has_pseudo_labels(context: AssetCheckExecutionContext, artifacts: ArtifactStore) -> AssetCheckResult:
-    ref = artifacts.require_ref("cde_pseudo_labels", context.partition_key)
+    ref = checked_ref(context, artifacts, "cde_pseudo_labels")
     return coverage_result(artifacts.read_json(ref, assets.REPORT_FILE))
 
 
 @_check(assets.evaluation, "tuned_not_worse_than_zero_shot",
         "On the held-out split (else the transductive one), the prompt-tuned model's top-1 accuracy is "
-        "at least zero-shot CLIP's; the split is in the metadata.")
-def tuned_not_worse_than_zero_shot(context: AssetCheckExecutionContext, artifacts: ArtifactStore) -> AssetCheckResult:
-    ref = artifacts.require_ref("evaluation", context.partition_key)
-    return tuned_vs_zero_shot_result(artifacts.read_table(ref, assets.METHOD_EVALUATION_FILE))
+        "at least zero-shot CLIP's; the split is in the metadata. When not, runs started by a sensor or "
+        "a schedule do not export the model (error), unless NOLA_EXPORT_WORSE_THAN_ZERO_SHOT=allow.")
+def tuned_not_worse_than_zero_shot(context: AssetCheckExecutionContext, artifacts: ArtifactStore,
+                                   method: MethodResource) -> AssetCheckResult:
+    ref = checked_ref(context, artifacts, "evaluation")
+    blocks = export_blocked(context.run.tags, method.setting("export_worse_than_zero_shot", "block"))
+    return tuned_vs_zero_shot_result(artifacts.read_table(ref, assets.METHOD_EVALUATION_FILE), blocks)
 
 
 FINITE_CHECKED = [

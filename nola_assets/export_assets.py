@@ -9,6 +9,11 @@ asset stored, writing `classifier.json` + `trainable.safetensors` into the artif
 provenance: the description content hash, the tuning/model configuration, the image-set
 fingerprint and the forgetting guard (tuned encoder + templates vs untuned zero-shot) from the
 evaluation. `nola_core.export.load_classifier` loads it back; `nola predict` uses that.
+
+The export is gated by the judgement of the `tuned_not_worse_than_zero_shot` check, made on the
+same evaluation artifact: a run started by a sensor or a schedule fails this step rather than
+export a tuned model worse than zero-shot (`checks.export_blocked`), unless
+`NOLA_EXPORT_WORSE_THAN_ZERO_SHOT=allow`; a run a person started exports it with a warning.
 """
 
 import shutil
@@ -17,7 +22,7 @@ from pathlib import Path
 
 import polars as pl
 import torch
-from dagster import AssetExecutionContext, MaterializeResult, MetadataValue
+from dagster import AssetExecutionContext, Failure, MaterializeResult, MetadataValue
 
 from nola_core.eval import comparison_split, split_column, stage_value
 from nola_core.export import MANIFEST_NAME, TENSORS_NAME, export_classifier
@@ -29,10 +34,12 @@ from nola_assets.assets import (
     CLASSIFIERS_FILE,
     METHOD_EVALUATION_FILE,
     _result,
+    allocate_or_reuse,
     load_tuned_classifier,
     nola_asset,
 )
-from nola_assets.resources import ModelsResource
+from nola_assets.checks import export_blocked, tuned_vs_zero_shot_result
+from nola_assets.resources import MethodResource, ModelsResource
 
 EXPORT_ASSET = "exported_classifier"
 
@@ -58,7 +65,7 @@ def forgetting_guard(evaluation: pl.DataFrame) -> dict:
     }
 
 
-@nola_asset(group="export", kinds={"pytorch", "safetensors"})
+@nola_asset(group="export", version="1", kinds={"pytorch", "safetensors"})
 def exported_classifier(
     context: AssetExecutionContext,
     dataset_manifest: ArtifactRef,
@@ -66,16 +73,26 @@ def exported_classifier(
     prompt_tuned_encoder: ArtifactRef,
     evaluation: ArtifactRef,
     models: ModelsResource,
+    method: MethodResource,
     artifacts: ArtifactStore,
 ) -> MaterializeResult:
     """The tuned classifier as one folder (`nola export DATASET --to DIR` copies it out): trainable
     tensors, base-model identity, preprocessing, class names and provenance, loadable with
-    `nola_core.export.load_classifier`. The metadata also shows the forgetting guard."""
+    `nola_core.export.load_classifier`. The metadata also shows the forgetting guard. A tuned model
+    worse than zero-shot is not exported by a sensor- or schedule-started run (the step fails)."""
     started = time.perf_counter()
     name = context.partition_key
     classes = dataset_manifest.facts["classes"]
     config = models.config()
-    guard = forgetting_guard(artifacts.read_table(evaluation, METHOD_EVALUATION_FILE))
+    evaluated = artifacts.read_table(evaluation, METHOD_EVALUATION_FILE)
+    verdict = tuned_vs_zero_shot_result(evaluated)
+    if not verdict.passed:
+        if export_blocked(context.run.tags, method.setting("export_worse_than_zero_shot", "block")):
+            raise Failure(description=f"{name}: not exported: {verdict.description} (a run started by a sensor "
+                          "or a schedule; NOLA_EXPORT_WORSE_THAN_ZERO_SHOT=allow exports it anyway)",
+                          metadata=verdict.metadata, allow_retries=False)
+        context.log.warning(f"{name}: exporting a tuned model worse than zero-shot: {verdict.description}")
+    guard = forgetting_guard(evaluated)
     provenance = {
         "dataset": name,
         "descriptions_content_hash": cde_classifier.key.get("descriptions"),
@@ -89,10 +106,12 @@ def exported_classifier(
         "checkpoint": "last epoch (never chosen on labels)",
         "forgetting_guard": guard,
     }
-    ref = artifacts.allocate(EXPORT_ASSET, name, {
+    ref, reused = allocate_or_reuse(context, artifacts, {
         "tuned": prompt_tuned_encoder.digest, "cde": cde_classifier.digest, "classes": classes,
         "clip": config.clip_identity(), "evaluation": evaluation.digest,
     })
+    if reused:
+        return _result(ref, started, {"tuned_not_worse_than_zero_shot": verdict.passed}, reused=True)
     clip = models.load_clip("cpu")
     cde = artifacts.read_tensors(cde_classifier, CLASSIFIERS_FILE)["cde"]
     classifier = load_tuned_classifier(artifacts, prompt_tuned_encoder, clip, cde, torch.device("cpu")).eval()
@@ -104,6 +123,7 @@ def exported_classifier(
             f"< untuned zero-shot {guard['untuned_zero_shot_top1']:.3f}"
             + (" (random models: expected to be noise)" if guard["random_models"] else ""))
     metadata = {
+        "tuned_not_worse_than_zero_shot": verdict.passed,
         "classes": len(classes),
         "manifest": MetadataValue.path(str(manifest)),
         "trainable_tensors_bytes": Path(ref.path, TENSORS_NAME).stat().st_size,

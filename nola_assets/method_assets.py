@@ -58,6 +58,7 @@ from nola_assets.assets import (
     METHOD_EVALUATION_FILE,
     TUNED_FEATURES_FILE,
     _result,
+    allocate_or_reuse,
     nola_asset,
 )
 from nola_assets.datasets import load_manifests
@@ -133,7 +134,7 @@ def _history_table(epochs: list[dict]) -> MetadataValue:
 # ── training-free baselines ───────────────────────────────────────────────────────────────────
 
 
-@nola_asset(group="methods", kinds={"pytorch", "parquet"})
+@nola_asset(group="methods", version="1", kinds={"pytorch", "parquet"})
 def zero_shot_classifier(
     context: AssetExecutionContext,
     dataset_manifest: ArtifactRef,
@@ -149,11 +150,13 @@ def zero_shot_classifier(
     classes = dataset_manifest.facts["classes"]
     inputs = _inputs(artifacts, dataset_manifest, clip_features, name)
     zero_shot_config, cde_config = ZeroShotConfig(), CDEConfig()
-    ref = artifacts.allocate("zero_shot_classifier", name, {
+    ref, reused = allocate_or_reuse(context, artifacts, {
         "classifiers": cde_classifier.digest, "clip_features": clip_features.digest,
         "manifest": dataset_manifest.digest, "train_ids": digest_of(inputs.train_ids),
         "zero_shot": dataclasses.asdict(zero_shot_config), "cde": dataclasses.asdict(cde_config),
     })
+    if reused:
+        return _result(ref, started, {}, reused=True)
     weights = artifacts.read_tensors(cde_classifier, CLASSIFIERS_FILE)
     runs = [run_zero_shot(inputs.clip_table, weights["zero_shot"], inputs.train_ids, zero_shot_config),
             run_cde(inputs.clip_table, weights["cde"], inputs.train_ids, cde_config)]
@@ -172,7 +175,7 @@ def zero_shot_classifier(
 # ── LaFTer ────────────────────────────────────────────────────────────────────────────────────
 
 
-@nola_asset(group="methods", pool=GPU_POOL, kinds={"pytorch", "parquet"})
+@nola_asset(group="methods", version="1", pool=GPU_POOL, kinds={"pytorch", "parquet"})
 def lafter_encoder(
     context: AssetExecutionContext,
     dataset_manifest: ArtifactRef,
@@ -197,12 +200,14 @@ def lafter_encoder(
     texts = artifacts.read_json(class_descriptions, DESCRIPTIONS_FILE)["descriptions"]
     config, model_config, device = method.lafter_config(compute, name), models.config(), compute.torch_device()
     features = compute.feature_config()
-    ref = artifacts.allocate("lafter_encoder", name, {
+    ref, reused = allocate_or_reuse(context, artifacts, {
         "clip": model_config.clip_identity(), "descriptions": class_descriptions.facts["content_hash"],
         "templates": config.templates or spec.templates, "clip_features": clip_features.digest, "manifest": dataset_manifest.digest,
         "train_ids": digest_of(inputs.train_ids), "config": dataclasses.asdict(config),
         "precision": features.precision, "device_type": device.type, "decode": REDUCED_JPEG_DECODE,
     })
+    if reused:
+        return _result(ref, started, {}, reused=True)
     context.log.info(f"LaFTer on {len(inputs.train_records)} images, {config.tuning.epochs} epochs, device {device}")
     clip = models.load_clip(device)
     text_set = lafter_text_set(clip, spec.classes, config.templates or spec.templates, texts, device)
@@ -229,7 +234,7 @@ def lafter_encoder(
 # ── LatteCLIP ─────────────────────────────────────────────────────────────────────────────────
 
 
-@nola_asset(group="methods", kinds={"json"})
+@nola_asset(group="methods", version="1", kinds={"json"})
 def latteclip_texts(
     context: AssetExecutionContext,
     dataset_manifest: ArtifactRef,
@@ -259,7 +264,9 @@ def latteclip_texts(
                     "base_url": descriptions.setting("descriptions_base_url"),
                     "clip_features": clip_features.digest, "clip": models.config().clip_identity(),
                     "group_size": config.group_size, "seed": config.seed, "class_template": config.class_template})
-    ref = artifacts.allocate("latteclip_texts", name, key)
+    ref, reused = allocate_or_reuse(context, artifacts, key)
+    if reused:
+        return _result(ref, started, {}, reused=True)
     fallback = None
     if lmm:
         from nola_core.llm import make_provider
@@ -293,7 +300,7 @@ def latteclip_texts(
     })
 
 
-@nola_asset(group="methods", pool=GPU_POOL, kinds={"pytorch", "parquet"})
+@nola_asset(group="methods", version="1", pool=GPU_POOL, kinds={"pytorch", "parquet"})
 def latteclip_encoder(
     context: AssetExecutionContext,
     dataset_manifest: ArtifactRef,
@@ -319,12 +326,14 @@ def latteclip_encoder(
     texts = LatteTexts(stored["image"], stored["group"], tuple(stored["failed"]))
     config, model_config, device = method.latteclip_config(compute, name), models.config(), compute.torch_device()
     features = compute.feature_config()
-    ref = artifacts.allocate("latteclip_encoder", name, {
+    ref, reused = allocate_or_reuse(context, artifacts, {
         "clip": model_config.clip_identity(), "texts": latteclip_texts.digest, "clip_features": clip_features.digest,
         "manifest": dataset_manifest.digest, "train_ids": digest_of(inputs.train_ids),
         "config": dataclasses.asdict(config), "precision": features.precision, "device_type": device.type,
         "decode": REDUCED_JPEG_DECODE,
     })
+    if reused:
+        return _result(ref, started, {}, reused=True)
     context.log.info(f"LatteCLIP on {len(inputs.train_records)} images, at most {config.max_epochs} epochs / "
                      f"{config.max_iterations} iterations, lr {config.lr:g}, device {device}")
     clip = models.load_clip(device)
@@ -349,7 +358,7 @@ def latteclip_encoder(
 # ── the comparison ────────────────────────────────────────────────────────────────────────────
 
 
-@nola_asset(group="results", kinds={"parquet", "duckdb"})
+@nola_asset(group="results", version="1", kinds={"parquet", "duckdb"})
 def method_comparison(
     context: AssetExecutionContext,
     zero_shot_classifier: ArtifactRef,
@@ -365,9 +374,11 @@ def method_comparison(
     started = time.perf_counter()
     name = context.partition_key
     upstream = [zero_shot_classifier, lafter_encoder, latteclip_encoder, evaluation]
-    ref = artifacts.allocate("method_comparison", name, {r.asset: r.digest for r in upstream})
-    frame = pl.concat([artifacts.read_table(r, METHOD_EVALUATION_FILE) for r in upstream])
-    artifacts.write_table(ref, COMPARISON_FILE, frame)
+    ref, reused = allocate_or_reuse(context, artifacts, {r.asset: r.digest for r in upstream})
+    if not reused:
+        artifacts.write_table(ref, COMPARISON_FILE,
+                              pl.concat([artifacts.read_table(r, METHOD_EVALUATION_FILE) for r in upstream]))
+    frame = artifacts.read_table(ref, COMPARISON_FILE)  # published again even when reused: after A -> B -> A, A's rows
     root = evaluation_root(artifacts)
     paths = {}
     for (method_name,), part in frame.group_by(["method"], maintain_order=True):
@@ -397,7 +408,7 @@ def method_comparison(
         for (split,), part in ranked.group_by(["split"], maintain_order=True):
             metadata[f"winner/{split}"] = str(part.sort("rank")["method"][0])
     ref = ref.with_facts(methods=list(paths))
-    return _result(ref, started, metadata)
+    return _result(ref, started, metadata, reused=reused)
 
 
 METHOD_ASSETS = [zero_shot_classifier, lafter_encoder, latteclip_texts, latteclip_encoder, method_comparison]

@@ -218,6 +218,12 @@ class MethodResource(EnvSettings):
         "as NoLA's reference labels its deterministic view; false runs a DINO forward per random weak view "
         "(env NOLA_FIXED_PSEUDO_LABELS; true)",
     )
+    export_worse_than_zero_shot: Optional[str] = Field(
+        default=None,
+        description="block: a run started by a sensor or a schedule does not export a tuned model whose top-1 is "
+        "below zero-shot's (check tuned_not_worse_than_zero_shot); allow: it exports it with a warning "
+        "(env NOLA_EXPORT_WORSE_THAN_ZERO_SHOT; block)",
+    )
 
     def alignment_config(self) -> AlignmentConfig:
         return dataclasses.replace(AlignmentConfig(), **_overrides(self, _ALIGNMENT_FIELDS))

@@ -37,30 +37,43 @@ from nola_assets.sensors import nola_job
 DATA_VERSION_TAG = "dagster/data_version"
 
 
-def _latest_tags(instance: DagsterInstance, key: AssetKey, partition: str) -> dict | None:
-    records = instance.fetch_materializations(AssetRecordsFilter(asset_key=key, asset_partitions=[partition]),
-                                              limit=1).records
-    return dict(records[0].asset_materialization.tags or {}) if records else None
+def _latest(instance: DagsterInstance, key: AssetKey, partition: str, before: int | None = None):
+    """The latest materialization record of `key` for `partition` (before storage id `before`), or None."""
+    records = instance.fetch_materializations(
+        AssetRecordsFilter(asset_key=key, asset_partitions=[partition], before_storage_id=before), limit=1).records
+    return records[0] if records else None
+
+
+def _data_version(record) -> str | None:
+    return (record.asset_materialization.tags or {}).get(DATA_VERSION_TAG)
 
 
 def stale_assets(instance: DagsterInstance, assets: Sequence[AssetsDefinition], partition: str) -> list[AssetKey]:
     """The assets of `partition` to rematerialize: the stale ones (never materialized, another code
     version, an input with another data version than it read) and everything downstream of them."""
     by_key = {a.key: a for a in assets}
-    tags = {key: _latest_tags(instance, key, partition) for key in by_key}
-    requested: set[AssetKey] = set()
+    latest = {key: _latest(instance, key, partition) for key in by_key}
+
+    def input_changed(provenance: DataProvenance, parent: AssetKey) -> bool:
+        # As Dagster's resolver does for partitioned inputs: the input's materialization it read
+        # (its event pointer) against the input's latest one, by data version.
+        read_id = provenance.input_storage_ids.get(parent)
+        if latest[parent] is None or read_id is None:
+            return True
+        if latest[parent].storage_id == read_id:
+            return False
+        read = _latest(instance, parent, partition, before=read_id + 1)
+        return read is None or _data_version(read) != _data_version(latest[parent])
 
     def stale(key: AssetKey) -> bool:
-        if tags[key] is None:
+        if latest[key] is None:
             return True
-        provenance = DataProvenance.from_tags(tags[key])
+        provenance = DataProvenance.from_tags(latest[key].asset_materialization.tags or {})
         if provenance is None or provenance.code_version != by_key[key].code_versions_by_key[key]:
             return True
-        return any(tags[parent] is None
-                   or provenance.input_data_versions.get(parent) is None
-                   or provenance.input_data_versions[parent].value != tags[parent].get(DATA_VERSION_TAG)
-                   for parent in by_key[key].dependency_keys if parent in by_key)
+        return any(input_changed(provenance, parent) for parent in by_key[key].dependency_keys if parent in by_key)
 
+    requested: set[AssetKey] = set()
     for key in _topological(by_key):
         if stale(key) or any(parent in requested for parent in by_key[key].dependency_keys):
             requested.add(key)

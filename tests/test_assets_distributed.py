@@ -65,8 +65,10 @@ def test_two_processes_give_the_features_and_tuned_tensors_of_one(tmp_path):
         assert _metadata(reused, asset)["computed"] == 0
         assert store.require_ref(asset, DATASET).digest == single.require_ref(asset, DATASET).digest
 
-    # Without the previous tables, every image is encoded by the two processes, then tuned on them.
-    for asset in FEATURES:
+    # Without the previous tables and tuned tensors (finished artifacts are reused), every image is
+    # encoded by the two processes, then tuned on them.
+    for asset in (*FEATURES, "prompt_tuned_encoder"):
+        shutil.rmtree(store.require_ref(asset, DATASET).path)
         store.ref_path(asset, DATASET).unlink()
     started = time.perf_counter()
     result = materialize_partition(two, [clip_features, dino_features, prompt_tuned_encoder], DATASET)

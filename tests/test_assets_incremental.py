@@ -26,14 +26,14 @@ def test_only_new_images_get_features_and_removed_ones_drop_out(tmp_path):
         return _dino_metadata(result), load_feature_table(ref.file("features.safetensors")), ref
 
     first, first_table, first_ref = run()
-    assert (first["computed"], first["reused"], first["images"]) == (120, 0, 120)
+    assert (first["computed"], first["rows_reused"], first["images"]) == (120, 0, 120)
 
     new_image(unlabeled / "zz_new.png", seed=7)
     removed = sorted(unlabeled.iterdir())[:2]
     for path in removed:
         path.unlink()
     second, second_table, second_ref = run()
-    assert (second["computed"], second["reused"], second["images"]) == (1, 118, 119)
+    assert (second["computed"], second["rows_reused"], second["images"]) == (1, 118, 119)
     assert second_ref.digest != first_ref.digest  # the image set is part of the key
     kept = [i for i in first_table.ids if i in set(second_table.ids)]
     assert len(kept) == 118
