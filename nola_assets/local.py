@@ -83,7 +83,12 @@ def local_instance() -> DagsterInstance:
 def fail_runs_of_dead_processes(instance: DagsterInstance) -> list[tuple[str, list[int]]]:
     """Mark failed every in-progress run whose processes (the pids its engine events name) are all
     gone, and free the pool slots it claimed; returns (run id, pids) of each. A run that logged no
-    pid yet is left alone. Meant for an instance whose runs all run on this machine."""
+    pid yet is left alone. Only on an instance whose runs are processes of this machine (the default
+    run launcher): the pids of runs in containers or pods mean nothing here."""
+    from dagster._core.launcher import DefaultRunLauncher
+
+    if not isinstance(instance.run_launcher, DefaultRunLauncher):
+        return []
     failed = []
     for record in instance.get_run_records(RunsFilter(statuses=IN_PROGRESS)):
         run = record.dagster_run

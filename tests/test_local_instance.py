@@ -73,3 +73,12 @@ def test_waiting_for_a_slot_says_who_holds_it_and_stops_on_sigterm(capsys):
         message = capsys.readouterr().err
         assert "waiting for a slot of the `gpu` pool" in message
         assert holder.run_id in message and "prompt_tuned_encoder" in message
+
+
+def test_runs_of_another_launcher_are_left_alone():
+    """Runs launched into containers or pods name pids of another machine: never judged from here."""
+    launcher = {"run_launcher": {"module": "dagster._core.test_utils", "class": "MockedRunLauncher"}}
+    with instance_for_test(overrides=launcher) as instance:
+        run = _started_run(instance, _dead_pid(), "prompt_tuned_encoder")
+        assert fail_runs_of_dead_processes(instance) == []
+        assert instance.get_run_by_id(run.run_id).status == DagsterRunStatus.STARTED
