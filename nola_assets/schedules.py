@@ -13,7 +13,7 @@ finished artifact reuses it (`assets.allocate_or_reuse`), so a run requested for
 still recomputes only what changed.
 """
 
-from typing import Iterable, Sequence
+from typing import Sequence
 
 from dagster import (
     AssetKey,
@@ -95,32 +95,27 @@ def _topological(by_key: dict[AssetKey, AssetsDefinition]) -> list[AssetKey]:
     return order
 
 
-def build_refresh_schedule(assets: Iterable[AssetsDefinition] = (*NOLA_ASSETS, *METHOD_ASSETS, *EXPORT_ASSETS)):
-    """The weekly schedule over `assets` (the code location's, or a test's with one version bumped)."""
-    assets = list(assets)
-
-    @schedule(
-        name="full_refresh_schedule",
-        job=nola_job,
-        cron_schedule="0 3 * * 0",
-        default_status=DefaultScheduleStatus.STOPPED,
-        description="Weekly, per dataset partition: the stale assets (new code version, changed input data "
-        "version, never materialized) and what depends on them; nothing for an unchanged dataset.",
-    )
-    def _schedule(context: ScheduleEvaluationContext):
-        names = context.instance.get_dynamic_partitions(DATASETS)
-        stamp = context.scheduled_execution_time.strftime("%Y%m%dT%H%M")
-        requests = []
-        for name in names:
-            stale = stale_assets(context.instance, assets, name)
-            if stale:
-                requests.append(RunRequest(run_key=f"{name}:refresh:{stamp}", partition_key=name, asset_selection=stale,
-                                           tags={"nola/dataset": name, "nola/stale": str(len(stale))}))
-        if not requests:
-            return SkipReason(f"nothing stale in {len(names)} dataset partition(s)")
-        return requests
-
-    return _schedule
+REFRESHED_ASSETS = [*NOLA_ASSETS, *METHOD_ASSETS, *EXPORT_ASSETS]  # nola_job's
 
 
-full_refresh_schedule = build_refresh_schedule()
+def refresh_requests(instance: DagsterInstance, assets: Sequence[AssetsDefinition], stamp: str) -> list[RunRequest]:
+    """One run per dataset partition that has stale assets, selecting those and their dependents."""
+    requests = []
+    for name in instance.get_dynamic_partitions(DATASETS):
+        stale = stale_assets(instance, assets, name)
+        if stale:
+            requests.append(RunRequest(run_key=f"{name}:refresh:{stamp}", partition_key=name, asset_selection=stale,
+                                       tags={"nola/dataset": name, "nola/stale": str(len(stale))}))
+    return requests
+
+
+@schedule(
+    job=nola_job,
+    cron_schedule="0 3 * * 0",
+    default_status=DefaultScheduleStatus.STOPPED,
+    description="Weekly, per dataset partition: the stale assets (new code version, changed input data "
+    "version, never materialized) and what depends on them; nothing for an unchanged dataset.",
+)
+def full_refresh_schedule(context: ScheduleEvaluationContext):
+    stamp = context.scheduled_execution_time.strftime("%Y%m%dT%H%M")
+    return refresh_requests(context.instance, REFRESHED_ASSETS, stamp) or SkipReason("nothing stale in any dataset partition")

@@ -8,24 +8,20 @@ weekly schedule must request exactly those (nothing at all for the unchanged dat
 
 from __future__ import annotations
 
-import datetime
 from collections import Counter
 
 import pytest
-from dagster import AssetKey, build_schedule_context, instance_for_test, materialize
+from dagster import AssetKey, DagsterInstance, materialize
 
 from assets_helpers import copy_demo, resources_for_test
 from nola_assets import assets as nola_assets_module
 from nola_assets import export_assets, method_assets
-from nola_assets.assets import NOLA_ASSETS
-from nola_assets.export_assets import EXPORT_ASSETS
-from nola_assets.method_assets import METHOD_ASSETS
 from nola_assets.partitions import DATASETS
-from nola_assets.schedules import build_refresh_schedule, stale_assets
+from nola_assets.schedules import REFRESHED_ASSETS, refresh_requests, stale_assets
 from nola_core import pipeline
 
 DATASET = "reuse_mini"
-ALL_ASSETS = [*NOLA_ASSETS, *METHOD_ASSETS, *EXPORT_ASSETS]
+ALL_ASSETS = REFRESHED_ASSETS  # every asset of nola_job
 UNLABELED_IMAGES = 24
 LABELED_PER_CLASS = 4
 # What computes: model forwards, training, scoring. Wrapped with a counter during the reruns.
@@ -69,14 +65,6 @@ def _bump(assets, name: str) -> list:
             for a in assets]
 
 
-def _scheduled(instance, assets) -> list:
-    schedule = build_refresh_schedule(assets)
-    context = build_schedule_context(instance=instance,
-                                     scheduled_execution_time=datetime.datetime(2026, 12, 6, 3, 0))
-    requests = schedule(context)
-    return requests if isinstance(requests, list) else []  # SkipReason: nothing to run
-
-
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("reuse")
@@ -87,11 +75,11 @@ def built(tmp_path_factory):
         for path in sorted(class_dir.iterdir())[LABELED_PER_CLASS:]:
             path.unlink()
     resources = resources_for_test(root / "data", root / "artifacts")
-    with instance_for_test() as instance:  # on disk: a schedule context needs an instance it can re-open
-        instance.add_dynamic_partitions(DATASETS, [DATASET])
-        first = _run(instance, resources, ALL_ASSETS)
-        assert not any(m["reused"] for m in first.values())
-        yield instance, resources
+    instance = DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(DATASETS, [DATASET])
+    first = _run(instance, resources, ALL_ASSETS)
+    assert not any(m["reused"] for m in first.values())
+    return instance, resources
 
 
 def test_rerunning_an_unchanged_dataset_recomputes_nothing(built, monkeypatch):
@@ -99,7 +87,7 @@ def test_rerunning_an_unchanged_dataset_recomputes_nothing(built, monkeypatch):
     store = resources["artifacts"]
     before = {a.key.path[-1]: store.require_ref(a.key.path[-1], DATASET).digest for a in ALL_ASSETS}
     assert stale_assets(instance, ALL_ASSETS, DATASET) == []
-    assert _scheduled(instance, ALL_ASSETS) == []  # the weekly refresh requests no run
+    assert refresh_requests(instance, ALL_ASSETS, "week") == []  # the weekly refresh requests no run
 
     calls = _count_work(monkeypatch)
     again = _run(instance, resources, ALL_ASSETS)
@@ -117,7 +105,7 @@ def test_a_new_code_version_recomputes_that_asset_and_what_depends_on_it(built, 
     downstream = {"alignment_checkpoint", "prompt_tuned_encoder", "predictions", "evaluation",
                   "exported_classifier", "method_comparison"}
     assert {k.path[-1] for k in stale_assets(instance, bumped, DATASET)} == downstream
-    [request] = _scheduled(instance, bumped)
+    [request] = refresh_requests(instance, bumped, "week")
     assert {k.path[-1] for k in request.asset_selection} == downstream and request.partition_key == DATASET
     old = store.require_ref("alignment_checkpoint", DATASET)
 
