@@ -177,12 +177,15 @@ def _describe(args: argparse.Namespace) -> int:
 def _add_demo(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "demo",
-        help="materialize every asset for the bundled demo dataset (tiny random models, a few minutes on CPU)",
-        description="Copy the bundled fashion_mini dataset under the data root (once), register it as a "
-        "partition and materialize every asset on the local Dagster instance ($DAGSTER_HOME, default "
-        ".dagster_home/). Prints the per-stage table and where the artifacts are; `nola dev` then shows the run.",
+        help="materialize every asset for the bundled mini-world demo domain (trained mini models, about "
+        "two minutes on CPU)",
+        description="Copy the bundled fashion_textured_small dataset (a shifted Fashion-MNIST domain of the mini "
+        "world, docs/mini_world.md) under the data root (once), register it as a partition and materialize every "
+        "asset on the local Dagster instance ($DAGSTER_HOME, default .dagster_home/) with the `mini` profile: a "
+        "CLIP and a DINO trained by this project. Prints the per-stage table and where the artifacts are; "
+        "`nola dev` then shows the run.",
     )
-    _add_run_options(p, default_profile="tiny")
+    _add_run_options(p, default_profile="mini")
     p.set_defaults(handler=_demo)
 
 
@@ -208,18 +211,18 @@ def _add_dev(subparsers: argparse._SubParsersAction) -> None:
         "(or `-m nola_assets.definitions` outside the project folder). Arguments after `--` go to dagster dev.",
     )
     p.add_argument("-p", "--port", type=int, help="webserver port (dagster dev's default: 3000)")
-    p.add_argument("--profile", choices=("paper", "tiny"),
+    p.add_argument("--profile", choices=("paper", "tiny", "mini"),
                    help="NOLA_MODEL_PROFILE for every run started from the UI, the sensor or the schedule")
     p.add_argument("dagster_args", nargs=argparse.REMAINDER, help="after --, passed to dagster dev")
     p.set_defaults(handler=_dev)
 
 
 def _add_run_options(p: argparse.ArgumentParser, default_profile: str | None) -> None:
-    p.add_argument("--profile", choices=("paper", "tiny"), default=default_profile,
+    p.add_argument("--profile", choices=("paper", "tiny", "mini"), default=default_profile,
                    help=f"model profile (default: {default_profile or 'NOLA_MODEL_PROFILE, else paper'})")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: NOLA_DEVICE, else auto)")
     p.add_argument("--tuning-epochs", type=int, help="prompt-tuning epochs (default: NOLA_TUNING_EPOCHS, else "
-                   + (f"{DEMO_TUNING_EPOCHS} for the demo, " if default_profile == "tiny" else "") + "50)")
+                   + (f"{DEMO_TUNING_EPOCHS} for the demo, " if default_profile == "mini" else "") + "50)")
     p.add_argument("--alignment-epochs", type=int, help="DL-network epochs (default: NOLA_ALIGNMENT_EPOCHS, else 50)")
     p.add_argument("-v", "--verbose", action="store_true", help="show tracebacks")
 
@@ -227,15 +230,18 @@ def _add_run_options(p: argparse.ArgumentParser, default_profile: str | None) ->
 def _demo(args: argparse.Namespace) -> int:
     import shutil
 
-    from nola_core.demo import DEMO_DATASET, demo_dataset_path
+    from nola_core.demo import MINI_DEMO_DATASET, MINI_WORLD_NOTE, bundled_dataset_path
 
     from nola_assets.resources import DatasetsResource
 
-    target = DatasetsResource().root() / DEMO_DATASET
+    target = DatasetsResource().root() / MINI_DEMO_DATASET
     if not target.exists():
-        shutil.copytree(demo_dataset_path(), target)
+        shutil.copytree(bundled_dataset_path(MINI_DEMO_DATASET), target)
         print(f"copied the demo dataset to {target}")
-    return _materialize([target], args, copy=False, launched_by="nola demo", demo=True)
+    status = _materialize([target], args, copy=False, launched_by="nola demo", demo=True)
+    if args.profile == "mini":
+        print(MINI_WORLD_NOTE)
+    return status
 
 
 def _run(args: argparse.Namespace) -> int:

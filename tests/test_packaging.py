@@ -24,6 +24,8 @@ def test_a_wheel_install_finds_the_prompt_sets_without_the_checkout(tmp_path):
     shipped = {Path(n).name for n in names if "/share/nola/prompts/" in n}
     assert shipped == {p.name for p in (REPO / "prompts").iterdir() if p.suffix == ".yaml" or p.name == "README.md"}
     assert "nola_core/text/templates.yaml" in names and "nola_core/models/model_configs/nola-tiny-clip.json" in names
+    # The mini world's trained weights and their manifest (ModelConfig.from_profile("mini")).
+    assert {f"nola_core/mini/weights/{p.name}" for p in (REPO / "nola_core/mini/weights").iterdir()} <= set(names)
 
     # A bare environment with only the wheel; its dependencies come from the test's own
     # environment, appended after the wheel (a plain path line, so the editable install's
