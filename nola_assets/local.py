@@ -10,7 +10,8 @@ Runs here are processes on this machine that nothing monitors (the default run l
 check a run worker's health): a killed `nola run` would leave its run STARTED and its pool slot
 claimed forever. So `local_instance()` first fails every in-progress run none of whose processes
 is alive and frees its slots, and `materialize_dataset` waits for a free `gpu` slot before it
-starts, saying which run holds it, and stops cleanly on Ctrl-C or SIGTERM while it waits.
+starts, saying which run holds it, and stops cleanly on Ctrl-C or SIGTERM while it waits, before
+the run or inside it (`execute_interruptibly`).
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ import os
 import shutil
 import signal
 import sys
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import polars as pl
 from dagster import AssetKey, DagsterEventType, DagsterInstance, DagsterRunStatus, ExecuteInProcessResult, RunsFilter
@@ -69,6 +71,7 @@ def dagster_home() -> Path:
 
 IN_PROGRESS = [DagsterRunStatus.STARTING, DagsterRunStatus.STARTED, DagsterRunStatus.CANCELING]
 POOL_POLL_SECONDS = 2.0
+INTERRUPT_GRACE_SECONDS = 3.0  # a captured Ctrl-C / SIGTERM Dagster has not acted on by then: its run waits on a slot
 
 
 def local_instance() -> DagsterInstance:
@@ -211,9 +214,49 @@ def materialize_dataset(
         "loggers": {"console": {"config": {"log_level": "INFO"}}},
     }
     wait_for_pool(instance)
-    return defs.resolve_job_def("nola_job").execute_in_process(
-        instance=instance, partition_key=name, run_config=run_config, tags=dict(tags)
-    )
+    return execute_interruptibly(instance, lambda run_id: defs.resolve_job_def("nola_job").execute_in_process(
+        instance=instance, partition_key=name, run_config=run_config, tags=dict(tags), run_id=run_id))
+
+
+def execute_interruptibly(instance: DagsterInstance, execute: Callable[[str], ExecuteInProcessResult],
+                          grace_seconds: float = INTERRUPT_GRACE_SECONDS) -> ExecuteInProcessResult:
+    """`execute(run_id)`, ending the process cleanly on Ctrl-C or SIGTERM even while a step waits
+    for a pool slot.
+
+    During a run Dagster captures both signals and raises them at its next checkpoint, inside a
+    step; a run whose step waits for a slot never reaches one. So a watcher thread notices a
+    captured signal still pending after `grace_seconds`, marks the run failed, frees its slots and
+    pending steps, and exits the process (status 130).
+    """
+    from dagster._core.utils import make_new_run_id
+    from dagster._utils.interrupts import check_captured_interrupt
+
+    run_id, done = make_new_run_id(), threading.Event()
+
+    def watch() -> None:
+        pending_since = None
+        while not done.wait(0.2):
+            if not check_captured_interrupt():
+                pending_since = None
+                continue
+            pending_since = pending_since or time.monotonic()
+            if time.monotonic() - pending_since < grace_seconds:
+                continue
+            run = instance.get_run_by_id(run_id)
+            if run is not None and run.status in IN_PROGRESS:
+                instance.report_run_failed(run, message="Interrupted (Ctrl-C or SIGTERM) while waiting; "
+                                           "marked failed by nola, its pool slots freed.")
+            instance.event_log_storage.free_concurrency_slots_for_run(run_id)
+            print(f"nola: interrupted; run {run_id} marked failed, nothing holds its pool slots",
+                  file=sys.stderr, flush=True)
+            os._exit(130)
+
+    watcher = threading.Thread(target=watch, name="nola-interrupt-watcher", daemon=True)
+    watcher.start()
+    try:
+        return execute(run_id)
+    finally:
+        done.set()
 
 
 def evaluation_of(result: ExecuteInProcessResult, store: ArtifactStore) -> pl.DataFrame:

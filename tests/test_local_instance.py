@@ -4,6 +4,9 @@ failed and release their pool slot; waiting for a slot says for whom, and stops 
 import signal
 import subprocess
 import sys
+import textwrap
+
+import pytest
 
 from dagster import DagsterRunStatus
 from dagster._core.events import EngineEventData
@@ -56,8 +59,6 @@ def test_waiting_for_a_slot_says_who_holds_it_and_stops_on_sigterm(capsys):
     import os
     import threading
 
-    import pytest
-
     from nola_assets.local import wait_for_pool
 
     with instance_for_test() as instance:
@@ -82,3 +83,54 @@ def test_runs_of_another_launcher_are_left_alone():
         run = _started_run(instance, _dead_pid(), "prompt_tuned_encoder")
         assert fail_runs_of_dead_processes(instance) == []
         assert instance.get_run_by_id(run.run_id).status == DagsterRunStatus.STARTED
+
+
+@pytest.mark.slow  # about 25 s on 2 shared cores, most of it the child importing nola_assets
+def test_ctrl_c_while_a_step_waits_for_a_slot_inside_the_run_fails_the_run_and_exits(tmp_path):
+    """A child process runs a one-step job whose step waits for the `gpu` slot this process holds;
+    Dagster defers its SIGINT (and SIGTERM, mapped to the same handler during a run) while the
+    step waits, the watcher ends it: exit 130, run failed, no slot or pending step of it left.
+    Without the watcher the child ignores the SIGINT (checked: the test then times out)."""
+    import os
+    import time
+
+    from dagster import DagsterInstance
+
+    with instance_for_test(temp_dir=str(tmp_path)) as instance:
+        instance.event_log_storage.set_concurrency_slots("gpu", 1)
+        holder = _started_run(instance, os.getpid(), "prompt_tuned_encoder")
+        script = textwrap.dedent(f"""
+            from dagster import DagsterInstance, Definitions, asset, define_asset_job
+            from nola_assets.local import execute_interruptibly
+
+            @asset(pool="gpu")
+            def pooled():
+                return 1
+
+            job = Definitions(assets=[pooled], jobs=[define_asset_job("pooled_job")]).resolve_job_def("pooled_job")
+            instance = DagsterInstance.from_config({str(tmp_path)!r})
+            execute_interruptibly(instance, lambda run_id: job.execute_in_process(instance=instance, run_id=run_id),
+                                  grace_seconds=1.0)
+            print("finished")
+        """)
+        child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        def waiting():
+            return [s for s in instance.event_log_storage.get_concurrency_info("gpu").pending_steps
+                    if s.run_id != holder.run_id]
+
+        while not waiting():
+            assert time.monotonic() < deadline and child.poll() is None, child.communicate()
+            time.sleep(0.2)
+        [pending] = waiting()
+        time.sleep(1.0)  # well inside Dagster's wait loop
+        child.send_signal(signal.SIGINT)
+        try:
+            out, err = child.communicate(timeout=30)
+        finally:
+            child.kill()  # still running only if the interrupt was ignored
+        assert child.returncode == 130 and "finished" not in out, err[-3000:]
+        fresh = DagsterInstance.from_config(str(tmp_path))
+        assert fresh.get_run_by_id(pending.run_id).status == DagsterRunStatus.FAILURE
+        info = fresh.event_log_storage.get_concurrency_info("gpu")
+        assert pending.run_id not in {s.run_id for s in info.claimed_slots} | {s.run_id for s in info.pending_steps}
