@@ -16,6 +16,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 from dagster._serdes import serialize_value
 
@@ -54,6 +55,7 @@ def test_the_class_similarity_heatmap_shows_the_most_confused_classes_first():
     assert reporting.most_confused(similarity, top=4).tolist() == [2, 5, 0, 4]
 
 
+@pytest.mark.slow  # 10-15 s on 2 shared cores: a fresh process importing nola_assets, then 4 s of drawing
 def test_plots_of_1000_classes_stay_small_and_cheap_to_draw():
     """Drawn in a fresh process, so the peak RSS it adds is this drawing's alone."""
     script = """
