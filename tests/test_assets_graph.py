@@ -14,8 +14,7 @@ from nola_core.alignment import AlignmentConfig
 from nola_core.features import load_feature_table, save_feature_table
 from nola_core.models import ModelConfig
 from nola_core.eval import STAGE_SCHEMA
-from nola_core.pipeline import TUNED_STAGE, NolaConfig, run_nola, tuned_head_probabilities
-from nola_core.tuning import TuningConfig
+from nola_core.pipeline import TUNED_STAGE, NolaConfig, nola_tuning_config, run_nola, tuned_head_probabilities
 from nola_assets.artifacts import ArtifactRef
 from nola_assets.assets import (
     CLASSIFIERS_FILE,
@@ -147,7 +146,7 @@ def test_tuned_predictions_equal_run_nola(graph):
     config = NolaConfig(
         models=ModelConfig.from_profile("tiny"),
         alignment=AlignmentConfig(epochs=ALIGNMENT_EPOCHS),
-        tuning=TuningConfig(epochs=TUNING_EPOCHS),
+        tuning=nola_tuning_config(epochs=TUNING_EPOCHS),
         device="cpu",
     )
     reference = run_nola(root / "data" / DATASET, config, descriptions=FAKE_DESCRIPTIONS)
