@@ -15,7 +15,12 @@ ref.json is finished and never written again: `complete_ref` finds it for a key,
 reuses it instead of computing.
 
 Assets return an `ArtifactRef` (a small JSON document) as their value; `ArtifactRefIOManager`
-stores it under `refs/` and hands it to downstream assets, which read the files it points to.
+stores it under `refs/` and hands it to downstream assets, which read the files it points to. The
+artifact a run reads is that of the upstream materialization this run depends on
+(`materialized_ref`: the one made in this run, else the latest recorded before this run started),
+found through the `artifact_digest` in the materialization's metadata: never the `refs/` pointer,
+which a concurrent or later run of the same partition may have moved since. `refs/` only serves
+readers outside a run (the sensor, `nola export`, reuse of an incremental feature table's rows).
 """
 
 from __future__ import annotations
@@ -31,7 +36,15 @@ from typing import Any, Callable, Mapping, Optional
 
 import polars as pl
 import torch
-from dagster import ConfigurableIOManager, InputContext, OutputContext
+from dagster import (
+    AssetKey,
+    AssetRecordsFilter,
+    ConfigurableIOManager,
+    DagsterEventType,
+    DagsterInstance,
+    InputContext,
+    OutputContext,
+)
 from pydantic import Field
 from safetensors.torch import load_file, save_file
 
@@ -176,8 +189,35 @@ class ArtifactStore(EnvSettings):
         return ref
 
 
+def materialized_ref(instance: DagsterInstance, run_id: str, store: ArtifactStore, asset: str,
+                     partition: str) -> ArtifactRef:
+    """The artifact of the materialization of `asset` for `partition` that run `run_id` depends on:
+    the one this run made, else the latest recorded before this run started, found by the
+    `artifact_digest` in its metadata. (Event storage ids would avoid clocks, but SQLite keeps
+    each run's events in its own file, numbered apart from the asset index.)"""
+    key = AssetKey(asset)
+    ours = [r for r in instance.get_records_for_run(run_id, of_type=DagsterEventType.ASSET_MATERIALIZATION).records
+            if r.asset_key == key and r.partition_key == partition]
+    if ours:
+        record = ours[-1]
+    else:
+        started = instance.get_run_record_by_id(run_id).start_time
+        records = instance.fetch_materializations(
+            AssetRecordsFilter(asset_key=key, asset_partitions=[partition], before_timestamp=started), limit=1).records
+        if not records:
+            raise FileNotFoundError(f"{asset} has no materialization for partition {partition!r}: "
+                                    f"materialize {asset} for partition {partition!r} first")
+        record = records[0]
+    digest = record.asset_materialization.metadata["artifact_digest"].value
+    ref = store.ref_at(asset, partition, digest)
+    if ref is None:
+        raise FileNotFoundError(f"the artifact {digest} of {asset} for {partition!r} is gone from {store.root()}")
+    return ref
+
+
 class ArtifactRefIOManager(ConfigurableIOManager):
-    """Stores each asset's `ArtifactRef` as JSON and loads it for downstream assets."""
+    """Stores each asset's `ArtifactRef` as JSON and hands downstream assets the artifact of the
+    upstream materialization their run depends on (`materialized_ref`)."""
 
     store: ArtifactStore
 
@@ -188,4 +228,6 @@ class ArtifactRefIOManager(ConfigurableIOManager):
         context.log.debug(f"artifact ref written to {path}")
 
     def load_input(self, context: InputContext) -> ArtifactRef:
-        return self.store.require_ref(context.asset_key.path[-1], context.asset_partition_key)
+        step = context.step_context
+        return materialized_ref(step.instance, step.run_id, self.store, context.asset_key.path[-1],
+                                context.asset_partition_key)

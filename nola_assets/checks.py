@@ -6,7 +6,7 @@ metadata. That judgement also gates the export: on a run started by a sensor or 
 severity is then ERROR), unless `NOLA_EXPORT_WORSE_THAN_ZERO_SHOT=allow`.
 
 Each check reads the artifact of the materialization it evaluates (`checked_ref`: the one this
-run made, else the partition's latest), found through the materialization's `artifact_digest`,
+run made, else the partition's latest before the run: `artifacts.materialized_ref`), found through the materialization's `artifact_digest`,
 never through the refs/ pointer another run may have moved since. The judgement itself is a
 plain function of the artifact, tested on crafted input.
 """
@@ -37,7 +37,7 @@ from nola_core.eval import comparison_split, split_column, stage_value
 from nola_core.pipeline import TUNED_STAGE, ZERO_SHOT_STAGE
 
 from nola_assets import assets
-from nola_assets.artifacts import ArtifactRef, ArtifactStore
+from nola_assets.artifacts import ArtifactRef, ArtifactStore, materialized_ref
 from nola_assets.partitions import datasets_partitions
 from nola_assets.resources import MethodResource
 
@@ -61,20 +61,8 @@ def export_blocked(run_tags: dict, policy: str) -> bool:
 
 def checked_ref(context: AssetCheckExecutionContext, artifacts: ArtifactStore, asset_name: str) -> ArtifactRef:
     """The artifact of the materialization this check evaluates: the one this run made, else (a
-    check run on its own) the partition's latest, found by the `artifact_digest` in its metadata."""
-    key, partition = AssetKey(asset_name), context.partition_key
-    ours = [r for r in context.instance.get_records_for_run(
-                context.run.run_id, of_type=DagsterEventType.ASSET_MATERIALIZATION).records
-            if r.asset_key == key and r.partition_key == partition]
-    records = ours[-1:] or context.instance.fetch_materializations(
-        AssetRecordsFilter(asset_key=key, asset_partitions=[partition]), limit=1).records
-    if not records:
-        raise FileNotFoundError(f"{asset_name} has no materialization for partition {partition!r} to check")
-    digest = records[0].asset_materialization.metadata["artifact_digest"].value
-    ref = artifacts.ref_at(asset_name, partition, digest)
-    if ref is None:
-        raise FileNotFoundError(f"the artifact {digest} of {asset_name} for {partition!r} is gone from {artifacts.root()}")
-    return ref
+    check run on its own) the partition's latest before the run (`materialized_ref`)."""
+    return materialized_ref(context.instance, context.run.run_id, artifacts, asset_name, context.partition_key)
 
 
 def nonfinite_counts(artifact_dir: Path) -> dict[str, int]:
