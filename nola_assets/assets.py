@@ -4,6 +4,8 @@ Each asset is one stage of `nola_core.pipeline.run_nola`: it calls the same `nol
 function, writes what it produced through the artifact store, and returns an `ArtifactRef`
 inside a `MaterializeResult` with metadata and a data version. No training maths lives here.
 
+    preflight (nola_assets.preflight_asset) ─> dataset_manifest, class_descriptions
+
     dataset_manifest ─┬─> clip_features ─┬─> cde_pseudo_labels ─> alignment_checkpoint
                       └─> dino_features ─┘          ^                     │
     class_descriptions ─> cde_classifier ───────────┘      prompt_tuned_encoder
@@ -47,6 +49,7 @@ from nola_assets import reporting
 from nola_assets.artifacts import ArtifactRef, ArtifactStore, digest_of
 from nola_assets.datasets import LABELED_TABLE, UNLABELED_TABLE, image_set_version, load_manifests
 from nola_assets.partitions import datasets_partitions
+from nola_assets.preflight_asset import preflight
 from nola_assets.resources import (
     ComputeResource,
     DatasetsResource,
@@ -86,9 +89,10 @@ GPU_POD_TAGS = {
 }
 
 
-def nola_asset(group: str, version: str, pool: str | None = None, kinds: set[str] | None = None):
+def nola_asset(group: str, version: str, pool: str | None = None, kinds: set[str] | None = None, deps=None):
     """Every NoLA asset: partitioned by dataset, value stored as an `ArtifactRef`.
 
+    `deps`: assets that must run first without passing a value (the `preflight`).
     `version` is the asset's code version: bump it with any change to what the asset computes. It
     enters the artifact key (`allocate_or_reuse`), so a new version never reuses or overwrites the
     old artifacts, and Dagster shows the asset and what depends on it as stale until rematerialized.
@@ -101,6 +105,7 @@ def nola_asset(group: str, version: str, pool: str | None = None, kinds: set[str
         op_tags=GPU_POD_TAGS if pool == GPU_POOL else None,
         code_version=version,
         kinds=kinds or {"pytorch"},
+        deps=deps,
     )
 
 
@@ -175,7 +180,7 @@ def _removed_images(context: AssetExecutionContext, before: Manifest | None, now
         metadata["gone_since_sensor_tick"] = missing
     return metadata
 
-@nola_asset(group="dataset", version="1", kinds={"polars", "parquet"})
+@nola_asset(group="dataset", version="1", kinds={"polars", "parquet"}, deps=[preflight])
 def dataset_manifest(context: AssetExecutionContext, data: DatasetsResource, artifacts: ArtifactStore) -> MaterializeResult:
     """Every readable image of the dataset folder, identified by the SHA-256 of its bytes.
 
@@ -231,7 +236,7 @@ def dataset_manifest(context: AssetExecutionContext, data: DatasetsResource, art
 # ── 2. text: descriptions and the CDE classifier ──────────────────────────────────────────────
 
 
-@nola_asset(group="text_classifier", version="1", kinds={"json"})
+@nola_asset(group="text_classifier", version="1", kinds={"json"}, deps=[preflight])
 def class_descriptions(
     context: AssetExecutionContext,
     data: DatasetsResource,
@@ -375,7 +380,7 @@ def _feature_asset(
     # only float rounding, so switching 1 -> N processes reuses the table and computes new images only.
     model_key = {
         "model": config.clip_identity() if which == "clip" else config.dino_identity(),
-        "precision": feature_config.precision,
+        "precision": feature_config.resolved_precision(device),  # `auto` resolved: differs between CPUs
         "device_type": device.type,
         "decode": REDUCED_JPEG_DECODE,
     }
@@ -726,7 +731,7 @@ def predictions(
     device = compute.torch_device()
     ref, reused = allocate_or_reuse(context, artifacts, {
         "tuned": prompt_tuned_encoder.digest, "clip_features": clip_features.digest,
-        "manifest": dataset_manifest.digest, "precision": compute.feature_config().precision,
+        "manifest": dataset_manifest.digest, "precision": compute.feature_config().resolved_precision(device),
         "decode": REDUCED_JPEG_DECODE,
         "device_type": device.type,
     })

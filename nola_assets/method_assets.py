@@ -204,7 +204,7 @@ def lafter_encoder(
         "clip": model_config.clip_identity(), "descriptions": class_descriptions.facts["content_hash"],
         "templates": config.templates or spec.templates, "clip_features": clip_features.digest, "manifest": dataset_manifest.digest,
         "train_ids": digest_of(inputs.train_ids), "config": dataclasses.asdict(config),
-        "precision": features.precision, "device_type": device.type, "decode": REDUCED_JPEG_DECODE,
+        "precision": features.resolved_precision(device), "device_type": device.type, "decode": REDUCED_JPEG_DECODE,
     })
     if reused:
         return _result(ref, started, {}, reused=True)
@@ -329,7 +329,7 @@ def latteclip_encoder(
     ref, reused = allocate_or_reuse(context, artifacts, {
         "clip": model_config.clip_identity(), "texts": latteclip_texts.digest, "clip_features": clip_features.digest,
         "manifest": dataset_manifest.digest, "train_ids": digest_of(inputs.train_ids),
-        "config": dataclasses.asdict(config), "precision": features.precision, "device_type": device.type,
+        "config": dataclasses.asdict(config), "precision": features.resolved_precision(device), "device_type": device.type,
         "decode": REDUCED_JPEG_DECODE,
     })
     if reused:

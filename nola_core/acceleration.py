@@ -35,6 +35,13 @@ from nola_core.runtime import autocast_context
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _PRECAST_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+BF16_FEATURE_MIN_COSINE = 0.999
+"""Agreement bound under which `auto` extracts features in bf16 on the CPU: every image's bf16
+feature within this cosine of its fp32 feature. Worst measured on real images: 0.99995 (tiny,
+mini, ViT-B/16 CLIP and DINO; `python -m benchmarks.agreement`, BENCHMARKS.md), 20x margin in
+1 - cosine."""
+BF16_FEATURE_MEAN_COSINE = 0.9995
+"""... and the mean over the images at least this (worst measured mean 0.99996)."""
 
 
 def cpu_supports_bf16() -> bool:
@@ -45,10 +52,21 @@ def cpu_supports_bf16() -> bool:
         return False
 
 
-def resolve_precision(device: torch.device, precision: str = "auto") -> str:
-    """`auto` → bf16 on CUDA, fp32 on CPU (see BENCHMARKS.md for why CPU bf16 is opt-in)."""
+def resolve_precision(device: torch.device, precision: str = "auto", extraction: bool = False) -> str:
+    """`auto` → bf16 on CUDA; on the CPU, bf16 for feature extraction (`extraction=True`) where
+    bf16 is native (`cpu_supports_bf16`), fp32 otherwise and for training.
+
+    Why extraction only: there bf16 is 3-6x faster on such a CPU and its features were measured
+    against fp32 on real images (tiny, mini, ViT-B/16 CLIP and DINO: per-image cosine >=
+    `BF16_FEATURE_MIN_COSINE`, mean >= `BF16_FEATURE_MEAN_COSINE`; BENCHMARKS.md, "Precision
+    policy", tests/test_precision_auto.py); training under bf16 was not checked that way.
+    Artifact keys hold this resolved value, never "auto", so a machine where it differs does not
+    reuse the other's features.
+    """
     if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
+        if device.type == "cuda":
+            return "bf16"
+        return "bf16" if extraction and device.type == "cpu" and cpu_supports_bf16() else "fp32"
     if precision not in _DTYPES:
         raise ValueError(f"unknown precision {precision!r}; choose auto, fp32, bf16 or fp16")
     return precision
@@ -145,12 +163,14 @@ def reduced_precision(module: nn.Module | None, device: torch.device, precision:
 
     Numerically this is autocast: pre-casting yields exactly the tensors autocast would use,
     and the fused attention computes the same function (to float rounding) as MHA's own path.
+    Feature extraction passes its resolved precision (`FeatureConfig.resolved_precision`).
     """
-    dtype = compute_dtype(device, precision)
+    precision = resolve_precision(device, precision)
+    dtype = _DTYPES[precision]
     with contextlib.ExitStack() as stack:
         if module is not None and fuse_attention:
             stack.enter_context(fused_attention(module))
         if module is not None and precast and dtype != torch.float32 and device.type in ("cpu", "cuda"):
             stack.enter_context(precast_weights(module, dtype))
-        stack.enter_context(autocast_context(device, resolve_precision(device, precision)))
+        stack.enter_context(autocast_context(device, precision))
         yield dtype

@@ -32,7 +32,7 @@ from safetensors import safe_open
 from torch import nn
 from torch.utils.data import DataLoader
 
-from nola_core.acceleration import reduced_precision
+from nola_core.acceleration import reduced_precision, resolve_precision
 from nola_core.data import ImageRecord, ManifestImageDataset, collate_skipping_failures
 from nola_core.runtime import atomic_output, cpu_thread_budget, loader_workers, resolve_device
 
@@ -60,9 +60,10 @@ MERGE_CHUNK_BYTES = 4 * 2**20
 class FeatureConfig:
     """How features are computed; none of these fields changes which images get features.
 
-    `precision`: auto = bf16 autocast on CUDA, fp32 on CPU; "bf16" on a CPU with AVX-512 BF16 /
-    AMX is 3-4x faster and matches fp32 to cosine >= 0.99 per image (tests/test_perf_precision.py),
-    but is opt-in on CPU (see BENCHMARKS.md). `fused_attention` and `precast_weights` are the
+    `precision`: auto = bf16 autocast on CUDA and on a CPU with native bf16 (AVX-512 BF16 / AMX:
+    3-6x faster, features within the measured agreement bound of fp32,
+    `acceleration.resolve_precision`), fp32 on other CPUs; "fp32" forces fp32 everywhere
+    (env NOLA_PRECISION=fp32). `fused_attention` and `precast_weights` are the
     autocast-equivalent speed-ups of `nola_core.acceleration`, used when the module is known.
     """
 
@@ -79,6 +80,10 @@ class FeatureConfig:
     compile_min_images: int = 2048
     """Calls with fewer images run eagerly even with `compile` (an incremental update of a few
     images must not pay a compilation)."""
+
+    def resolved_precision(self, device: torch.device) -> str:
+        """The precision extraction runs at on `device` (`auto` resolved): what artifact keys hold."""
+        return resolve_precision(device, self.precision, extraction=True)
 
 
 @dataclass(frozen=True)
@@ -156,8 +161,8 @@ def extract_features(
     with contextlib.ExitStack() as stack:
         writer = stack.enter_context(FeatureTableWriter(output, dtype)) if output is not None else None
         stack.enter_context(cpu_thread_budget(device, workers))
-        stack.enter_context(reduced_precision(module, device, config.precision, config.fused_attention,
-                                              config.precast_weights))
+        stack.enter_context(reduced_precision(module, device, config.resolved_precision(device),
+                                              config.fused_attention, config.precast_weights))
         wanted = config.compile and len(records) >= config.compile_min_images
         run = _compiled(encode, module, stack) if wanted else encode
         for images, indices, batch_failed in loader:

@@ -22,14 +22,14 @@ def test_features_are_float16_in_manifest_order_and_skip_vanished_files(tmp_path
     transform = eval_transform(dino.preprocess)
 
     table = extract_features(dino.encode_image, root, records, transform,
-                             FeatureConfig(batch_size=6, num_workers=2), device="cpu")
+                             FeatureConfig(batch_size=6, num_workers=2, precision="fp32"), device="cpu")
     assert table.features.dtype == torch.float16
     assert table.features.shape == (18, dino.feature_dim)
     assert set(table.failed) == {records[3].image_id, records[7].image_id}
     assert list(table.ids) == [r.image_id for i, r in enumerate(records) if i not in (3, 7)]
 
     single = extract_features(dino.encode_image, root, records, transform,
-                              FeatureConfig(batch_size=20, num_workers=0), device="cpu")
+                              FeatureConfig(batch_size=20, num_workers=0, precision="fp32"), device="cpu")
     assert single.ids == table.ids
     assert torch.allclose(single.features.float(), table.features.float(), atol=1e-3)
     with torch.no_grad():
