@@ -44,9 +44,9 @@ class Shift:
 
 
 SHIFTS: dict[str, Shift] = {
-    "textured": Shift("textured", 0.9, "colourful garment on a patterned background", ("colourful", "patterned")),
+    "textured": Shift("textured", 0.7, "colourful garment on a patterned background", ("colourful", "patterned")),
     "negative": Shift("negative", 0.6, "noisy photo negative", ("noisy", "dark")),
-    "sketch": Shift("sketch", 0.85, "white line drawing on black", ("white", "plain")),
+    "sketch": Shift("sketch", 0.75, "white line drawing on black", ("white", "plain")),
 }
 FASHION_LICENCE = Path(__file__).resolve().parents[1] / "demo_data" / "fashion_mini" / "LICENSE-DATA.md"
 SOURCE = "source"

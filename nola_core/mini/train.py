@@ -1,6 +1,6 @@
 """Train the mini world's CLIP and DINO from Debian's Fashion-MNIST and ship their weights.
 
-    python -m nola_core.mini.train [--out nola_core/mini/weights] [--clip-steps 700] [--dino-steps 800]
+    python -m nola_core.mini.train [--out nola_core/mini/weights] [--clip-steps 600] [--dino-steps 400]
 
 - CLIP (`nola-mini-clip`, open_clip config in nola_core/models/model_configs): contrastive on
   the Fashion-MNIST *training* split with captions from the grammar of `fashion.py`;
@@ -216,7 +216,8 @@ def build_dino_backbone() -> nn.Module:
 
 def train_dino(pool: np.ndarray, source_count: int, steps: int, batch_size: int, seed: int,
                log: list[str], local_crops: int = 4, teacher_momentum: float = 0.99,
-               teacher_temp: float = 0.04, lr_per_256: float = 5e-4, freeze_last_layer_steps: int = 50) -> nn.Module:
+               teacher_temp: float = 0.04, lr_per_256: float = 5e-4, freeze_last_layer_steps: int = 50,
+               out_dim: int = 1024) -> nn.Module:
     """Self-distillation without labels on `pool` ([N, 28, 28, 3] uint8; the first
     `source_count` are source images, the rest target-domain images, sampled half and half).
     The teacher's EMA momentum rises from `teacher_momentum` to 1 (cosine). DINO's 0.996 is
@@ -231,11 +232,10 @@ def train_dino(pool: np.ndarray, source_count: int, steps: int, batch_size: int,
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
     student = nn.ModuleDict({"backbone": build_dino_backbone()})
-    student["head"] = DinoHead(student["backbone"].num_features)
+    student["head"] = DinoHead(student["backbone"].num_features, out_dim=out_dim)
     teacher = copy.deepcopy(student)
     for p in teacher.parameters():
         p.requires_grad_(False)
-    out_dim = 1024
     center = torch.zeros(1, out_dim)
     params = [p for p in student.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
@@ -349,12 +349,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", type=Path, default=FASHION_MNIST_DIR)
     parser.add_argument("--out", type=Path, default=MINI_WEIGHTS_DIR)
-    parser.add_argument("--clip-steps", type=int, default=700)
+    parser.add_argument("--clip-steps", type=int, default=600)
     parser.add_argument("--clip-batch", type=int, default=256)
     parser.add_argument("--clip-captions", type=int, default=64)
-    parser.add_argument("--dino-steps", type=int, default=800)
+    parser.add_argument("--dino-steps", type=int, default=400)
     parser.add_argument("--dino-batch", type=int, default=128)
     parser.add_argument("--dino-source-images", type=int, default=10000)
+    parser.add_argument("--dino-out-dim", type=int, default=1024)
+    parser.add_argument("--dino-teacher-temp", type=float, default=0.04)
+    parser.add_argument("--dino-lr", type=float, default=5e-4, help="per 256 images")
+    parser.add_argument("--dino-local-crops", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", choices=["clip", "dino", "report"], default=None)
@@ -376,7 +380,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.only in (None, "dino"):
         pool, source_count = dino_pool(train_images, test_images, test_labels, args.dino_source_images, args.seed)
         _log(log, f"dino pool: {source_count} source + {len(pool) - source_count} target-domain unlabeled images")
-        dino = train_dino(pool, source_count, args.dino_steps, args.dino_batch, args.seed, log)
+        dino = train_dino(pool, source_count, args.dino_steps, args.dino_batch, args.seed, log,
+                          local_crops=args.dino_local_crops, teacher_temp=args.dino_teacher_temp,
+                          lr_per_256=args.dino_lr, out_dim=args.dino_out_dim)
         written[f"{MINI_DINO_NAME}.safetensors"] = save_weights(dino, args.out / f"{MINI_DINO_NAME}.safetensors")
     _log(log, f"training wall time {time.perf_counter() - started:.0f}s")
     # Read the manifest only now: `--only clip` and `--only dino` may run side by side.
