@@ -14,9 +14,6 @@ from pathlib import Path
 
 DEMO_TUNING_EPOCHS = 10
 """`nola demo` tunes for 10 epochs unless told otherwise (--tuning-epochs, NOLA_TUNING_EPOCHS)."""
-CLIP_FEATURE_TABLES = 4
-"""CLIP-dimension feature tables a run stores per dataset (for the preflight's disk estimate): the
-image features, and the tuned features of NoLA, LaFTer and LatteCLIP."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_report(subparsers)
     _add_export(subparsers)
     _add_predict(subparsers)
+    _add_weights(subparsers)
     return parser
 
 
@@ -224,6 +222,8 @@ def _add_run_options(p: argparse.ArgumentParser, default_profile: str | None) ->
     p.add_argument("--tuning-epochs", type=int, help="prompt-tuning epochs (default: NOLA_TUNING_EPOCHS, else "
                    + (f"{DEMO_TUNING_EPOCHS} for the demo, " if default_profile == "mini" else "") + "50)")
     p.add_argument("--alignment-epochs", type=int, help="DL-network epochs (default: NOLA_ALIGNMENT_EPOCHS, else 50)")
+    p.add_argument("--weights-dir", help="a `nola weights download` folder, read before any download "
+                   "(default: NOLA_WEIGHTS_DIR)")
     p.add_argument("-v", "--verbose", action="store_true", help="show tracebacks")
 
 
@@ -256,8 +256,9 @@ def _resources_config(args: argparse.Namespace, demo: bool) -> dict[str, dict]:
     if tuning_epochs is None and demo and env_name("tuning_epochs") not in os.environ:
         tuning_epochs = DEMO_TUNING_EPOCHS
     method = {"tuning_epochs": tuning_epochs, "alignment_epochs": args.alignment_epochs}
+    models = {"model_profile": args.profile, "weights_dir": args.weights_dir}
     return {
-        "models": {"model_profile": args.profile} if args.profile else {},
+        "models": {field: value for field, value in models.items() if value is not None},
         "compute": {"device": args.device} if args.device else {},
         "method": {field: value for field, value in method.items() if value is not None},
     }
@@ -269,6 +270,7 @@ def _preflight(paths: list[Path], args: argparse.Namespace, demo: bool) -> bool:
     from nola_core.preflight import preflight
 
     from nola_assets.artifacts import ArtifactStore
+    from nola_assets.preflight_asset import CLIP_FEATURE_TABLES
     from nola_assets.resources import DescriptionsResource, ModelsResource
 
     try:
@@ -454,6 +456,62 @@ def _predict(args: argparse.Namespace) -> int:
         return 1
     for path, top in zip(args.images, classifier.top_classes(probabilities, args.top)):
         print(f"{path}\t" + "  ".join(f"{name} ({p:.3f})" for name, p in top))
+    return 0
+
+
+def _add_weights(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "weights",
+        help="pretrained weights for machines without internet",
+        description="`nola weights download` on a connected machine writes a folder of weights; on the machine "
+        "without internet, NOLA_WEIGHTS_DIR (or --weights-dir) makes every model load from it, each file "
+        "checked against the SHA-256 of the folder's manifest.json.",
+    )
+    actions = p.add_subparsers(dest="action", required=True)
+    download = actions.add_parser(
+        "download",
+        help="fetch a profile's (or named) open_clip and timm checkpoints into a folder, with a manifest",
+        description="Fetch through open_clip's and timm's own download functions, write the files under --to "
+        "with manifest.json (model names, tags, file names, SHA-256, sizes). Downloading into a folder again "
+        "adds to its manifest.",
+    )
+    download.add_argument("--to", required=True, type=Path, help="the weights folder (created)")
+    download.add_argument("--profile", choices=("paper", "tiny", "mini"),
+                          help="the models of a profile (default: paper, unless --clip or --dino is given)")
+    download.add_argument("--clip", action="append", default=[], metavar="NAME:TAG",
+                          help="an open_clip architecture and pretrained tag, e.g. ViT-B-32:openai (repeatable)")
+    download.add_argument("--dino", action="append", default=[], metavar="TIMM_NAME",
+                          help="a timm name with its tag, e.g. vit_base_patch16_224.dino (repeatable)")
+    download.set_defaults(handler=_weights_download)
+
+
+def _weights_download(args: argparse.Namespace) -> int:
+    """`nola weights download`: the requests of the profile and the named models, fetched in order."""
+    from nola_core.models import ModelConfig
+    from nola_core.models.weights import WEIGHTS_DIR_ENV, clip_request, dino_request, download_weights
+
+    try:
+        requests = []
+        if args.profile or not (args.clip or args.dino):
+            config = ModelConfig.from_profile(args.profile or "paper")
+            if config.clip_pretrained is not None and config.clip_checkpoint is None:
+                requests.append(clip_request(config.clip_name, config.clip_pretrained))
+            if config.dino_pretrained and config.dino_checkpoint is None:
+                requests.append(dino_request(config.dino_name))
+        for named in args.clip:
+            name, _, tag = named.partition(":")
+            if not (name and tag):
+                raise ValueError(f"--clip {named!r}: expected NAME:TAG, e.g. ViT-B-16:openai")
+            requests.append(clip_request(name, tag))
+        requests += [dino_request(name) for name in args.dino]
+        if not requests:
+            print(f"nothing to download: the {args.profile} profile's models are shipped or random")
+            return 0
+        download_weights(args.to, requests)
+    except Exception as error:  # noqa: BLE001  (offline, unknown tag, disk full: one line, not a traceback)
+        print(f"nola weights download: error: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.to / 'manifest.json'}; on the machine without internet: {WEIGHTS_DIR_ENV}={args.to}")
     return 0
 
 

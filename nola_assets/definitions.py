@@ -11,6 +11,7 @@ from nola_assets.assets import NOLA_ASSETS, REFS_IO_MANAGER
 from nola_assets.checks import NOLA_CHECKS
 from nola_assets.method_assets import METHOD_ASSETS
 from nola_assets.export_assets import EXPORT_ASSETS
+from nola_assets.preflight_asset import preflight
 from nola_assets.resources import (
     ComputeResource,
     DatasetsResource,
@@ -36,7 +37,7 @@ def nola_resources() -> dict:
 
 
 defs = Definitions(
-    assets=[*NOLA_ASSETS, *METHOD_ASSETS, *EXPORT_ASSETS],
+    assets=[preflight, *NOLA_ASSETS, *METHOD_ASSETS, *EXPORT_ASSETS],
     asset_checks=NOLA_CHECKS,
     jobs=[nola_job],
     sensors=[unlabeled_images_sensor],

@@ -146,6 +146,9 @@ class ModelsResource(EnvSettings):
     dino_model: Optional[str] = Field(default=None, description="timm name, e.g. vit_base_patch16_224.dino (env NOLA_DINO_MODEL)")
     dino_checkpoint: Optional[str] = Field(default=None, description="local DINO weights file (env NOLA_DINO_CHECKPOINT)")
     init_seed: Optional[int] = Field(default=None, description="seed of randomly initialised models (env NOLA_INIT_SEED)")
+    weights_dir: Optional[str] = Field(
+        default=None, description="a `nola weights download` folder, read before any download (env NOLA_WEIGHTS_DIR)"
+    )
 
     def config(self) -> ModelConfig:
         pretrained = self.setting("clip_pretrained")
@@ -157,6 +160,7 @@ class ModelsResource(EnvSettings):
             dino_name=self.setting("dino_model"),
             dino_checkpoint=self.setting("dino_checkpoint"),
             init_seed=self.setting("init_seed"),
+            weights_dir=self.setting("weights_dir"),
         )
         if pretrained is not None and pretrained.lower() == "none":
             config = dataclasses.replace(config, clip_pretrained=None)

@@ -10,7 +10,7 @@ never opens an image (hashing and decoding happen in the run's `dataset_manifest
   with the folder after the last one walked, so a huge folder never starves the others;
 - a folder whose stats changed starts its quiet period; once they have stayed the same for
   `sensor_quiet_seconds` (or a `.ready` file is in the folder), the dataset gets one run: the
-  whole graph if it has no manifest yet, else the image-dependent assets. Its run key is
+  whole graph if it has no manifest yet, else the preflight and the image-dependent assets. Its run key is
   `<dataset>:<change number>:<state>`, the change number counted per dataset in the cursor, so a
   folder going A → B → A gets three runs, and a version whose run failed gets a new one on its
   next change.
@@ -44,6 +44,7 @@ from nola_assets.datasets import UNLABELED_TABLE, FileState, folder_state, stat_
 from nola_assets.export_assets import EXPORT_ASSETS
 from nola_assets.method_assets import METHOD_ASSETS
 from nola_assets.partitions import DATASETS, datasets_partitions
+from nola_assets.preflight_asset import preflight
 from nola_assets.resources import DatasetsResource
 
 QUIET_SECONDS = 60.0  # DatasetsResource.sensor_quiet_seconds
@@ -56,8 +57,8 @@ nola_job = define_asset_job(
     description="Every NoLA asset (and its checks) for one dataset partition.",
 )
 
-# Everything downstream of the images: the NoLA stages, the other methods and the export.
-RERUN_ON_NEW_IMAGES = IMAGE_DEPENDENT_ASSETS + [a.key for a in METHOD_ASSETS + EXPORT_ASSETS]
+# The preflight, then everything downstream of the images: the NoLA stages, the other methods and the export.
+RERUN_ON_NEW_IMAGES = [preflight.key] + IMAGE_DEPENDENT_ASSETS + [a.key for a in METHOD_ASSETS + EXPORT_ASSETS]
 
 
 def build_unlabeled_images_sensor(name: str = "unlabeled_images_sensor", clock: Callable[[], float] = time.time):

@@ -4,10 +4,12 @@ short message (what, why, the fix) instead of a traceback an hour in.
 What is checked, in this order, without loading any model or reading any image:
 
 - the dataset: `dataset.yaml` is valid and `unlabeled/` holds image files (counted by name);
-- every model of the configuration can be loaded: a checkpoint path exists, or the pretrained
-  weights are in the local caches open_clip and timm read (the Hugging Face hub cache,
-  `~/.cache/clip`, torch hub's `checkpoints/`), or the network can fetch them (never when
-  `HF_HUB_OFFLINE` is set); random models need nothing;
+- every model of the configuration can be loaded: a checkpoint path exists, or the weights
+  folder (`weights_dir`, else NOLA_WEIGHTS_DIR, written by `nola weights download`) lists it and
+  holds its file at the recorded size (the loader checks the SHA-256), or the pretrained weights
+  are in the local caches open_clip and timm read (the Hugging Face hub cache, `~/.cache/clip`,
+  torch hub's `checkpoints/`), or the network can fetch them (never when `HF_HUB_OFFLINE` is
+  set); random models need nothing;
 - the LLM provider's API key, when descriptions are to be written by a named provider;
 - free disk under the artifact root for the feature tables: images x feature dims x 2 bytes
   (float16) per table, times `REWRITE_FACTOR` (a table is written beside the old one, then
@@ -31,6 +33,13 @@ from urllib.parse import urlparse
 from nola_core.data.images import is_image_path
 from nola_core.data.spec import DatasetSpec, DatasetSpecError, load_dataset_spec
 from nola_core.models.config import ModelConfig
+from nola_core.models.weights import (
+    WEIGHTS_DIR_ENV,
+    WeightsUnavailableError,
+    download_command,
+    find_entry,
+    resolve_weights_dir,
+)
 
 HF_HOST = "huggingface.co"
 NETWORK_TIMEOUT_S = 3.0
@@ -147,14 +156,16 @@ def _check_clip(config: ModelConfig, env: Environment) -> Problem | None:
     from nola_core.models.registry import register_tiny_clip_configs
 
     what = f"CLIP {config.clip_name}"
-    fix = ("download the weights on a connected machine and set NOLA_CLIP_CHECKPOINT=/path/to/the/file "
-           "(`nola run --profile mini` or `--profile tiny` need none)")
+    fix = _download_fix(download_command("clip", config.clip_name, config.clip_pretrained), "NOLA_CLIP_CHECKPOINT")
     if config.clip_checkpoint is not None:
         return _missing_file(what, config.clip_checkpoint, "NOLA_CLIP_CHECKPOINT")
     if config.clip_pretrained is None:
         return None  # random weights
     if Path(config.clip_pretrained).is_file():
         return None  # open_clip takes a file as `pretrained`
+    found, problem = _in_weights_dir(config, env, "clip", config.clip_name, config.clip_pretrained, what)
+    if found:
+        return problem
     register_tiny_clip_configs()
     cfg = pretrained.get_pretrained_cfg(config.clip_name, config.clip_pretrained)
     if not cfg:
@@ -178,12 +189,14 @@ def _check_dino(config: ModelConfig, env: Environment) -> Problem | None:
     from nola_core.models.registry import DINO_CONFIGS, TimmModelSpec
 
     what = f"DINO {config.dino_name}"
-    fix = ("download the weights on a connected machine and set NOLA_DINO_CHECKPOINT=/path/to/the/file "
-           "(`nola run --profile mini` or `--profile tiny` need none)")
+    fix = _download_fix(download_command("dino", config.dino_name, None), "NOLA_DINO_CHECKPOINT")
     if config.dino_checkpoint is not None:
         return _missing_file(what, config.dino_checkpoint, "NOLA_DINO_CHECKPOINT")
     if not config.dino_pretrained:
         return None
+    found, problem = _in_weights_dir(config, env, "dino", config.dino_name, None, what)
+    if found:
+        return problem
     timm_name = DINO_CONFIGS.get(config.dino_name, TimmModelSpec(timm_name=config.dino_name)).timm_name
     cfg = timm.models.get_pretrained_cfg(timm_name)
     if cfg is None:
@@ -197,6 +210,32 @@ def _check_dino(config: ModelConfig, env: Environment) -> Problem | None:
     local = [os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(cfg.url))] if cfg.url else []
     hosts = ([HF_HOST] if cfg.hf_hub_id else []) + ([urlparse(cfg.url).hostname] if cfg.url else [])
     return _cached_or_downloadable(what, candidates, local, hosts, env, fix)
+
+
+def _download_fix(command: str, checkpoint_variable: str) -> str:
+    return (f"on a connected machine run `{command} --to DIR`, bring DIR here and set {WEIGHTS_DIR_ENV}=DIR "
+            f"(or {checkpoint_variable}=/path/to/the/file; `--profile mini` or `tiny` need none)")
+
+
+def _in_weights_dir(config: ModelConfig, env: Environment, kind: str, name: str, tag: str | None,
+                    what: str) -> tuple[bool, Problem | None]:
+    """(whether the weights folder settles this model, its problem): a folder without a manifest
+    or with a listed file missing or of another size is a problem; a model it does not list is
+    left to the caches and the network."""
+    folder = resolve_weights_dir(config.weights_dir, env.environ)
+    if folder is None:
+        return False, None
+    fix = f"run `{download_command(kind, name, tag)} --to {folder}` again on a connected machine"
+    try:
+        entry = find_entry(folder, kind, name, tag)
+    except WeightsUnavailableError as error:
+        return True, Problem(f"weights folder {folder}", str(error).split(";")[0], f"{fix}, or unset {WEIGHTS_DIR_ENV}")
+    if entry is None:
+        return False, None
+    path = folder / entry.file
+    if not path.is_file() or path.stat().st_size != entry.size:
+        return True, Problem(what, f"{path} is missing or not the size its manifest records ({entry.size} bytes)", fix)
+    return True, None
 
 
 def _missing_file(what: str, path: str, variable: str) -> Problem | None:

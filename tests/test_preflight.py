@@ -61,8 +61,37 @@ def test_offline_paper_run_without_weights_stops_at_once_naming_the_fix(no_weigh
     err = capsys.readouterr().err
     assert status == 1 and elapsed < 10, elapsed
     assert "NOLA_CLIP_CHECKPOINT" in err and "NOLA_DINO_CHECKPOINT" in err and "HF_HUB_OFFLINE" in err
+    assert "nola weights download --clip ViT-B-16:openai" in err and "--dino vit_base_patch16_224.dino" in err
+    assert "NOLA_WEIGHTS_DIR" in err
     assert "Traceback" not in err and len(err.strip().splitlines()) <= 6, err
     assert not (project / ".dagster_home").exists() and not (project / "data").exists()  # no run, no partition
+
+
+def test_the_dagster_graph_fails_at_the_preflight_step_and_runs_nothing_after_it(no_weights, monkeypatch):
+    from dagster import DagsterInstance, materialize
+
+    from nola_assets.assets import NOLA_ASSETS
+    from nola_assets.partitions import DATASETS
+    from nola_assets.preflight_asset import preflight as preflight_asset
+    from nola_assets.resources import ModelsResource
+    from assets_helpers import copy_demo, resources_for_test
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    copy_demo(no_weights / "data", "photos")
+    resources = {**resources_for_test(no_weights / "data", no_weights / "artifacts"),
+                 "models": ModelsResource(model_profile="paper")}
+    instance = DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(DATASETS, ["photos"])
+    result = materialize([preflight_asset, *NOLA_ASSETS], instance=instance, partition_key="photos",
+                         resources=resources, raise_on_error=False)
+
+    assert not result.success
+    [failure] = result.get_step_failure_events()
+    assert failure.step_key == "preflight"
+    message = failure.step_failure_data.error.message
+    assert "nola weights download --clip ViT-B-16:openai" in message and "NOLA_WEIGHTS_DIR" in message
+    assert result.get_asset_materialization_events() == []  # nothing downstream ran
+    assert {e.step_key for e in result.all_events if e.event_type_value == "STEP_START"} == {"preflight"}
 
 
 def test_weights_in_the_hub_cache_or_reachable_pass(no_weights):

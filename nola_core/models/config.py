@@ -17,6 +17,8 @@ class ModelConfig:
     `*_checkpoint_sha256` the loader refuses a file whose content differs (the `mini`
     profile's shipped weights). A model with neither pretrained weights nor a checkpoint is
     randomly initialised from `init_seed`, so every stage that loads it gets the same weights.
+    Weights found in `weights_dir` are the pretrained tag's own file, so they do not change the
+    identity (cache keys) of the model.
     """
 
     clip_name: str = "ViT-B-16"
@@ -28,6 +30,7 @@ class ModelConfig:
     dino_checkpoint: str | None = None
     dino_checkpoint_sha256: str | None = None
     init_seed: int = 0
+    weights_dir: str | None = None  # a `nola weights download` folder, read first; None: NOLA_WEIGHTS_DIR
 
     @classmethod
     def from_profile(cls, profile: str = "paper", **overrides) -> "ModelConfig":

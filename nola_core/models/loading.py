@@ -2,12 +2,16 @@
 
 Staged as open_clip does: resolve the config, build, load weights strictly, attach the
 preprocessing the weights were trained with. Models come back frozen and in eval mode.
+
+Where the weights come from, in order: a checkpoint file the config names (checked against its
+SHA-256 when it has one); the weights folder (`weights_dir`, else NOLA_WEIGHTS_DIR: see
+nola_core.models.weights), its file checked against the manifest's SHA-256; else open_clip's and
+timm's own download and caches.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import pickle
 from dataclasses import dataclass
@@ -19,31 +23,17 @@ from torch import nn
 from nola_core.data.transforms import CLIP_MEAN, CLIP_STD, Preprocess
 from nola_core.models.config import ModelConfig
 from nola_core.models.registry import DINO_CONFIGS, TimmModelSpec, register_tiny_clip_configs
+from nola_core.models.weights import (
+    WEIGHTS_DIR_ENV,
+    CheckpointHashError,  # noqa: F401  (raised by verify_checkpoint; imported from here by callers)
+    WeightsUnavailableError,
+    download_command,
+    local_weights,
+    resolve_weights_dir,
+    verify_checkpoint,
+)
 
 logger = logging.getLogger(__name__)
-
-
-class WeightsUnavailableError(RuntimeError):
-    """Pretrained weights could not be fetched (offline, unknown tag, unreadable file)."""
-
-
-class CheckpointHashError(WeightsUnavailableError):
-    """A checkpoint whose SHA-256 is not the one its config expects (corrupt or replaced)."""
-
-
-def verify_checkpoint(path: str | None, expected_sha256: str | None) -> None:
-    """Refuse a checkpoint file whose content is not the expected one (no-op without a hash)."""
-    if path is None or expected_sha256 is None:
-        return
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    if digest.hexdigest() != expected_sha256:
-        raise CheckpointHashError(
-            f"{path}: SHA-256 {digest.hexdigest()} differs from the expected {expected_sha256}; "
-            "the file is corrupt or was replaced (retrain with `python -m nola_core.mini.train`)"
-        )
 
 
 class UnsafeCheckpointError(ValueError):
@@ -102,17 +92,25 @@ def load_clip(config: ModelConfig, device: torch.device | str = "cpu") -> ClipMo
             f"unknown CLIP architecture {config.clip_name!r}; open_clip knows "
             f"{len(open_clip.list_models())} (see open_clip.list_models())"
         )
-    weights = config.clip_checkpoint or config.clip_pretrained
+    weights, file, preprocess = config.clip_checkpoint or config.clip_pretrained, config.clip_checkpoint, None
     verify_checkpoint(config.clip_checkpoint, config.clip_checkpoint_sha256)
+    if file is None and config.clip_pretrained is not None:
+        file = local_weights(resolve_weights_dir(config.weights_dir), "clip", config.clip_name, config.clip_pretrained)
+        if file is not None:
+            # The tag's preprocessing, which open_clip attaches only when it loads by tag.
+            tag_cfg = open_clip.pretrained.get_pretrained_cfg(config.clip_name, config.clip_pretrained)
+            weights, preprocess = file, open_clip.transform.merge_preprocess_dict({}, tag_cfg)
     with _seeded_init(config.init_seed):
         try:
-            model = open_clip.create_model(config.clip_name, pretrained=weights, device=device)
+            model = open_clip.create_model(config.clip_name, pretrained=weights, device=device,
+                                           force_preprocess_cfg=preprocess)
         except (RuntimeError, OSError, pickle.UnpicklingError) as error:
-            if unsafe := _unsafe_checkpoint(error, config.clip_checkpoint):
+            if unsafe := _unsafe_checkpoint(error, file):
                 raise unsafe from error
             raise WeightsUnavailableError(
                 f"could not load CLIP {config.clip_name!r} with weights {weights!r}: {error}. "
-                "Offline? Download the weights on a connected machine and pass the local file as "
+                f"Offline? Run `{download_command('clip', config.clip_name, config.clip_pretrained)} --to DIR` "
+                f"on a connected machine and set {WEIGHTS_DIR_ENV}=DIR, or pass the local file as "
                 "clip_checkpoint (env NOLA_CLIP_CHECKPOINT), or use the 'tiny' model profile."
             ) from error
     _freeze(model)
@@ -133,21 +131,25 @@ def load_dino(config: ModelConfig, device: torch.device | str = "cpu") -> DinoMo
     kwargs: dict[str, Any] = dict(spec.overrides, num_classes=0)
     if spec.input_size is not None:
         kwargs["pretrained_cfg_overlay"] = dict(input_size=(3, spec.input_size, spec.input_size))
-    if config.dino_checkpoint is not None:
-        overlay = dict(kwargs.get("pretrained_cfg_overlay", {}), file=config.dino_checkpoint)
-        kwargs["pretrained_cfg_overlay"] = overlay
-    pretrained = config.dino_pretrained or config.dino_checkpoint is not None
     verify_checkpoint(config.dino_checkpoint, config.dino_checkpoint_sha256)
+    file = config.dino_checkpoint
+    if file is None and config.dino_pretrained:
+        file = local_weights(resolve_weights_dir(config.weights_dir), "dino", config.dino_name, None)
+    if file is not None:
+        # timm's pretrained config (preprocessing) stays; only where the weights are read changes.
+        kwargs["pretrained_cfg_overlay"] = dict(kwargs.get("pretrained_cfg_overlay", {}), file=file)
+    pretrained = config.dino_pretrained or file is not None
     with _seeded_init(config.init_seed):
         try:
             model = timm.create_model(spec.timm_name, pretrained=pretrained, **kwargs)
         except (RuntimeError, OSError, pickle.UnpicklingError) as error:
-            if unsafe := _unsafe_checkpoint(error, config.dino_checkpoint):
+            if unsafe := _unsafe_checkpoint(error, file):
                 raise unsafe from error
-            source = config.dino_checkpoint or f"the hub ({spec.timm_name})"
+            source = file or f"the hub ({spec.timm_name})"
             raise WeightsUnavailableError(
                 f"could not load DINO {config.dino_name!r} from {source}: {error}. "
-                "Offline? Download the weights on a connected machine and pass the local file as "
+                f"Offline? Run `{download_command('dino', config.dino_name, None)} --to DIR` on a connected "
+                f"machine and set {WEIGHTS_DIR_ENV}=DIR, or pass the local file as "
                 "dino_checkpoint (env NOLA_DINO_CHECKPOINT), or use the 'tiny' model profile."
             ) from error
     model.to(device)

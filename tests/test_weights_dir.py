@@ -1,0 +1,92 @@
+"""A weights folder for machines without internet: written by the same fetch code as
+`nola weights download` (given local files as the source, as open_clip and timm both allow),
+read first by the loaders, every file checked against its manifest's SHA-256."""
+
+import json
+
+import pytest
+import torch
+
+from nola_assets.cli import main
+from nola_core.models import ModelConfig, load_clip, load_dino
+from nola_core.models.loading import CheckpointHashError, WeightsUnavailableError
+from nola_core.models.registry import MINI_CLIP_NAME, MINI_DINO_NAME, TINY_CLIP_NAME, TINY_DINO_NAME
+from nola_core.models.weights import MANIFEST, WEIGHTS_DIR_ENV, clip_request, dino_request, download_weights
+from nola_core.preflight import Environment, check_models
+
+MINI = ModelConfig.from_profile("mini")
+TAG = "mini"  # a tag open_clip does not know: only the weights folder can supply it
+
+
+def _write_mini_folder(folder):
+    return download_weights(folder, [clip_request(MINI_CLIP_NAME, TAG, {"file": MINI.clip_checkpoint}),
+                                     dino_request(MINI_DINO_NAME, {"file": MINI.dino_checkpoint})], log=lambda _: None)
+
+
+def _by_folder(folder=None) -> ModelConfig:
+    return ModelConfig(clip_name=MINI_CLIP_NAME, clip_pretrained=TAG, dino_name=MINI_DINO_NAME, dino_pretrained=True,
+                       weights_dir=None if folder is None else str(folder))
+
+
+def test_a_weights_folder_loads_the_same_models_as_their_checkpoint_paths(tmp_path, monkeypatch):
+    folder = tmp_path / "weights"
+    clip_entry, dino_entry = _write_mini_folder(folder)
+    manifest = json.loads((folder / MANIFEST).read_text())
+    assert [(m["kind"], m["name"], m["tag"]) for m in manifest["models"]] == [
+        ("clip", MINI_CLIP_NAME, TAG), ("dino", MINI_DINO_NAME, None)]
+    assert (clip_entry.sha256, dino_entry.sha256) == (MINI.clip_checkpoint_sha256, MINI.dino_checkpoint_sha256)
+    assert clip_entry.size == (folder / clip_entry.file).stat().st_size and clip_entry.source == MINI.clip_checkpoint
+
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    by_path_clip, by_path_dino = load_clip(MINI), load_dino(MINI)
+    monkeypatch.setenv(WEIGHTS_DIR_ENV, str(folder))  # the environment variable, as on an air-gapped machine
+    for config in (_by_folder(folder), _by_folder()):
+        clip, dino = load_clip(config), load_dino(config)
+        with torch.inference_mode():
+            assert torch.equal(clip.encode_image(images), by_path_clip.encode_image(images))
+            assert torch.equal(clip.encode_text(["a shirt"]), by_path_clip.encode_text(["a shirt"]))
+            assert torch.equal(dino.encode_image(images), by_path_dino.encode_image(images))
+        assert clip.preprocess == by_path_clip.preprocess and dino.preprocess == by_path_dino.preprocess
+
+    monkeypatch.delenv(WEIGHTS_DIR_ENV)
+    with pytest.raises(WeightsUnavailableError, match="nola weights download --clip nola-mini-clip:mini"):
+        load_clip(_by_folder())  # without the folder, the tag cannot be resolved: the folder was used
+
+
+def test_a_file_whose_hash_differs_from_the_manifest_is_refused_by_name(tmp_path):
+    tiny = ModelConfig.from_profile("tiny")
+    sources = tmp_path / "sources"
+    sources.mkdir()
+    torch.save(load_clip(tiny).model.state_dict(), sources / "clip.pt")
+    torch.save(load_dino(tiny).model.state_dict(), sources / "dino.pt")
+    folder = tmp_path / "weights"
+    clip_entry, dino_entry = download_weights(folder, [clip_request(TINY_CLIP_NAME, "t", {"file": str(sources / "clip.pt")}),
+                                                       dino_request(TINY_DINO_NAME, {"file": str(sources / "dino.pt")})],
+                                              log=lambda _: None)
+    config = ModelConfig(clip_name=TINY_CLIP_NAME, clip_pretrained="t", dino_name=TINY_DINO_NAME, dino_pretrained=True,
+                         weights_dir=str(folder))
+    load_clip(config), load_dino(config)  # intact: loads
+    for entry, load in ((clip_entry, load_clip), (dino_entry, load_dino)):
+        path = folder / entry.file
+        data = bytearray(path.read_bytes())
+        data[-1] ^= 1
+        path.write_bytes(bytes(data))
+        with pytest.raises(CheckpointHashError, match=f"{path}.*nola weights download"):
+            load(config)
+
+
+def test_the_preflight_counts_a_folder_holding_the_models_as_present(tmp_path):
+    folder = tmp_path / "weights"
+    _write_mini_folder(folder)
+    offline = Environment(environ={"HF_HUB_OFFLINE": "1", WEIGHTS_DIR_ENV: str(folder)},
+                          reachable=lambda hosts: False, free_bytes=lambda path: 10**12)
+    assert check_models(_by_folder(), offline) == []
+    (folder / "clip" / MINI_CLIP_NAME / TAG / "nola-mini-clip.safetensors").write_bytes(b"short")
+    [problem] = check_models(_by_folder(), offline)
+    assert "nola-mini-clip.safetensors" in problem.why and "nola weights download" in problem.fix
+
+
+def test_download_of_a_profile_without_pretrained_weights_fetches_nothing(tmp_path, capsys):
+    assert main(["weights", "download", "--profile", "mini", "--to", str(tmp_path / "w")]) == 0
+    assert "nothing to download" in capsys.readouterr().out
+    assert not (tmp_path / "w").exists()
