@@ -2,8 +2,11 @@
 `nola weights download` (given local files as the source, as open_clip and timm both allow),
 read first by the loaders, every file checked against its manifest's SHA-256."""
 
+import hashlib
 import json
+from pathlib import Path
 
+import huggingface_hub.constants
 import pytest
 import torch
 
@@ -84,6 +87,46 @@ def test_the_preflight_counts_a_folder_holding_the_models_as_present(tmp_path):
     (folder / "clip" / MINI_CLIP_NAME / TAG / "nola-mini-clip.safetensors").write_bytes(b"short")
     [problem] = check_models(_by_folder(), offline)
     assert "nola-mini-clip.safetensors" in problem.why and "nola weights download" in problem.fix
+
+
+def _hub_cache_file(repo: str, name: str, content: bytes) -> None:
+    """A file in the Hugging Face cache layout, as a download leaves it: refs/main names the
+    snapshot, whose file links to a blob named by its hash."""
+    folder = Path(huggingface_hub.constants.HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}"
+    for sub in ("refs", "blobs", f"snapshots/{'0' * 40}"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    (folder / "refs" / "main").write_text("0" * 40)
+    blob = folder / "blobs" / hashlib.sha256(content).hexdigest()
+    blob.write_bytes(content)
+    (folder / "snapshots" / ("0" * 40) / name).symlink_to(blob)
+
+
+def test_download_of_the_paper_profile_goes_through_open_clip_and_timm(tmp_path, monkeypatch, capsys):
+    """The real resolution of the paper's tags (open_clip's hub config, timm's), served offline from
+    a Hugging Face cache the test fills, as a second `nola weights download` on a machine that
+    already downloaded them would be."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    _hub_cache_file("timm/vit_base_patch16_clip_224.openai", "open_clip_model.safetensors", b"clip weights")
+    _hub_cache_file("timm/vit_base_patch16_224.dino", "model.safetensors", b"dino weights")
+
+    assert main(["weights", "download", "--profile", "paper", "--to", str(tmp_path / "w")]) == 0
+    assert f"{WEIGHTS_DIR_ENV}={tmp_path / 'w'}" in capsys.readouterr().out
+    models = json.loads((tmp_path / "w" / MANIFEST).read_text())["models"]
+    assert [(m["kind"], m["name"], m["tag"], m["file"], m["size"], m["sha256"]) for m in models] == [
+        ("clip", "ViT-B-16", "openai", "clip/ViT-B-16/openai/open_clip_model.safetensors", 12,
+         hashlib.sha256(b"clip weights").hexdigest()),
+        ("dino", "vit_base_patch16_224.dino", None, "dino/vit_base_patch16_224.dino/model.safetensors", 12,
+         hashlib.sha256(b"dino weights").hexdigest())]
+    assert models[0]["source"] == "hf-hub:timm/vit_base_patch16_clip_224.openai/open_clip_model.safetensors"
+    assert not any((tmp_path / "w" / m["file"]).is_symlink() for m in models)  # the bytes, to carry elsewhere
+    offline = Environment(environ={"HF_HUB_OFFLINE": "1", WEIGHTS_DIR_ENV: str(tmp_path / "w")},
+                          reachable=lambda hosts: False, free_bytes=lambda path: 10**12)
+    assert check_models(ModelConfig.from_profile("paper"), offline) == []
+
+    assert main(["weights", "download", "--clip", "ViT-B-16:no-such-tag", "--to", str(tmp_path / "w")]) == 1
+    err = capsys.readouterr().err
+    assert "no-such-tag" in err and "openai" in err and "Traceback" not in err
 
 
 def test_download_of_a_profile_without_pretrained_weights_fetches_nothing(tmp_path, capsys):

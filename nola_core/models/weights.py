@@ -14,9 +14,10 @@ checked against the manifest; a model it does not hold is fetched as usual.
 
 The fetch is open_clip's and timm's own: `open_clip.pretrained.download_pretrained` on the tag's
 pretrained config, and timm's source resolution (`_resolve_pretrained_source`, as its
-`load_pretrained` does) with its hub or URL download. Both libraries honour a config whose
-`file` names a local file; given one, the fetch copies that file (how the tests write a folder
-offline, through the same code).
+`load_pretrained` does) with its hub or URL download, into the libraries' usual caches (a model
+already cached is not downloaded again), then copied into the folder. Both libraries honour a
+config whose `file` names a local file; given one, the fetch copies that file (how the tests
+write a folder offline, through the same code).
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -151,11 +151,11 @@ def dino_source(name: str) -> dict[str, Any]:
     return cfg.to_dict()
 
 
-def fetch_clip(cfg: Mapping[str, Any], cache_dir: str) -> tuple[str, str]:
+def fetch_clip(cfg: Mapping[str, Any]) -> tuple[str, str]:
     """(local file, where it came from) for an open_clip pretrained config, by open_clip's download."""
     from open_clip import pretrained
 
-    path = pretrained.download_pretrained(dict(cfg), cache_dir=cache_dir)
+    path = pretrained.download_pretrained(dict(cfg))
     if not path:
         raise WeightsUnavailableError(f"open_clip found nothing to download in {dict(cfg)}")
     if cfg.get("file"):
@@ -165,7 +165,7 @@ def fetch_clip(cfg: Mapping[str, Any], cache_dir: str) -> tuple[str, str]:
     return path, cfg.get("url", "")
 
 
-def fetch_dino(cfg: Mapping[str, Any], cache_dir: str) -> tuple[str, str]:
+def fetch_dino(cfg: Mapping[str, Any]) -> tuple[str, str]:
     """(local file, where it came from) for a timm pretrained config, resolved as timm's
     `load_pretrained` does: a file, else the Hugging Face hub (safetensors first), else the URL."""
     from huggingface_hub.errors import RemoteEntryNotFoundError
@@ -176,12 +176,12 @@ def fetch_dino(cfg: Mapping[str, Any], cache_dir: str) -> tuple[str, str]:
     if load_from == "file":
         return location, location
     if load_from == "url":
-        return download_cached_file(location, check_hash=True, cache_dir=cache_dir), location
+        return download_cached_file(location, check_hash=True), location
     if load_from == "hf-hub":
         repo, filename = location if isinstance(location, (tuple, list)) else (location, HF_WEIGHTS_NAME)
         for name in (*_get_safe_alternatives(filename), filename):
             try:
-                return download_from_hf(repo, name, cache_dir=cache_dir), f"hf-hub:{repo}/{name}"
+                return download_from_hf(repo, name), f"hf-hub:{repo}/{name}"
             except RemoteEntryNotFoundError:  # not in the repository: the next name
                 continue
         raise WeightsUnavailableError(f"no weights file in the Hugging Face repository {repo}")
@@ -208,33 +208,26 @@ def dino_request(name: str, cfg: Mapping[str, Any] | None = None) -> WeightsRequ
 
 
 def download_weights(folder: str | Path, requests: Iterable[WeightsRequest], log=print) -> list[WeightsEntry]:
-    """Fetch every request into `folder` and record it in the manifest (entries of other models
-    kept, the same model replaced). Downloads go to a temporary cache inside `folder` and are moved
-    into place; a local `file` source is copied, never moved."""
+    """Fetch every request (into the libraries' caches) and copy it into `folder`, recorded in the
+    manifest (entries of other models kept, the same model replaced)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     entries = {e.key: e for e in (read_manifest(folder) if (folder / MANIFEST).is_file() else [])}
     written = []
-    with tempfile.TemporaryDirectory(prefix=".download-", dir=folder) as cache_dir:
-        for request in requests:
-            fetch = fetch_clip if request.kind == "clip" else fetch_dino
-            fetched, source = fetch(request.cfg, cache_dir)
-            parts = [request.kind, request.name] + ([request.tag] if request.tag is not None else [])
-            relative = Path(*parts) / os.path.basename(fetched)  # before resolving: a hub blob is named by its hash
-            fetched = os.path.realpath(fetched)  # the hub cache links snapshots to blobs
-            target = folder / relative
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if Path(fetched).is_relative_to(os.path.realpath(cache_dir)):
-                os.replace(fetched, target)
-            else:
-                shutil.copyfile(fetched, target)
-            entry = WeightsEntry(request.kind, request.name, request.tag, relative.as_posix(), file_sha256(target),
-                                 target.stat().st_size, source)
-            entries[entry.key] = entry
-            written.append(entry)
-            _write_manifest(folder, entries.values())  # after each file: an interrupted download keeps the others
-            log(f"{entry.kind} {entry.name}{':' + entry.tag if entry.tag else ''}: {relative} "
-                f"({entry.size / 2**20:.1f} MiB, sha256 {entry.sha256[:12]}) from {source}")
+    for request in requests:
+        fetched, source = (fetch_clip if request.kind == "clip" else fetch_dino)(request.cfg)
+        parts = [request.kind, request.name] + ([request.tag] if request.tag is not None else [])
+        relative = Path(*parts) / os.path.basename(fetched)  # the snapshot's name: a hub blob is named by its hash
+        target = folder / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(os.path.realpath(fetched), target)
+        entry = WeightsEntry(request.kind, request.name, request.tag, relative.as_posix(), file_sha256(target),
+                             target.stat().st_size, source)
+        entries[entry.key] = entry
+        written.append(entry)
+        _write_manifest(folder, entries.values())  # after each file: an interrupted download keeps the others
+        log(f"{entry.kind} {entry.name}{':' + entry.tag if entry.tag else ''}: {relative} "
+            f"({entry.size / 2**20:.1f} MiB, sha256 {entry.sha256[:12]}) from {source}")
     return written
 
 
