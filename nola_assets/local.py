@@ -6,8 +6,8 @@ SQLite storage, so `dagster dev` on the same home shows every run and materializ
 `dagster.yaml`, written once if missing, limits every concurrency pool, and so the `gpu` pool of
 the GPU-bound assets, to one step at a time.
 
-Runs here are processes on this machine that nothing monitors (the default run launcher cannot
-check a run worker's health): a killed `nola run` would leave its run STARTED and its pool slot
+Runs here are processes on this machine whose health nothing monitors (the default run launcher
+cannot check a run worker's; the daemon of `nola dev` enforces only run time limits): a killed `nola run` would leave its run STARTED and its pool slot
 claimed forever. So `local_instance()` first fails every in-progress run none of whose processes
 is alive and frees its slots, and `materialize_dataset` waits for a free `gpu` slot before it
 starts, saying which run holds it, and stops cleanly on Ctrl-C or SIGTERM while it waits, before
@@ -54,6 +54,13 @@ concurrency:
     # set one pool alone: `dagster instance concurrency set gpu 2`.
     default_limit: 1
     granularity: op
+run_monitoring:
+  # Under `nola dev` (the daemon): a queued run past its `dagster/max_runtime` tag is failed and its
+  # pool slots freed free_slots_after_run_end_seconds later. A killed `nola run` is not seen here
+  # (no worker health check with the default launcher): the next nola command fails it.
+  enabled: true
+  poll_interval_seconds: 30
+  free_slots_after_run_end_seconds: 60
 """
 
 

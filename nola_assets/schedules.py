@@ -32,6 +32,7 @@ from nola_assets.assets import NOLA_ASSETS
 from nola_assets.export_assets import EXPORT_ASSETS
 from nola_assets.method_assets import METHOD_ASSETS
 from nola_assets.partitions import DATASETS
+from nola_assets.run_limits import max_runtime_tags
 from nola_assets.sensors import nola_job
 
 DATA_VERSION_TAG = "dagster/data_version"
@@ -105,7 +106,8 @@ def refresh_requests(instance: DagsterInstance, assets: Sequence[AssetsDefinitio
         stale = stale_assets(instance, assets, name)
         if stale:
             requests.append(RunRequest(run_key=f"{name}:refresh:{stamp}", partition_key=name, asset_selection=stale,
-                                       tags={"nola/dataset": name, "nola/stale": str(len(stale))}))
+                                       tags={"nola/dataset": name, "nola/stale": str(len(stale)),
+                                             **max_runtime_tags(assets, stale)}))
     return requests
 
 

@@ -18,7 +18,8 @@ never opens an image (hashing and decoding happen in the run's `dataset_manifest
 With no cursor entry (first tick, or after a cursor reset) an existing partition whose files
 match the sizes and mtimes its last manifest recorded is taken as done, so `dagster dev` after
 `nola demo` requests nothing until files change. At most one run per partition runs at a time:
-the instance files limit the `dagster/partition` tag per unique value (deploy/README.md).
+the instance files limit the `dagster/partition` tag per unique value (deploy/README.md). Every
+run carries a `dagster/max_runtime` tag for what it materializes (nola_assets/run_limits.py).
 """
 
 
@@ -39,22 +40,26 @@ from dagster import (
 from nola_core.data import DatasetSpecError, is_image_path, load_dataset_spec
 
 from nola_assets.artifacts import ArtifactStore
-from nola_assets.assets import IMAGE_DEPENDENT_ASSETS
+from nola_assets.assets import IMAGE_DEPENDENT_ASSETS, NOLA_ASSETS
 from nola_assets.datasets import UNLABELED_TABLE, FileState, folder_state, stat_walk
 from nola_assets.export_assets import EXPORT_ASSETS
 from nola_assets.method_assets import METHOD_ASSETS
 from nola_assets.partitions import DATASETS, datasets_partitions
 from nola_assets.preflight_asset import preflight
 from nola_assets.resources import DatasetsResource
+from nola_assets.run_limits import max_runtime_tags
 
 QUIET_SECONDS = 60.0  # DatasetsResource.sensor_quiet_seconds
 TICK_BUDGET_SECONDS = 20.0  # DatasetsResource.sensor_tick_budget_seconds; Dagster cuts a tick at 60 s
 READY_MARKER = ".ready"
 
+JOB_ASSETS = [preflight, *NOLA_ASSETS, *METHOD_ASSETS, *EXPORT_ASSETS]  # what nola_job's runs may materialize
+
 nola_job = define_asset_job(
     "nola_job",
     selection=AssetSelection.all(),
     description="Every NoLA asset (and its checks) for one dataset partition.",
+    tags=max_runtime_tags(JOB_ASSETS),  # NOLA_MAX_RUNTIME_SECONDS_* read when the code location loads
 )
 
 # The preflight, then everything downstream of the images: the NoLA stages, the other methods and the export.
@@ -116,7 +121,8 @@ def build_unlabeled_images_sensor(name: str = "unlabeled_images_sensor", clock: 
                 partition_key=name,
                 asset_selection=RERUN_ON_NEW_IMAGES if has_manifest else None,
                 tags={"nola/dataset": name, "nola/change": str(entry["changes"]),
-                      "nola/images": str(sum(is_image_path(path) for path, _, _ in files))},
+                      "nola/images": str(sum(is_image_path(path) for path, _, _ in files)),
+                      **max_runtime_tags(JOB_ASSETS, RERUN_ON_NEW_IMAGES if has_manifest else None)},
             ))
         context.log.info(
             f"walked {walked} of {len(order)} dataset folder(s) ({files_statted} files) in "
