@@ -7,8 +7,8 @@ SQLite storage, so `dagster dev` on the same home shows every run and materializ
 the GPU-bound assets, to one step at a time.
 
 Runs here are processes on this machine whose health nothing monitors (the default run launcher
-cannot check a run worker's; the daemon of `nola dev` enforces only run time limits): a killed `nola run` would leave its run STARTED and its pool slot
-claimed forever. So `local_instance()` first fails every in-progress run none of whose processes
+cannot check a run worker's; the daemon of `nola dev` enforces only run time limits): a killed
+`nola run` would leave its run STARTED and its pool slot claimed forever. So `local_instance()` first fails every in-progress run none of whose processes
 is alive and frees its slots, and `materialize_dataset` waits for a free `gpu` slot before it
 starts, saying which run holds it, and stops cleanly on Ctrl-C or SIGTERM while it waits, before
 the run or inside it (`execute_interruptibly`).
