@@ -16,8 +16,8 @@ MINI_DEMO_DATASET = "fashion_textured_small"
 MINI_SOURCE_DATASET = "fashion_source_small"
 MINI_WORLD_NOTE = (
     "NOTE: mini world: a small CLIP and DINO trained by this project on Fashion-MNIST "
-    "(docs/mini_world.md), adapted to a shifted domain made from its test split. The gains are "
-    "real for this miniature, but these are not the papers' numbers."
+    "(docs/mini_world.md), adapted to a shifted domain made from its test split. Every accuracy "
+    "above is a real measurement of this miniature (gains and losses alike), not the papers' numbers."
 )
 
 
