@@ -77,7 +77,8 @@ class ComputeResource(EnvSettings):
 
     device: Optional[str] = Field(default=None, description="auto | cpu | cuda | cuda:N (env NOLA_DEVICE; default auto)")
     precision: Optional[str] = Field(
-        default=None, description="auto | fp32 | bf16 | fp16 (env NOLA_PRECISION; auto = bf16 on CUDA, fp32 on CPU)"
+        default=None, description="auto | fp32 | bf16 | fp16 (env NOLA_PRECISION; auto = bf16 on CUDA and, for feature "
+        "extraction, on CPUs with native bf16; fp32 otherwise)"
     )
     batch_size: Optional[int] = Field(default=None, description="feature-extraction batch (env NOLA_BATCH_SIZE; default 128)")
     num_workers: Optional[int] = Field(
