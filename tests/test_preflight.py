@@ -86,6 +86,7 @@ def test_the_dagster_graph_fails_at_the_preflight_step_and_runs_nothing_after_it
                          resources=resources, raise_on_error=False)
 
     assert not result.success
+    assert preflight_asset.op.pool is None  # never waits behind (or holds) the GPU slot
     [failure] = result.get_step_failure_events()
     assert failure.step_key == "preflight"
     message = failure.step_failure_data.error.message
