@@ -133,3 +133,22 @@ def test_download_of_a_profile_without_pretrained_weights_fetches_nothing(tmp_pa
     assert main(["weights", "download", "--profile", "mini", "--to", str(tmp_path / "w")]) == 0
     assert "nothing to download" in capsys.readouterr().out
     assert not (tmp_path / "w").exists()
+
+
+def test_a_tag_trained_with_quick_gelu_loads_with_quick_gelu(tmp_path, monkeypatch):
+    """OpenAI's CLIP weights were trained with QuickGELU, which open_clip's `ViT-B-16` config does
+    not use (it only warns): a model loaded by such a tag must run QuickGELU, and its cache key
+    must say so. The tag is declared the way open_clip declares `openai` (its pretrained table)."""
+    import open_clip
+    from open_clip.transformer import QuickGELU
+
+    assert ModelConfig.from_profile("paper").clip_quick_gelu  # ViT-B-16 / openai, by open_clip's own table
+    assert not ModelConfig(clip_name="ViT-B-32", clip_pretrained="laion2b_s34b_b79k").clip_quick_gelu
+    monkeypatch.setitem(open_clip.pretrained._PRETRAINED, MINI_CLIP_NAME,
+                        {TAG: open_clip.pretrained._pcfg(quick_gelu=True)})
+    _write_mini_folder(tmp_path / "weights")
+    config = _by_folder(tmp_path / "weights")
+    activations = {type(m) for m in load_clip(config).model.visual.modules()}
+    assert QuickGELU in activations and torch.nn.GELU not in activations
+    assert config.clip_identity()["clip_quick_gelu"] == "True"
+    assert ModelConfig.from_profile("mini").clip_identity()["clip_quick_gelu"] == "False"

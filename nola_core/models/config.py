@@ -70,7 +70,19 @@ class ModelConfig:
             "clip_name": self.clip_name,
             "clip_weights": _weights_identity(self.clip_checkpoint, self.clip_checkpoint_sha256,
                                               self.clip_pretrained, self.init_seed),
+            "clip_quick_gelu": str(self.clip_quick_gelu),
         }
+
+    @property
+    def clip_quick_gelu(self) -> bool:
+        """Whether the CLIP tower runs QuickGELU: what its pretrained tag was trained with
+        (open_clip's tag config; OpenAI's weights), which open_clip only warns about when the
+        architecture's config says GELU. A checkpoint file keeps its architecture's activation."""
+        if self.clip_checkpoint is not None or self.clip_pretrained is None:
+            return False
+        from open_clip.pretrained import get_pretrained_cfg
+
+        return bool(get_pretrained_cfg(self.clip_name, self.clip_pretrained).get("quick_gelu", False))
 
     def dino_identity(self) -> dict[str, str]:
         tag = "pretrained" if self.dino_pretrained else None

@@ -103,7 +103,8 @@ def load_clip(config: ModelConfig, device: torch.device | str = "cpu") -> ClipMo
     with _seeded_init(config.init_seed):
         try:
             model = open_clip.create_model(config.clip_name, pretrained=weights, device=device,
-                                           force_preprocess_cfg=preprocess)
+                                           force_preprocess_cfg=preprocess,
+                                           force_quick_gelu=config.clip_quick_gelu)
         except (RuntimeError, OSError, pickle.UnpicklingError) as error:
             if unsafe := _unsafe_checkpoint(error, file):
                 raise unsafe from error
