@@ -1,6 +1,6 @@
 """The papers' table in miniature: every method on every mini-world target domain.
 
-    python -m nola_core.mini.table [--domains-dir DIR] [--per-class 100] [--seeds 0 1 2]
+    python -m nola_core.mini.table [--domains-dir DIR] [--per-class 30] [--seeds 0 1 2]
                                    [--out docs/mini_results.md]
 
 Zero-shot, CDE, the DL network (NoLA's alignment stage), LaFTer, LatteCLIP (class texts only:
@@ -10,7 +10,8 @@ Fashion-MNIST when missing), plus the source-domain zero-shot that shows the gap
 over seeds of transductive and held-out top-1, written as Markdown and as JSON beside it,
 with the wall time it took. The methods run as the code is (nola_core.methods.compare):
 rerun the command after changing a method. Epochs are scaled down (flags below) so the table
-finishes on two CPU cores; they are not tuned on these labels.
+finishes on two CPU cores (the defaults: about 12 minutes on a loaded 2-core Xeon, see
+docs/mini_results.md); they are not tuned on these labels.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import dataclasses
 import json
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -77,6 +79,17 @@ def _rows(evaluation, domain: str) -> list[dict]:
     return rows
 
 
+def cpu_name() -> str:
+    """The CPU model (/proc/cpuinfo on Linux), for the timing line."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _cell(summary: dict) -> str:
     if summary["mean"] is None:
         return "–"
@@ -92,8 +105,12 @@ def markdown(result: dict) -> str:
         "here: the paper's T_class-only ablation).", "",
         f"- source-domain zero-shot (clean Fashion-MNIST test images): "
         f"{_cell(result['source_zero_shot'][TRANSDUCTIVE])} % on {result['source_images']} images",
-        f"- settings: {json.dumps(result['settings'])}",
+        f"- command: `{result['command']}`; settings: {json.dumps(result['settings'])}",
         f"- wall time: {result['wall_s']:.0f} s on {result['cpu']} ({result['threads']} threads)", "",
+        "Read with docs/mini_world.md (section Measured): with the shipped mini DINO, barely trained, the "
+        "DL network's features do not separate the shifted classes, so the DL network and NoLA (which "
+        "takes its pseudo-labels) fall below zero-shot; LatteCLIP at the paper's learning rate (1e-7) "
+        "hardly moves a model trained at 1e-3.", "",
         "| domain | method | transductive | held-out |", "|---|---|---|---|",
     ]
     for row in result["rows"]:
@@ -104,15 +121,15 @@ def markdown(result: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--domains-dir", type=Path, default=Path("mini_domains"))
-    parser.add_argument("--per-class", type=int, default=100, help="unlabeled images per class (new domains)")
-    parser.add_argument("--held-out-per-class", type=int, default=20)
+    parser.add_argument("--per-class", type=int, default=30, help="unlabeled images per class (new domains)")
+    parser.add_argument("--held-out-per-class", type=int, default=10)
     parser.add_argument("--domains", nargs="+", default=list(SHIFTS), choices=list(SHIFTS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--alignment-epochs", type=int, default=AlignmentConfig.epochs)
-    parser.add_argument("--tuning-epochs", type=int, default=10, help="NoLA and LaFTer prompt-tuning epochs")
-    parser.add_argument("--latteclip-epochs", type=int, default=10)
+    parser.add_argument("--tuning-epochs", type=int, default=5, help="NoLA and LaFTer prompt-tuning epochs")
+    parser.add_argument("--latteclip-epochs", type=int, default=5)
     parser.add_argument("--out", type=Path, default=REPO_DOCS / "mini_results.md")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="1: on a shared 2-core machine, 2 were slower")
     args = parser.parse_args(argv)
 
     import torch
@@ -143,8 +160,9 @@ def main(argv: list[str] | None = None) -> None:
         "settings": {"seeds": args.seeds, "per_class": args.per_class, "held_out_per_class": args.held_out_per_class,
                      "alignment_epochs": args.alignment_epochs, "tuning_epochs": args.tuning_epochs,
                      "latteclip_epochs": args.latteclip_epochs},
-        "wall_s": time.perf_counter() - started, "cpu": platform.processor() or platform.machine(),
+        "wall_s": time.perf_counter() - started, "cpu": cpu_name(),
         "threads": args.threads,
+        "command": " ".join(["python -m nola_core.mini.table", *(sys.argv[1:] if argv is None else argv)]),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(markdown(result), encoding="utf-8")
