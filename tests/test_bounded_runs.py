@@ -1,11 +1,16 @@
 """Bounded runs: a run past its `dagster/max_runtime` is failed by Dagster's own run monitoring and
 its `gpu` slot freed; every instance file enables monitoring; every Kubernetes run pod has a
-deadline; the tag is the sum of the run's asset groups' limits, each overridable by environment."""
+deadline; the tag is the sum of the run's asset groups' limits, each overridable by environment;
+a SIGKILLed `nola run` wedges nothing and its rerun resumes prompt tuning."""
 
 import logging
+import subprocess
+import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import yaml
 from dagster import DagsterEventType, DagsterRunStatus
 from dagster._core.events import DagsterEvent
@@ -97,3 +102,63 @@ def test_sensor_runs_carry_the_max_runtime_of_what_they_materialize(tmp_path, mo
     assert request.asset_selection is None  # the whole graph: every group's limit, prompt tuning's from the environment
     expected = int(nola_job.tags[MAX_RUNTIME_SECONDS_TAG]) - MAX_RUNTIME_SECONDS["prompt_tuning"] + 60
     assert int(request.tags[MAX_RUNTIME_SECONDS_TAG]) == expected
+
+
+@pytest.mark.slow
+def test_a_sigkilled_nola_run_leaves_no_claimed_slot_and_the_rerun_resumes_prompt_tuning(tmp_path, monkeypatch, caplog):
+    """`nola run` SIGKILLed once prompt tuning saved an epoch: its run stays STARTED holding the
+    `gpu` slot, until the next `nola run` fails it (its process is gone) and frees the slot; that
+    run completes, resuming prompt tuning after the saved epoch, and leaves no slot claimed."""
+    from dagster import DagsterInstance, RunsFilter
+
+    from assets_helpers import copy_demo
+    from nola_assets.assets import RESUME_DIR
+    from nola_assets.cli import main
+    from nola_core.tuning import RESUME_FILE
+
+    for name, value in {"DAGSTER_HOME": tmp_path / ".dagster_home", "NOLA_DATA_ROOT": tmp_path / "data",
+                        "NOLA_ARTIFACT_ROOT": tmp_path / "artifacts", "NOLA_NUM_WORKERS": 0,
+                        "OMP_NUM_THREADS": 1, "HF_HUB_OFFLINE": 1}.items():
+        monkeypatch.setenv(name, str(value))
+    monkeypatch.chdir(tmp_path)
+    dataset = copy_demo(tmp_path / "data", "fashion_mini", labeled=False)
+    command = ["run", str(dataset), "--profile", "tiny", "--tuning-epochs", str(KILLED_RUN_EPOCHS),
+               "--alignment-epochs", "2"]
+    child = subprocess.Popen([sys.executable, "-c", "import sys; from nola_assets.cli import main; sys.exit(main(sys.argv[1:]))",
+                              *command], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    saved = None
+    deadline = time.monotonic() + 240
+    while saved is None and child.poll() is None and time.monotonic() < deadline:
+        saved = _saved_epoch(tmp_path / "artifacts" / "fashion_mini" / "prompt_tuned_encoder", RESUME_DIR, RESUME_FILE)
+        time.sleep(0.05)
+    child.kill()
+    child.wait()
+    assert saved is not None and 1 <= saved < KILLED_RUN_EPOCHS, "prompt tuning saved no epoch before the kill"
+
+    instance = DagsterInstance.from_config(str(tmp_path / ".dagster_home"))
+    [killed] = instance.get_runs(RunsFilter(statuses=[DagsterRunStatus.STARTED]))
+    assert instance.event_log_storage.get_concurrency_info(GPU_POOL).active_slot_count == 1  # wedged
+
+    with caplog.at_level(logging.INFO, logger="nola_core.tuning"):
+        assert main(command) == 0
+    resumed = [int(line.split("resuming after epoch ")[1].split("/")[0]) for line in caplog.messages
+               if "resuming after epoch" in line]
+    assert resumed and resumed[0] >= saved  # from its last saved epoch (a later save may have landed before the kill)
+    assert instance.get_run_by_id(killed.run_id).status == DagsterRunStatus.FAILURE
+    assert not instance.get_runs(RunsFilter(statuses=[DagsterRunStatus.STARTED]))
+    assert instance.event_log_storage.get_concurrency_info(GPU_POOL).active_slot_count == 0
+
+
+KILLED_RUN_EPOCHS = 4
+
+
+def _saved_epoch(asset_folder: Path, resume_dir: str, resume_file: str) -> int | None:
+    """The epoch prompt tuning's resume file holds, if it has saved one."""
+    import torch
+
+    for path in asset_folder.glob(f"*/{resume_dir}/{resume_file}"):
+        try:
+            return int(torch.load(path, weights_only=True)["epoch"])
+        except (OSError, RuntimeError, EOFError):  # removed or replaced while read
+            return None
+    return None
