@@ -80,10 +80,17 @@ class FeatureConfig:
     compile_min_images: int = 2048
     """Calls with fewer images run eagerly even with `compile` (an incremental update of a few
     images must not pay a compilation)."""
+    backend: str = "torch"
+    """torch | openvino | onnxruntime (CPU only, opt-in; `pip install 'nola[peers]'`): `encode`
+    is exported to ONNX (fp32) once per call and run by that runtime, OpenVINO with its inference
+    precision set to the resolved `precision` (onnxruntime: fp32 only). Features stay within the
+    bf16 bound of torch fp32 (tests/test_precision_auto.py); speeds: BENCHMARKS.md, "Peers"."""
 
     def resolved_precision(self, device: torch.device) -> str:
-        """The precision extraction runs at on `device` (`auto` resolved): what artifact keys hold."""
-        return resolve_precision(device, self.precision, extraction=True)
+        """The precision extraction runs at on `device` (`auto` resolved): what artifact keys hold
+        (with the backend named when it is not torch, since its numbers differ)."""
+        precision = resolve_precision(device, self.precision, extraction=True)
+        return precision if self.backend == "torch" else f"{self.backend}-{precision}"
 
 
 @dataclass(frozen=True)
@@ -161,10 +168,14 @@ def extract_features(
     with contextlib.ExitStack() as stack:
         writer = stack.enter_context(FeatureTableWriter(output, dtype)) if output is not None else None
         stack.enter_context(cpu_thread_budget(device, workers))
-        stack.enter_context(reduced_precision(module, device, config.resolved_precision(device),
-                                              config.fused_attention, config.precast_weights))
-        wanted = config.compile and len(records) >= config.compile_min_images
-        run = _compiled(encode, module, stack) if wanted else encode
+        precision = resolve_precision(device, config.precision, extraction=True)
+        if config.backend != "torch":
+            run = _RuntimeEncoder(encode, module, config.backend, precision, device)
+        else:
+            stack.enter_context(reduced_precision(module, device, precision, config.fused_attention,
+                                                  config.precast_weights))
+            wanted = config.compile and len(records) >= config.compile_min_images
+            run = _compiled(encode, module, stack) if wanted else encode
         for images, indices, batch_failed in loader:
             failed.extend(batch_failed)
             done += len(indices) + len(batch_failed)
@@ -200,6 +211,59 @@ def extract_features(
         features=features,
         failed=tuple(records[i].image_id for i in failed),
     )
+
+
+class _RuntimeEncoder:
+    """`encode` exported to ONNX (fp32, dynamic batch) at its first batch and run by ONNX Runtime
+    or OpenVINO on the CPU (`FeatureConfig.backend`)."""
+
+    def __init__(self, encode: Callable, module: nn.Module | None, backend: str, precision: str, device: torch.device):
+        if backend not in ("openvino", "onnxruntime"):
+            raise ValueError(f"unknown backend {backend!r}; choose torch, openvino or onnxruntime")
+        if device.type != "cpu":
+            raise ValueError(f"backend {backend!r} runs on the CPU only, not {device}")
+        if backend == "onnxruntime" and precision != "fp32":
+            raise ValueError("backend 'onnxruntime' runs fp32 only: set precision='fp32'")
+        self.encode, self.module, self.backend, self.precision = encode, module, backend, precision
+        self.session: Callable[[np.ndarray], np.ndarray] | None = None
+
+    def _export(self, example: torch.Tensor) -> Callable[[np.ndarray], np.ndarray]:
+        import tempfile
+        import warnings
+
+        from nola_core.acceleration import fused_attention
+
+        class Encode(nn.Module):
+            def __init__(self, encode, module):
+                super().__init__()
+                self.module, self.run = module, encode
+
+            def forward(self, images):
+                return self.run(images)
+
+        with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings
+            path = Path(folder) / "encode.onnx"
+            with torch.autocast("cpu", enabled=False), (
+                    fused_attention(self.module) if self.module is not None else contextlib.nullcontext()):
+                torch.onnx.export(Encode(self.encode, self.module), (example[:1].float(),), str(path), dynamo=False,
+                                  opset_version=17, input_names=["images"], output_names=["features"],
+                                  dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}})
+            if self.backend == "onnxruntime":
+                import onnxruntime
+
+                session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+                return lambda images: session.run(None, {"images": images})[0]
+            import openvino
+
+            hint = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}[self.precision]
+            compiled = openvino.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": hint})
+            return lambda images: compiled(images)[0]
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if self.session is None:
+            self.session = self._export(images)
+        return torch.from_numpy(np.asarray(self.session(images.float().numpy()), dtype=np.float32))
 
 
 def _compiled(encode: Callable, module: nn.Module | None, stack: contextlib.ExitStack) -> Callable:

@@ -81,3 +81,17 @@ def test_bf16_keeps_the_mini_zero_shot_predictions(mini_domain):
     full, reduced = (_features(clip, spec.root, records, p) for p in ("fp32", "bf16"))
     same = (full @ classifier.T).argmax(1) == (reduced @ classifier.T).argmax(1)
     assert same.float().mean() >= ZERO_SHOT_AGREEMENT
+
+
+@pytest.mark.parametrize("backend, precision", [("openvino", "bf16"), ("openvino", "fp32"), ("onnxruntime", "fp32")])
+def test_peer_backends_stay_within_the_bound(mini_domain, backend, precision):
+    """The opt-in ONNX Runtime / OpenVINO extraction (`FeatureConfig.backend`) against torch fp32."""
+    pytest.importorskip(backend, reason=f"{backend} is not installed (pip install 'nola[peers]')")
+    spec, records = mini_domain
+    clip = load_clip(ModelConfig.from_profile("mini"))
+    full = _features(clip, spec.root, records[:32], "fp32")
+    config = FeatureConfig(batch_size=16, num_workers=0, precision=precision, backend=backend)
+    table = image_features(clip, spec.root, records[:32], config, CPU)
+    cosine = F.cosine_similarity(full, table.features.float())
+    assert cosine.min() >= BF16_FEATURE_MIN_COSINE and cosine.mean() >= BF16_FEATURE_MEAN_COSINE
+    assert config.resolved_precision(CPU) == f"{backend}-{precision}"  # keys tell the backend apart
