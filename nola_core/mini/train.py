@@ -360,7 +360,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dino-lr", type=float, default=5e-4, help="per 256 images")
     parser.add_argument("--dino-local-crops", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="1: on a shared 2-core machine, 2 were 2-3x slower")
     parser.add_argument("--only", choices=["clip", "dino", "report"], default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
