@@ -14,8 +14,12 @@ workers; ours: `pipeline.image_features` with workers, batching and reduced prec
 prompt-tuning steps (naive: fp32, MHA's own path, no workers; ours: bf16 autocast with fused
 attention and pre-cast frozen weights, workers; and ours with fixed pseudo-labels), peak memory
 per phase, matmul throughput and the compute-bound limit of a ViT-B/16 forward (35.1 GFLOPs
-per 224 px image), the end-to-end `run_nola` time, and the cost of adding 1 % new images.
-These are measurements, not tests: nothing here asserts a speed.
+per 224 px image), the end-to-end `run_nola` time, the cost of adding 1 % new images, the
+CLIP image tower's forward under ONNX Runtime and OpenVINO beside torch's (peers: same batch,
+interleaved rounds, cosine to torch fp32; skipped with the reason when a peer is not installed,
+`pip install 'nola[peers]'`), and the projected wall time of a full NoLA run per 1,000 images
+at the paper's settings, by stage (`cost_projection`). `--size small` runs the paper's models
+on 192 images (minutes). These are measurements, not tests: nothing here asserts a speed.
 """
 
 from __future__ import annotations
@@ -50,12 +54,20 @@ class Size:
     end_to_end_images: int
     end_to_end_epochs: tuple[int, int] | None  # (alignment, tuning); None = the paper's 50 / 50
     matmul_seconds: float
+    alignment_images: int = 1000  # the cost projection's alignment stage is measured at this N
 
 
 SIZES = {
     "full": Size("paper", 960, 128, 2, 200, None, 1.5),
-    "tiny": Size("tiny", 100, 32, 1, 40, (5, 1), 0.2),
+    "small": Size("paper", 192, 32, 1, 40, (5, 1), 0.6),  # the paper's models in a few minutes
+    "tiny": Size("tiny", 100, 32, 1, 40, (5, 1), 0.2, alignment_images=100),
 }
+PEER_BATCH = 16
+"""Images per forward in the peers comparison (one preprocessed batch, shared by every runtime)."""
+PEER_ROUNDS = 4
+"""Rounds of the peers comparison; each round times every variant once, in turn (A B C A B C)."""
+COST_IMAGES = 1000
+"""The cost projection is stated per this many images."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -359,6 +371,130 @@ def phase_end_to_end(options, size: Size, device) -> dict:
             "peak_memory": _peak_memory(device)}
 
 
+def _peer_sessions(onnx_path: Path) -> tuple[dict, dict]:
+    """{variant: run(batch ndarray) -> ndarray} for the installed peers; {variant: why skipped}."""
+    runners, skipped = {}, {}
+    try:
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        runners["onnxruntime_fp32"] = lambda x, session=session: session.run(None, {"images": x})[0]
+    except ImportError:
+        skipped["onnxruntime_fp32"] = "onnxruntime is not installed (pip install 'nola[peers]')"
+    try:
+        import openvino
+
+        core = openvino.Core()
+        for name, hint in (("fp32", "f32"), ("bf16", "bf16")):
+            if name == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+                skipped["openvino_bf16"] = "OpenVINO reports no bf16 on this CPU"
+                continue
+            compiled = core.compile_model(str(onnx_path), "CPU", {"INFERENCE_PRECISION_HINT": hint})
+            runners[f"openvino_{name}"] = lambda x, compiled=compiled: compiled(x)[0]
+    except ImportError:
+        skipped["openvino_fp32"] = skipped["openvino_bf16"] = "openvino is not installed (pip install 'nola[peers]')"
+    return runners, skipped
+
+
+def phase_peers(options, size: Size, device) -> dict:
+    """The CLIP image tower's forward under torch (fp32; ours: `acceleration.reduced_precision`,
+    eager) and under ONNX Runtime and OpenVINO, on one batch of real preprocessed images, timed
+    in interleaved rounds so the machine's load falls on every variant alike; agreement: per-image
+    cosine of each output to torch fp32's."""
+    import statistics
+    import warnings
+
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from nola_core.acceleration import fused_attention, reduced_precision
+    from nola_core.data import eval_transform, load_rgb
+
+    if device.type != "cpu":
+        return {"skipped": "the peers comparison runs on the CPU only (TensorRT is not wired in)"}
+    _, clip, _ = _models(size, device)
+    tower = clip.visual.eval()
+    transform = eval_transform(clip.preprocess)
+    images = torch.stack([transform(load_rgb(options.dataset / r.path)) for r in _records(options.dataset, PEER_BATCH)])
+    onnx_path = options.work / "clip_visual.onnx"
+    with warnings.catch_warnings(), torch.no_grad(), fused_attention(tower):  # MHA's fused kernel has no ONNX op
+        warnings.simplefilter("ignore")
+        torch.onnx.export(tower, (images[:1],), str(onnx_path), dynamo=False, opset_version=17,
+                          input_names=["images"], output_names=["features"],
+                          dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}})
+    runners, skipped = _peer_sessions(onnx_path)
+    batch = images.numpy()
+
+    def torch_fp32(_):
+        with torch.inference_mode():
+            return tower(images).numpy()
+
+    def torch_ours(_):
+        with torch.inference_mode(), reduced_precision(tower, device, options.precision):
+            return tower(images).float().numpy()
+
+    variants = {"torch_fp32": torch_fp32, f"torch_ours_{options.precision}": torch_ours, **runners}
+    outputs = {name: np.asarray(run(batch), dtype=np.float32) for name, run in variants.items()}  # warm-up
+    seconds = {name: [] for name in variants}
+    load = [os.getloadavg()[0]]
+    with Timer() as timer:
+        for _ in range(PEER_ROUNDS):
+            for name, run in variants.items():
+                start = time.perf_counter()
+                run(batch)
+                seconds[name].append(time.perf_counter() - start)
+    load.append(os.getloadavg()[0])
+    reference = torch.from_numpy(outputs["torch_fp32"])
+    rows = {}
+    for name in variants:
+        cosine = F.cosine_similarity(torch.from_numpy(outputs[name]), reference)
+        median = statistics.median(seconds[name])
+        rows[name] = {"images_per_s": round(PEER_BATCH / median, 3), "seconds_per_batch": [round(t, 3) for t in seconds[name]],
+                      "min_cosine_to_torch_fp32": round(float(cosine.min()), 6),
+                      "mean_cosine_to_torch_fp32": round(float(cosine.mean()), 6)}
+    return {"batch": PEER_BATCH, "rounds": PEER_ROUNDS, "tower": "CLIP image tower (clip.visual)", "variants": rows,
+            "skipped": skipped, "load_average_1min": load,
+            "cpu_taken_by_other_processes": None if timer.other_load is None else round(timer.other_load, 3),
+            "versions": _peer_versions()}
+
+
+def _peer_versions() -> dict:
+    import importlib.metadata
+
+    versions = {}
+    for package in ("onnxruntime", "openvino"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions
+
+
+def phase_alignment(options, size: Size, device) -> dict:
+    """NoLA's stage between extraction and tuning at the paper's settings, on `size.alignment_images`:
+    CDE scores + top-k per class over CLIP features, then the DL network's 50 epochs on DINO
+    features (`pipeline.cde_pseudo_labels`, `alignment.train_alignment`). Features are random:
+    the cost depends on the shapes (ViT-B/16: 512 / 768 dims), not the values."""
+    import torch
+
+    from nola_core.alignment import AlignmentConfig, train_alignment
+    from nola_core.pipeline import cde_pseudo_labels
+
+    images = size.alignment_images
+    classes = min(options.cost_classes, images // 10)
+    generator = torch.Generator().manual_seed(0)
+    clip_features = torch.nn.functional.normalize(torch.randn(images, 512, generator=generator), dim=-1)
+    dino_features = torch.randn(images, 768, generator=generator)
+    cde = torch.nn.functional.normalize(torch.randn(classes, 512, generator=generator), dim=-1)
+    config = AlignmentConfig()
+    with Timer() as timer:
+        selection = cde_pseudo_labels(clip_features, cde, config)
+        train_alignment(dino_features, selection, config, device)
+    return {**_timed(timer.seconds, images, timer), "classes": classes, "k": selection.k,
+            "epochs": config.epochs, "selected": int(selection.indices.numel())}
+
+
 PHASES = {
     "matmul": phase_matmul,
     "naive_extraction": phase_naive_extraction,
@@ -368,6 +504,8 @@ PHASES = {
     "training": phase_training,
     "training_fixed": phase_training_fixed,
     "end_to_end": phase_end_to_end,
+    "peers": phase_peers,
+    "alignment": phase_alignment,
 }
 
 
@@ -428,16 +566,19 @@ def run_child(phase: str, options, work: Path) -> dict:
     if options.threads:
         command += ["--threads", str(options.threads)]
     command.append("--compile" if options.compile else "--no-compile")
+    command += ["--cost-classes", str(options.cost_classes)]
     environment = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join(
         [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]))
     waited = wait_for_quiet_cpu(options.wait_quiet) if options.wait_quiet else 0.0
     print(f"[benchmarks] {phase} ...", file=sys.stderr, flush=True)
+    load_before = os.getloadavg()[0]
     started = time.perf_counter()
     done = subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"benchmark phase {phase} failed:\n{done.stderr[-4000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
     result["waited_for_quiet_cpu_s"] = waited
+    result["load_average_1min_before_after"] = [load_before, os.getloadavg()[0]]
     print(f"[benchmarks] {phase} done in {time.perf_counter() - started:.0f}s", file=sys.stderr, flush=True)
     return result
 
@@ -501,7 +642,52 @@ def summarise(phases: dict, size: Size, options) -> dict:
         "extraction_at_least_80pct_of_compute_bound": all(f is not None and f >= 0.8 for f in fraction.values()),
         "incremental_1pct_at_most_2pct": cost is not None and cost <= 0.02,
     }
+    figures["peers"] = peers_summary(phases["peers"])
+    figures["cost"] = cost_projection(ours, fixed, phases["alignment"])
     return {"figures": figures, "targets": targets}
+
+
+def peers_summary(peers: dict) -> dict:
+    """The peers' rows, and how ours compares with the fastest peer within the agreement bound."""
+    from nola_core.acceleration import BF16_FEATURE_MIN_COSINE
+
+    if "skipped" in peers and "variants" not in peers:
+        return peers
+    variants = peers["variants"]
+    ours = next(name for name in variants if name.startswith("torch_ours"))
+    eligible = {name: row for name, row in variants.items() if not name.startswith("torch")
+                and row["min_cosine_to_torch_fp32"] >= BF16_FEATURE_MIN_COSINE}
+    best = max(eligible, key=lambda name: eligible[name]["images_per_s"], default=None)
+    return {**peers, "agreement_bound": BF16_FEATURE_MIN_COSINE, "fastest_peer_within_bound": best,
+            "ours_over_fastest_peer": _ratio(variants[ours]["images_per_s"], eligible[best]["images_per_s"]) if best else None}
+
+
+def cost_projection(extraction: dict, tuning: dict, alignment: dict) -> dict:
+    """Seconds for a full NoLA run on COST_IMAGES images at the paper's settings, by stage.
+
+    extraction = N / clip rate + N / dino rate (steady state; the one-time warm-up/compile is
+    added once); alignment = measured at `size.alignment_images` (1,000 unless tiny), scaled to N (CDE scores + top-k + the DL network's epochs; k grows
+    with N / classes, so it is linear in N above k_min); tuning = epochs x N / step rate (NoLA's
+    fixed pseudo-labels); evaluation = N / clip rate (the tuned encoder's pass over the images).
+    Scale linearly for other N.
+    """
+    from nola_core.pipeline import nola_tuning_config
+
+    n, epochs = COST_IMAGES, nola_tuning_config().epochs
+    stages = {
+        "extraction_clip": n / extraction["clip"]["images_per_s"],
+        "extraction_dino": n / extraction["dino"]["images_per_s"],
+        "warm_up_once": extraction["clip"]["warm_up_seconds"] + extraction["dino"]["warm_up_seconds"],
+        "top_k_and_dl_network": alignment["seconds"] * n / alignment["images"],
+        "tuning": epochs * n / tuning["images_per_s"],
+        "evaluation_tuned_encoder": n / extraction["clip"]["images_per_s"],
+    }
+    return {"images": n, "tuning_epochs": epochs, "classes": alignment["classes"], "k": alignment["k"],
+            "alignment_epochs": alignment["epochs"], "tuning_precision": tuning["config"]["precision"],
+            "seconds_by_stage": {k: round(v, 1) for k, v in stages.items()},
+            "total_seconds": round(sum(stages.values()), 1),
+            "alignment_measured_images": alignment["images"],
+            "formula": "N/clip_rate + N/dino_rate + warm-up + alignment(n)*N/n + epochs*N/tuning_rate + N/clip_rate"}
 
 
 def markdown_table(results: dict) -> str:
@@ -563,9 +749,45 @@ def markdown_table(results: dict) -> str:
     if others:
         lines.append(f"| CPU taken by other processes during the timed phases | "
                      f"{min(others):.0%} to {max(others):.0%} |")
+    lines += ["", *peers_table(f["peers"]), "", *cost_table(f["cost"])]
     lines += ["", "Targets: " + ", ".join(f"{name}: {'met' if ok else 'NOT met'}"
                                           for name, ok in results["targets"].items()) + "."]
     return "\n".join(lines)
+
+
+def peers_table(peers: dict) -> list[str]:
+    if "variants" not in peers:
+        return [f"Peers: skipped ({peers.get('skipped')})."]
+    load = peers["load_average_1min"]
+    lines = [f"Peers: the {peers['tower']} forward, batch {peers['batch']}, median of {peers['rounds']} interleaved "
+             f"rounds (load average {load[0]:.1f} -> {load[1]:.1f}; other processes took "
+             f"{peers['cpu_taken_by_other_processes']:.0%} of the CPU).", "",
+             "| runtime | images/s | min / mean cosine to torch fp32 |", "|---|---|---|"]
+    for name, row in peers["variants"].items():
+        lines.append(f"| {name} | {row['images_per_s']:.2f} | {row['min_cosine_to_torch_fp32']:.5f} / "
+                     f"{row['mean_cosine_to_torch_fp32']:.5f} |")
+    for name, why in peers["skipped"].items():
+        lines.append(f"| {name} | skipped: {why} | |")
+    if peers.get("fastest_peer_within_bound"):
+        lines += ["", f"Ours / fastest peer within the agreement bound (cosine >= {peers['agreement_bound']}, "
+                      f"{peers['fastest_peer_within_bound']}): {peers['ours_over_fastest_peer']:.2f}x."]
+    return lines
+
+
+def cost_table(cost: dict) -> list[str]:
+    stages = cost["seconds_by_stage"]
+    names = {"extraction_clip": "feature extraction, CLIP", "extraction_dino": "feature extraction, DINO",
+             "warm_up_once": "one-time warm-up / compilation (not per image)",
+             "top_k_and_dl_network": f"CDE top-k + DL network ({cost['classes']} classes, k {cost['k']}, "
+                                     f"{cost['alignment_epochs']} epochs)",
+             "tuning": f"prompt tuning, {cost['tuning_epochs']} epochs ({cost['tuning_precision']})",
+             "evaluation_tuned_encoder": "evaluation pass of the tuned encoder"}
+    lines = [f"Cost of a full NoLA run per {cost['images']:,} images at the paper's settings, projected "
+             f"as `{cost['formula']}`:", "", "| stage | seconds | minutes |", "|---|---|---|"]
+    for key, seconds in stages.items():
+        lines.append(f"| {names[key]} | {seconds:.0f} | {seconds / 60:.1f} |")
+    lines.append(f"| total | {cost['total_seconds']:.0f} | {cost['total_seconds'] / 60:.1f} |")
+    return lines
 
 
 def refresh_markdown(path: Path, table: str) -> None:
@@ -600,6 +822,8 @@ def parse_args(argv=None):
     parser.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
                         help="before each phase, wait up to this long for the machine to be idle (shared machines)")
     parser.add_argument("--work-dir", type=Path, default=None, help="keep generated data here (default: temp)")
+    parser.add_argument("--cost-classes", type=int, default=100,
+                        help="classes assumed by the cost projection's alignment stage (default 100)")
     parser.add_argument("--phase", choices=sorted(PHASES), help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -664,7 +888,7 @@ def main(argv=None) -> dict:
             phases[phase] = run_child(phase, options, work)
         new_images = max(1, round(0.01 * size.extraction_images))
         write_images(work / "dataset" / "unlabeled", new_images, seed=0, start=size.extraction_images)
-        for phase in ("incremental", "training_naive", "training", "training_fixed", "end_to_end"):
+        for phase in ("incremental", "training_naive", "training", "training_fixed", "end_to_end", "peers", "alignment"):
             phases[phase] = run_child(phase, options, work)
         machine["load_average_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
         results = {

@@ -100,7 +100,8 @@ def cpu_thread_budget(device: torch.device, loader_workers: int = 0, processes: 
 
 
 def autocast_context(device: torch.device, precision: str = "auto"):
-    """bf16 autocast on CUDA under `auto`; fp32 on CPU unless reduced precision is asked for."""
+    """bf16 autocast on CUDA under `auto`; fp32 on CPU unless reduced precision is asked for
+    (feature extraction resolves `auto` itself first: `acceleration.resolve_precision`)."""
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
