@@ -134,10 +134,10 @@ class ComputeResource(EnvSettings):
 
 
 class ModelsResource(EnvSettings):
-    """Which CLIP and DINO: a profile (`paper` or `tiny`) plus optional overrides."""
+    """Which CLIP and DINO: a profile (`paper`, `mini` or `tiny`) plus optional overrides."""
 
     model_profile: Optional[str] = Field(
-        default=None, description="paper | tiny (env NOLA_MODEL_PROFILE; default paper)"
+        default=None, description="paper | mini | tiny (env NOLA_MODEL_PROFILE; default paper)"
     )
     clip_model: Optional[str] = Field(default=None, description="open_clip architecture, e.g. ViT-B-32 (env NOLA_CLIP_MODEL)")
     clip_pretrained: Optional[str] = Field(
