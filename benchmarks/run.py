@@ -761,7 +761,7 @@ def peers_table(peers: dict) -> list[str]:
     load = peers["load_average_1min"]
     lines = [f"Peers: the {peers['tower']} forward, batch {peers['batch']}, median of {peers['rounds']} interleaved "
              f"rounds (load average {load[0]:.1f} -> {load[1]:.1f}; other processes took "
-             f"{peers['cpu_taken_by_other_processes']:.0%} of the CPU).", "",
+             f"{peers['cpu_taken_by_other_processes'] or 0:.0%} of the CPU).", "",
              "| runtime | images/s | min / mean cosine to torch fp32 |", "|---|---|---|"]
     for name, row in peers["variants"].items():
         lines.append(f"| {name} | {row['images_per_s']:.2f} | {row['min_cosine_to_torch_fp32']:.5f} / "

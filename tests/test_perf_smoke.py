@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -60,6 +62,18 @@ def test_smallest_benchmark_writes_every_figure(tmp_path):
     assert set(results["targets"]) == {"extraction_speedup_at_least_2.5x",
                                        "extraction_at_least_80pct_of_compute_bound", "incremental_1pct_at_most_2pct"}
 
+    peers = figures["peers"]  # torch always; each peer measured or skipped with its reason
+    assert _number(peers["variants"]["torch_fp32"]["images_per_s"])
+    for name in ("onnxruntime_fp32", "openvino_fp32"):
+        assert name in peers["skipped"] or (_number(peers["variants"][name]["images_per_s"])
+                                            and peers["variants"][name]["min_cosine_to_torch_fp32"] >= 0.999), name
+    cost = figures["cost"]
+    assert cost["images"] == 1000 and cost["tuning_epochs"] == 50
+    assert set(cost["seconds_by_stage"]) == {"extraction_clip", "extraction_dino", "warm_up_once",
+                                             "top_k_and_dl_network", "tuning", "evaluation_tuned_encoder"}
+    assert cost["total_seconds"] == pytest.approx(sum(cost["seconds_by_stage"].values()), abs=1)
+
     text = markdown.read_text()
     assert text.startswith("# Benchmarks\n\nprose kept\n") and text.endswith("\n\nafter\n") and "old" not in text
     assert "| CLIP feature extraction, images/s |" in text
+    assert "| runtime | images/s |" in text and "| prompt tuning, 50 epochs" in text
