@@ -19,8 +19,7 @@ from nola_core.methods.compare import ComparisonConfig, compare_methods
 from nola_core.models import ModelConfig, load_clip, load_dino
 from nola_core.models.loading import CheckpointHashError
 from nola_core.models.registry import MINI_WEIGHTS_DIR
-from nola_core.pipeline import CDE_STAGE, TUNED_STAGE, ZERO_SHOT_STAGE, NolaConfig, run_nola
-from nola_core.tuning import TuningConfig
+from nola_core.pipeline import CDE_STAGE, TUNED_STAGE, ZERO_SHOT_STAGE, NolaConfig, nola_tuning_config, run_nola
 
 MINI = ModelConfig.from_profile("mini")
 TOP1 = split_column(TRANSDUCTIVE, "top1")
@@ -34,7 +33,7 @@ GAP = 0.15
 CI_CONFIG = NolaConfig(
     models=MINI,
     alignment=AlignmentConfig(epochs=50),
-    tuning=TuningConfig(epochs=5, num_workers=0),
+    tuning=nola_tuning_config(epochs=5, num_workers=0),
     device="cpu",
 )
 DL_MARGIN = -0.237

@@ -34,8 +34,7 @@ from nola_core.methods.latteclip import LatteCLIPConfig
 from nola_core.mini.domains import SHIFTS, SOURCE, write_domain
 from nola_core.mini.fashion import FASHION_MNIST_DIR, load_split
 from nola_core.models import ModelConfig
-from nola_core.pipeline import NolaConfig
-from nola_core.tuning import TuningConfig
+from nola_core.pipeline import NolaConfig, nola_tuning_config
 
 REPO_DOCS = Path(__file__).resolve().parents[2] / "docs"
 ROWS = (  # (method, stage) in table order; the DL network is NoLA's alignment stage
@@ -140,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     models = ModelConfig.from_profile("mini")
     features = FeatureConfig(num_workers=0)
     nola = NolaConfig(alignment=AlignmentConfig(epochs=args.alignment_epochs),
-                      tuning=TuningConfig(epochs=args.tuning_epochs, num_workers=0))
+                      tuning=nola_tuning_config(epochs=args.tuning_epochs, num_workers=0))
     lafter_default = LaFTerConfig()
     lafter = dataclasses.replace(lafter_default, tuning=dataclasses.replace(
         lafter_default.tuning, epochs=args.tuning_epochs, num_workers=0))
