@@ -194,7 +194,9 @@ def materialized_ref(instance: DagsterInstance, run_id: str, store: ArtifactStor
     """The artifact of the materialization of `asset` for `partition` that run `run_id` depends on:
     the one this run made, else the latest recorded before this run started, found by the
     `artifact_digest` in its metadata. (Event storage ids would avoid clocks, but SQLite keeps
-    each run's events in its own file, numbered apart from the asset index.)"""
+    each run's events in its own file, numbered apart from the asset index.) An instance with no
+    record of it at all (a new Dagster home over an existing artifact root) reads the store's
+    `refs/` pointer, as a reader outside a run does."""
     key = AssetKey(asset)
     ours = [r for r in instance.get_records_for_run(run_id, of_type=DagsterEventType.ASSET_MATERIALIZATION).records
             if r.asset_key == key and r.partition_key == partition]
@@ -205,8 +207,11 @@ def materialized_ref(instance: DagsterInstance, run_id: str, store: ArtifactStor
         records = instance.fetch_materializations(
             AssetRecordsFilter(asset_key=key, asset_partitions=[partition], before_timestamp=started), limit=1).records
         if not records:
-            raise FileNotFoundError(f"{asset} has no materialization for partition {partition!r}: "
-                                    f"materialize {asset} for partition {partition!r} first")
+            if instance.fetch_materializations(AssetRecordsFilter(asset_key=key, asset_partitions=[partition]),
+                                               limit=1).records:
+                raise FileNotFoundError(f"{asset} for partition {partition!r} was first materialized after this "
+                                        "run started: rerun to use it")
+            return store.require_ref(asset, partition)
         record = records[0]
     digest = record.asset_materialization.metadata["artifact_digest"].value
     ref = store.ref_at(asset, partition, digest)

@@ -111,7 +111,7 @@ def artifact_writes_are_atomic(tmp_path: Path) -> None:
 def gpu_asset_requests_a_gpu_pod(tmp_path: Path) -> None:
     """A GPU asset declared the way every NoLA asset is (`assets.nola_asset`), checked for its pod tag."""
 
-    @assets.nola_asset("sabotage", pool=assets.GPU_POOL)
+    @assets.nola_asset("sabotage", version="1", pool=assets.GPU_POOL)
     def a_gpu_step(context):
         raise AssertionError("never materialized")
 
