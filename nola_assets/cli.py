@@ -359,7 +359,6 @@ def _add_report(subparsers: argparse._SubParsersAction) -> None:
                    help="folder of evaluation parquet files, searched recursively (default: NOLA_EVALUATION_ROOT, "
                    "else the artifact store's evaluation folder, $NOLA_ARTIFACT_ROOT/evaluation, "
                    "artifacts/evaluation by default: where `nola demo` and `nola run` write)")
-
     p.add_argument("--out", help="where report.md and report.png go (default: --root)")
     p.set_defaults(handler=_report)
 
