@@ -10,15 +10,15 @@ Seeded, so running it again writes byte-identical images:
 from __future__ import annotations
 
 import argparse
-import gzip
 import hashlib
 import shutil
-import struct
 from io import BytesIO
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from nola_core.mini.fashion import load_split
 
 FASHION_MNIST_INDEX = {"t-shirt": 0, "trouser": 1, "sneaker": 7, "bag": 8}
 """Our class name -> Fashion-MNIST label (0 T-shirt/top, 1 Trouser, 7 Sneaker, 8 Bag):
@@ -32,16 +32,6 @@ classes:
 templates: generic
 domain: grayscale product photo
 """
-
-
-def read_idx(path: Path) -> np.ndarray:
-    """Read an IDX file (the MNIST format: big-endian magic, dims, then uint8 data)."""
-    with gzip.open(path, "rb") as f:
-        _, _, dtype_code, ndim = struct.unpack(">BBBB", f.read(4))
-        if dtype_code != 0x08:
-            raise ValueError(f"{path}: expected uint8 IDX data, got type code {dtype_code:#x}")
-        shape = struct.unpack(f">{ndim}I", f.read(4 * ndim))
-        return np.frombuffer(f.read(), dtype=np.uint8).reshape(shape)
 
 
 def png_bytes(pixels: np.ndarray) -> bytes:
@@ -64,8 +54,7 @@ def main() -> None:
     parser.add_argument("--held-out-per-class", type=int, default=10)
     args = parser.parse_args()
 
-    images = read_idx(args.source / "t10k-images-idx3-ubyte.gz")
-    labels = read_idx(args.source / "t10k-labels-idx1-ubyte.gz")
+    images, labels = load_split("test", args.source)
     rng = np.random.default_rng(args.seed)
     per_class = args.unlabeled_per_class + args.held_out_per_class
 
