@@ -31,7 +31,8 @@ from nola_core.methods.lafter import build_lafter_classifier
 from nola_core.methods.latteclip import latteclip_parameter_groups, text_bank
 from nola_core.models import ModelConfig, load_clip
 from nola_core.tuning import TuningConfig
-from test_methods import (StrongView, ToyPromptClassifier, WeakView, orthogonal_clusters, write_feature_images)
+from test_methods import (StrongView, ToyPromptClassifier, WeakView, identity_encoder_and_batches, orthogonal_clusters,
+                          write_feature_images)
 
 # --- LaFTer ------------------------------------------------------------------------------------------
 
@@ -238,17 +239,7 @@ def latteclip_loop_check(config: LatteCLIPConfig | None = None, steps: int = REF
     config = config or LatteCLIPConfig()
     config = dataclasses.replace(config, batch_size=32, max_iterations=steps, max_epochs=steps, num_workers=0,
                                  precision="fp32")
-    encoder = nn.Linear(features.shape[1], features.shape[1], bias=False)
-    with torch.no_grad():
-        encoder.weight.copy_(torch.eye(features.shape[1]))
-    order_generator = torch.Generator().manual_seed(0)
-
-    def batches(epoch):
-        order = torch.randperm(len(ids), generator=order_generator)
-        for start in range(0, len(ids), config.batch_size):
-            rows = order[start : start + config.batch_size]
-            yield features[rows], rows, []
-
+    encoder, batches = identity_encoder_and_batches(features, config.batch_size, bias=False)
     bank = text_bank(ids, texts, [f"c{c}" for c in range(len(class_texts))], config.class_template)
     prototypes, history = latteclip_module.train_latteclip_loop(
         encoder, lambda strings: torch.stack([table[s] for s in strings]), list(encoder.parameters()), batches,

@@ -462,6 +462,25 @@ def _latte_world(seed=0, num_classes=4, per_class=100, dim=16):
     return features, labels, zero_shot, class_texts, ids, table, LatteTexts(image_texts, group_texts)
 
 
+def identity_encoder_and_batches(features: torch.Tensor, batch_size: int, bias: bool):
+    """A trainable linear image encoder starting as the identity, and `train_latteclip_loop`'s
+    batches: every epoch the rows in a new order (seeded once), as (features, rows, failed ids)."""
+    encoder = nn.Linear(features.shape[1], features.shape[1], bias=bias)
+    with torch.no_grad():
+        encoder.weight.copy_(torch.eye(features.shape[1]))
+        if bias:
+            encoder.bias.zero_()
+    order_generator = torch.Generator().manual_seed(0)
+
+    def batches(epoch):
+        order = torch.randperm(len(features), generator=order_generator)
+        for start in range(0, len(features), batch_size):
+            rows = order[start : start + batch_size]
+            yield features[rows], rows, []
+
+    return encoder, batches
+
+
 def test_latteclip_loop_improves_on_its_zero_shot_pseudo_labels():
     """The real `train_latteclip_loop` (dual pseudo-labels, feature mixer, the reference's
     prototype update with α = 0.99, FLYP loss) with a trainable linear image encoder and a frozen lookup
@@ -469,18 +488,7 @@ def test_latteclip_loop_improves_on_its_zero_shot_pseudo_labels():
     seed 0: zero-shot 0.81 → nearest prototype 0.97. Asserted: +0.10."""
     features, labels, zero_shot, class_texts, ids, table, texts = _latte_world(seed=0)
     config = LatteCLIPConfig(batch_size=64, max_iterations=200, lr=1e-2, weight_decay=0.0, logit_scale=20.0)
-    encoder = nn.Linear(features.shape[1], features.shape[1])
-    with torch.no_grad():
-        encoder.weight.copy_(torch.eye(features.shape[1]))
-        encoder.bias.zero_()
-    order_generator = torch.Generator().manual_seed(0)
-
-    def batches(epoch):
-        order = torch.randperm(len(ids), generator=order_generator)
-        for start in range(0, len(ids), config.batch_size):
-            rows = order[start : start + config.batch_size]
-            yield features[rows], rows, []
-
+    encoder, batches = identity_encoder_and_batches(features, config.batch_size, bias=True)
     bank = text_bank(ids, texts, [f"c{c}" for c in range(4)], config.class_template)
     prototypes, history = train_latteclip_loop(
         encoder, lambda strings: torch.stack([table[s] for s in strings]), list(encoder.parameters()), batches,
