@@ -33,7 +33,8 @@ from dagster import (
 from nola_core import pipeline
 from nola_core.alignment import PseudoLabelSelection, alignment_network, selection_report, train_alignment
 from nola_core.data import REDUCED_JPEG_DECODE, Manifest, build_manifest, known_labels
-from nola_core.distributed import image_features_stage, init_distributed, launch, prompt_tuning_stage
+from nola_core.distributed import init_distributed, launch
+from nola_core.jobs import ImageFeaturesJob, PromptTuningJob, image_features_stage, prompt_tuning_stage
 from nola_core.eval import SPLITS, EvaluationLabels, evaluate_stages, format_stage_table, split_column, stage_value
 from nola_core.features import FeatureTable, load_feature_table, update_feature_table
 from nola_core.llm import DescriptionSet, LLMError, MissingAPIKeyError, names_class
@@ -139,24 +140,24 @@ def _image_progress(context: AssetExecutionContext, what: str) -> Callable[[int,
     return progress_callback(what, "images", context.log.info)
 
 
-def _on_processes(context: AssetExecutionContext, compute: ComputeResource, items: int, stage: Callable,
-                  *args: Any, progress: Callable | None = None) -> Any:
-    """`stage(distributed context, *args, progress)` on `compute`'s processes; rank 0's result.
+def _on_processes(context: AssetExecutionContext, compute: ComputeResource, items: int, stage: Callable, job: Any,
+                  progress: Callable | None = None) -> Any:
+    """`stage(distributed context, job, progress)` on `compute`'s processes; rank 0's result.
 
     One process (the default, or fewer `items` than processes): here, with live `progress`.
     `nproc_per_node` N > 1: `nola_core.distributed.launch` spawns N processes (one GPU each, or
-    gloo on the CPU) that load their models from the configs in `args`; each logs its own lines
-    to stderr (the step's compute log). A run worker started by torchrun is already one rank of
-    a group: the stage joins that group here and nothing is spawned.
+    gloo on the CPU) that load their models from the configs in `job` (`nola_core.jobs`); each
+    logs its own lines to stderr (the step's compute log). A run worker started by torchrun is
+    already one rank of a group: the stage joins that group here and nothing is spawned.
     """
     if compute.launched_by_torchrun():
-        return stage(init_distributed(compute.rank_device()), *args, progress)
+        return stage(init_distributed(compute.rank_device()), job, progress)
     processes = min(compute.processes(), items)
     if processes == 1:
-        return launch(stage, 1, *args, progress, device=compute.torch_device())
+        return launch(stage, 1, job, progress, device=compute.torch_device())
     context.log.info(f"{stage.__name__}: {items} item(s) over {processes} processes "
                      f"(about {-(-items // processes)} each), progress in the compute log")
-    return launch(stage, processes, *args, None, device=compute.rank_device())
+    return launch(stage, processes, job, None, device=compute.rank_device())
 
 
 # ── 1. the dataset ────────────────────────────────────────────────────────────────────────────
@@ -398,8 +399,9 @@ def _feature_asset(
 
     def extract(todo) -> FeatureTable:
         context.log.info(f"{which.upper()} features for {len(todo)} image(s) on {device}")
-        _on_processes(context, compute, len(todo), image_features_stage, config, which, spec.root, list(todo),
-                      feature_config, fresh, progress=_image_progress(context, f"{which} features"))
+        _on_processes(context, compute, len(todo), image_features_stage,
+                      ImageFeaturesJob(config, which, spec.root, tuple(todo), feature_config, fresh),
+                      progress=_image_progress(context, f"{which} features"))
         return load_feature_table(fresh, mmap=True)
 
     try:
@@ -640,7 +642,8 @@ def prompt_tuned_encoder(
     records = [by_id[i] for i in artifacts.read_table(cde_pseudo_labels, PSEUDO_LABELS_FILE)["image_id"]]
     cde = artifacts.read_tensors(cde_classifier, CLASSIFIERS_FILE)["cde"]
     config, device = models.config(), compute.torch_device()
-    tuning, alpha = method.tuning_config(compute), method.setting("wiseft_alpha")
+    tuning = method.tuning_config(compute)
+    alpha = tuning.wiseft_alpha
     key = {
         "clip": config.clip_identity(), "dino": config.dino_identity(), "manifest": dataset_manifest.digest,
         "cde": cde_classifier.digest, "pseudo_labels": cde_pseudo_labels.digest,
@@ -670,9 +673,8 @@ def prompt_tuned_encoder(
     # Per-epoch resumable state, under this artifact's content-keyed folder: a killed run (SIGKILL,
     # pre-empted node) resumes after its last saved epoch when the same key is materialized again.
     resume_dir = ref.file(RESUME_DIR)
-    trainable, history = _on_processes(context, compute, len(records), prompt_tuning_stage, config, dl_network, cde,
-                                       spec.root, records, tuning, alpha, resume_dir, fixed_labels,
-                                       progress=progress)
+    job = PromptTuningJob(config, dl_network, cde, spec.root, tuple(records), tuning, resume_dir, fixed_labels)
+    trainable, history = _on_processes(context, compute, len(records), prompt_tuning_stage, job, progress=progress)
     for stats in history:  # epochs logged elsewhere (a spawned rank 0's compute log, an earlier resumed run)
         if stats.epoch not in logged:
             progress(stats)

@@ -192,6 +192,7 @@ _TUNING_FIELDS = {
     "tuning_epochs": "epochs",
     "seed": "seed",
     "fixed_pseudo_labels": "fixed_pseudo_labels",
+    "wiseft_alpha": "wiseft_alpha",
 }
 
 
@@ -245,7 +246,7 @@ class MethodResource(EnvSettings):
 
         base = lafter_config_for(dataset)
         shared = {k: v for k, v in _TUNING_FIELDS.items()
-                  if k not in ("num_prompts", "deep_prompts", "fixed_pseudo_labels")}
+                  if k not in ("num_prompts", "deep_prompts", "fixed_pseudo_labels", "wiseft_alpha")}
         tuning = dataclasses.replace(base.tuning, **compute.loader_overrides(), **_overrides(self, shared))
         text = dataclasses.replace(base.text, **_overrides(self, {"seed": "seed"}))
         return dataclasses.replace(base, tuning=tuning, text=text)

@@ -94,9 +94,6 @@ class NolaConfig:
     alignment: AlignmentConfig = field(default_factory=AlignmentConfig)
     tuning: TuningConfig = field(default_factory=nola_tuning_config)
     device: str = "auto"
-    # WiSE-FT post-step: mix untuned and tuned trainable tensors with this weight on the tuned
-    # ones (0 = untuned, 1 = tuned). None (default) keeps the tuned model as trained.
-    wiseft_alpha: float | None = None
     # Rows scored at once by `stage_predictions` (memory ~ chunk × (classes + feature dims)).
     prediction_chunk_size: int = PREDICTION_CHUNK_SIZE
 
@@ -350,8 +347,8 @@ def run_nola(
         clip, dino, dl_network, cde, spec.root, [by_id[i] for i in train_ids], config.tuning, device,
         fixed_labels=fixed_pseudo_labels(dl_network, dino_table, train_ids) if config.tuning.fixed_pseudo_labels else None,
     )
-    if config.wiseft_alpha is not None:
-        apply_wiseft(classifier, clip, cde, config.tuning, config.wiseft_alpha)
+    if config.tuning.wiseft_alpha is not None:
+        apply_wiseft(classifier, clip, cde, config.tuning, config.tuning.wiseft_alpha)
     tuned_table = tuned_image_features(classifier, clip, spec.root, records, config.features, device)
     predictions = stage_predictions(clip_table, dino_table, zero_shot, cde, dl_network, classifier, tuned_table,
                                     config.alignment.logit_scale, chunk_size=config.prediction_chunk_size)

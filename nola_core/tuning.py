@@ -25,7 +25,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -35,11 +35,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from nola_core.acceleration import compute_dtype, fused_attention, precast_weights, resolve_precision
 from nola_core.data import ImageRecord, ManifestImageDataset, MultiView, collate_skipping_failures
+from nola_core.distributed import DistributedContext
 from nola_core.models.vpt import PromptTunedClassifier
 from nola_core.runtime import atomic_output, autocast_context, cpu_thread_budget, loader_workers, resolve_device
-
-if TYPE_CHECKING:
-    from nola_core.distributed import DistributedContext
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +61,10 @@ class TuningConfig:
     it (`pipeline.nola_tuning_config`). False (this dataclass's default, and LaFTer's) runs the
     labeller on a fresh weak view (`MultiView`'s first transform) of every image at every step.
     `fused_attention` / `precast_weights` only change speed (`nola_core.acceleration`).
+
+    `wiseft_alpha`: the WiSE-FT post-step after training (`methods.nola.apply_wiseft`): mix the
+    untuned and tuned trainable tensors with this weight on the tuned ones (0 = untuned,
+    1 = tuned). None (default) keeps the tuned model as trained. It does not change training.
     """
 
     num_prompts: int = 16
@@ -86,6 +88,7 @@ class TuningConfig:
     fixed_pseudo_labels: bool = False
     fused_attention: bool = True
     precast_weights: bool = True
+    wiseft_alpha: float | None = None
 
 
 @dataclass
@@ -356,13 +359,14 @@ RESUME_FILE = "resume.pt"
 
 def _resume_fingerprint(records: Sequence[ImageRecord], config: TuningConfig,
                         fixed_labels: torch.Tensor | None) -> str:
-    """What a saved state must have been trained on to be resumed from (speed-only knobs excluded).
+    """What a saved state must have been trained on to be resumed from (speed-only knobs and the
+    post-training WiSE-FT weight excluded).
 
     Not the number of processes: the step's images, learning rate and schedule do not depend on
     it, and every saved tensor is the same on all ranks, so a run killed under N processes
     resumes under M.
     """
-    trained_on = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("num_workers",)}
+    trained_on = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("num_workers", "wiseft_alpha")}
     digest = hashlib.sha256(json.dumps(trained_on, sort_keys=True, default=str).encode())
     for record in records:
         digest.update(f"\0{record.image_id}\0{record.path}".encode())

@@ -19,7 +19,6 @@ import torch
 from dagster import AssetKey, AssetSelection
 
 from assets_helpers import copy_demo, materialize_partition, resources_for_test
-from nola_core.distributed import NPROC_ENV
 from nola_core.features import load_feature_table
 from nola_assets.assets import (
     FEATURES_FILE,
@@ -29,6 +28,8 @@ from nola_assets.assets import (
     prompt_tuned_encoder,
 )
 from nola_assets.resources import ComputeResource, env_name
+
+NPROC_ENV = "NOLA_NPROC_PER_NODE"  # the documented environment variable of `nproc_per_node`
 
 FEATURE_TOLERANCE = 2e-3
 TRAINED_TOLERANCE = 1e-5

@@ -103,8 +103,8 @@ def run_nola_method(
     with seeded(config.tuning.seed):
         classifier, history = tune_prompts(clip, dino, dl_network, cde, root, train_records, config.tuning, device,
                                            fixed_labels=fixed)
-    if config.wiseft_alpha is not None:
-        apply_wiseft(classifier, clip, cde, config.tuning, config.wiseft_alpha)
+    if config.tuning.wiseft_alpha is not None:
+        apply_wiseft(classifier, clip, cde, config.tuning, config.tuning.wiseft_alpha)
     tuned_table = tuned_image_features(classifier, clip, root, eval_records, features, device)
     predictions = stage_predictions(clip_table, dino_table, zero_shot, cde, dl_network, classifier, tuned_table,
                                     config.alignment.logit_scale, chunk_size=config.prediction_chunk_size)
