@@ -171,7 +171,8 @@ def test_requirements_lock_pins_every_dependency_within_pyproject_ranges():
             name, _, version = line.partition("==")
             lock[canonicalize_name(name)] = version
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    wanted = [*project["dependencies"], *project["optional-dependencies"]["deploy"]]
+    extras = project["optional-dependencies"]
+    wanted = [*project["dependencies"], *extras["dagster"], *extras["deploy"]]
     for text in wanted:
         requirement = Requirement(text)
         name = canonicalize_name(requirement.name)
@@ -310,10 +311,37 @@ def test_every_forwarded_variable_is_set_in_the_daemon_and_every_setting_is_docu
     readme = (ROOT / "nola_assets" / "README.md")
     resources = "".join(p.read_text() for p in (ROOT / "nola_assets").glob("*.py"))
     known = set(re.findall(r"NOLA_[A-Z_]+", resources + (readme.read_text() if readme.exists() else "")))
+    from nola_assets.run_limits import MAX_RUNTIME_SECONDS
+
+    known |= {f"NOLA_MAX_RUNTIME_SECONDS_{group.upper()}" for group in MAX_RUNTIME_SECONDS}  # names built per group
     unknown = {name for name in example if name.startswith("NOLA_")} - known - {
         "NOLA_IMAGE", "NOLA_IMAGE_TAG", "NOLA_VARIANT", "NOLA_DAGSTER_YAML",
         "NOLA_WEBSERVER_BIND", "NOLA_WEBSERVER_PORT"}
     assert not unknown, f"settings nola_assets does not read: {sorted(unknown)}"
+
+
+def test_orchestration_settings_reach_the_code_server_and_the_runs():
+    """The sensor's quiet period and tick budget, the export gate and every asset group's run time
+    limit (`NOLA_MAX_RUNTIME_SECONDS_<GROUP>`, read where runs are requested and tagged: the code
+    server) are in .env.example, given to the code server and the daemon, and forwarded to runs."""
+    from nola_assets.definitions import defs
+    from nola_assets.resources import DatasetsResource, env_name
+    from nola_assets.run_limits import MAX_RUNTIME_SECONDS
+
+    groups = set(MAX_RUNTIME_SECONDS) | {group for definition in defs.resolve_asset_graph().assets_defs
+                                         for group in definition.group_names_by_key.values()}
+    settings = {f"NOLA_MAX_RUNTIME_SECONDS_{group.upper()}" for group in groups}
+    settings |= {env_name(field) for field in DatasetsResource.model_fields if field.startswith("sensor_")}
+    settings.add(env_name("export_worse_than_zero_shot"))
+    services = _compose()["services"]
+    example = _env_example()
+    for name in sorted(settings):
+        for service in ("user_code", "daemon"):
+            # Empty where .env leaves it unset: nola's own default, never an error.
+            assert services[service]["environment"].get(name) == f"${{{name}:-}}", f"{service} lacks {name}"
+        assert name in example, f"{name} is not in .env.example"
+        for variant in COMPOSE_VARIANTS:
+            assert name in _yaml(DAGSTER / variant)["run_launcher"]["config"]["env_vars"], f"{variant} lacks {name}"
 
 
 def test_secrets_file_is_ignored_and_not_committed():
