@@ -30,7 +30,6 @@ import hashlib
 import json
 import os
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
@@ -48,34 +47,10 @@ from dagster import (
 from pydantic import Field
 from safetensors.torch import load_file, save_file
 
+from nola_core.artifact_refs import DEFAULT_ARTIFACT_ROOT, ArtifactRef, load_ref, ref_path
 from nola_core.data import check_dataset_name
 
 from nola_assets.resources import EnvSettings
-
-
-@dataclass(frozen=True)
-class ArtifactRef:
-    """Where one materialization's files are, what they were keyed on, and small facts about them."""
-
-    asset: str
-    dataset: str
-    digest: str
-    path: str
-    key: dict = field(default_factory=dict)
-    facts: dict = field(default_factory=dict)
-
-    def file(self, name: str) -> Path:
-        return Path(self.path) / name
-
-    def with_facts(self, **facts: Any) -> "ArtifactRef":
-        return dataclasses.replace(self, facts={**self.facts, **facts})
-
-    def to_json(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> "ArtifactRef":
-        return cls(**data)
 
 
 def canonical_json(value: Any) -> str:
@@ -110,7 +85,7 @@ class ArtifactStore(EnvSettings):
     )
 
     def root(self) -> Path:
-        return Path(self.setting("artifact_root", "artifacts")).resolve()
+        return Path(self.setting("artifact_root", DEFAULT_ARTIFACT_ROOT)).resolve()
 
     def allocate(self, asset: str, dataset: str, key: Mapping[str, Any]) -> ArtifactRef:
         """The content-addressed folder for `key`, created, with its key.json written."""
@@ -160,7 +135,7 @@ class ArtifactStore(EnvSettings):
         return atomic_write(ref.file(name), lambda tmp: tmp.write_bytes(data))
 
     def ref_path(self, asset: str, dataset: str) -> Path:
-        return self.root() / "refs" / check_dataset_name(dataset) / f"{asset}.json"
+        return ref_path(self.root(), asset, dataset)
 
     def save_ref(self, ref: ArtifactRef) -> Path:
         self.write_json(ref, "ref.json", ref.to_json())
@@ -168,16 +143,8 @@ class ArtifactStore(EnvSettings):
         return atomic_write(self.ref_path(ref.asset, ref.dataset), lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
     def load_ref(self, asset: str, dataset: str) -> ArtifactRef | None:
-        """The artifact of the last materialization of `asset` for `dataset`, if any.
-
-        Its path is rebuilt under the current root, so the whole store can be moved or mounted
-        elsewhere.
-        """
-        path = self.ref_path(asset, dataset)
-        if not path.is_file():
-            return None
-        ref = ArtifactRef.from_json(json.loads(path.read_text(encoding="utf-8")))
-        return dataclasses.replace(ref, path=str(self.root() / dataset / asset / ref.digest))
+        """The artifact of the last materialization of `asset` for `dataset`, if any (re-rooted here)."""
+        return load_ref(self.root(), asset, dataset)
 
     def require_ref(self, asset: str, dataset: str) -> ArtifactRef:
         ref = self.load_ref(asset, dataset)

@@ -16,7 +16,6 @@ export a tuned model worse than zero-shot (`checks.export_blocked`), unless
 `NOLA_EXPORT_WORSE_THAN_ZERO_SHOT=allow`; a run a person started exports it with a warning.
 """
 
-import shutil
 import time
 from pathlib import Path
 
@@ -25,23 +24,21 @@ import torch
 from dagster import AssetExecutionContext, Failure, MaterializeResult, MetadataValue
 
 from nola_core.eval import comparison_split, split_column, stage_value
-from nola_core.export import MANIFEST_NAME, TENSORS_NAME, export_classifier
+from nola_core.export import EXPORT_ASSET, TENSORS_NAME, export_classifier
 from nola_core.methods.nola import TEMPLATES_STAGE
 from nola_core.pipeline import ZERO_SHOT_STAGE
 
 from nola_assets.artifacts import ArtifactRef, ArtifactStore
-from nola_assets.assets import (
+from nola_assets.common import (
     CLASSIFIERS_FILE,
     METHOD_EVALUATION_FILE,
-    _result,
     allocate_or_reuse,
-    load_tuned_classifier,
+    asset_result,
     nola_asset,
+    tuned_classifier_of,
 )
 from nola_assets.checks import export_blocked, tuned_vs_zero_shot_result
 from nola_assets.resources import MethodResource, ModelsResource
-
-EXPORT_ASSET = "exported_classifier"
 
 
 def forgetting_guard(evaluation: pl.DataFrame) -> dict:
@@ -106,15 +103,14 @@ def exported_classifier(
         "checkpoint": "last epoch (never chosen on labels)",
         "forgetting_guard": guard,
     }
-    ref, reused = allocate_or_reuse(context, artifacts, {
-        "tuned": prompt_tuned_encoder.digest, "cde": cde_classifier.digest, "classes": classes,
-        "clip": config.clip_identity(), "evaluation": evaluation.digest,
-    })
+    ref, reused = allocate_or_reuse(
+        context, artifacts, upstream={"tuned": prompt_tuned_encoder, "cde": cde_classifier, "evaluation": evaluation},
+        clip=config, classes=classes)
     if reused:
-        return _result(ref, started, {"tuned_not_worse_than_zero_shot": verdict.passed}, reused=True)
+        return asset_result(ref, started, {"tuned_not_worse_than_zero_shot": verdict.passed}, reused=True)
     clip = models.load_clip("cpu")
     cde = artifacts.read_tensors(cde_classifier, CLASSIFIERS_FILE)["cde"]
-    classifier = load_tuned_classifier(artifacts, prompt_tuned_encoder, clip, cde, torch.device("cpu")).eval()
+    classifier = tuned_classifier_of(prompt_tuned_encoder, clip, cde, torch.device("cpu")).eval()
     manifest = export_classifier(classifier, config, clip.preprocess, classes, ref.path, provenance)
     ref = ref.with_facts(classes=list(classes), random_clip=config.clip_is_random)
     if guard["delta"] is not None and guard["delta"] < 0:
@@ -133,26 +129,7 @@ def exported_classifier(
     }
     if guard["delta"] is not None:
         metadata["forgetting_guard/delta_top1"] = guard["delta"]
-    return _result(ref, started, metadata)
-
-
-def copy_export(store: ArtifactStore, dataset: str, to: str | Path) -> Path:
-    """Copy the latest materialized `exported_classifier` of `dataset` to `to`; returns the folder."""
-    ref = store.load_ref(EXPORT_ASSET, dataset)
-    if ref is None or not ref.file(MANIFEST_NAME).is_file():
-        raise FileNotFoundError(
-            f"no exported classifier for dataset {dataset!r} under {store.root()}: materialize "
-            f"{EXPORT_ASSET} for that partition first (`nola run`, `nola demo`, or the Dagster UI)")
-    tuned = store.load_ref("prompt_tuned_encoder", dataset)
-    if tuned is not None and tuned.digest != ref.key.get("tuned"):
-        raise FileNotFoundError(
-            f"the exported classifier of {dataset!r} is stale: prompt_tuned_encoder was rematerialized "
-            f"since (e.g. by the new-images sensor); materialize {EXPORT_ASSET} for {dataset!r} again")
-    target = Path(to)
-    target.mkdir(parents=True, exist_ok=True)
-    for file in (MANIFEST_NAME, TENSORS_NAME):
-        shutil.copy2(ref.file(file), target / file)
-    return target
+    return asset_result(ref, started, metadata)
 
 
 EXPORT_ASSETS = [exported_classifier]

@@ -13,6 +13,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Sequence
 
@@ -21,6 +22,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 
+from nola_core.artifact_refs import load_ref
 from nola_core.data import Preprocess, eval_transform, load_rgb
 from nola_core.models import ModelConfig, PromptTunedClassifier, load_clip
 from nola_core.tuning import save_trainable
@@ -28,6 +30,8 @@ from nola_core.tuning import save_trainable
 EXPORT_FORMAT = "nola-classifier/1"
 MANIFEST_NAME = "classifier.json"
 TENSORS_NAME = "trainable.safetensors"
+EXPORT_ASSET = "exported_classifier"  # the Dagster asset that writes an export into the artifact store
+TUNED_ASSET = "prompt_tuned_encoder"  # the asset an export is made from (its digest: the export's key "tuned")
 
 
 def export_classifier(
@@ -69,6 +73,26 @@ def export_classifier(
     temporary.write_text(json.dumps(manifest, indent=2, sort_keys=True), encoding="utf-8")
     os.replace(temporary, path)
     return path
+
+
+def copy_export(artifact_root: Path, dataset: str, to: str | Path) -> Path:
+    """Copy the latest materialized `exported_classifier` of `dataset` out of the artifact store
+    to `to`; refuses a missing or stale one (its tuned encoder rematerialized since). Returns `to`."""
+    ref = load_ref(artifact_root, EXPORT_ASSET, dataset)
+    if ref is None or not ref.file(MANIFEST_NAME).is_file():
+        raise FileNotFoundError(
+            f"no exported classifier for dataset {dataset!r} under {artifact_root}: materialize "
+            f"{EXPORT_ASSET} for that partition first (`nola run`, `nola demo`, or the Dagster UI)")
+    tuned = load_ref(artifact_root, TUNED_ASSET, dataset)
+    if tuned is not None and tuned.digest != ref.key.get("tuned"):
+        raise FileNotFoundError(
+            f"the exported classifier of {dataset!r} is stale: {TUNED_ASSET} was rematerialized "
+            f"since (e.g. by the new-images sensor); materialize {EXPORT_ASSET} for {dataset!r} again")
+    target = Path(to)
+    target.mkdir(parents=True, exist_ok=True)
+    for file in (MANIFEST_NAME, TENSORS_NAME):
+        shutil.copy2(ref.file(file), target / file)
+    return target
 
 
 class ExportedClassifier(nn.Module):

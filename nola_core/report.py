@@ -27,11 +27,11 @@ from typing import Mapping, Sequence
 
 import polars as pl
 
+from nola_core.artifact_refs import artifact_root
 from nola_core.eval import PSEUDO_LABEL_MEANING, SPLIT_MEANINGS, SPLITS, split_column
 
 VIEW = "evaluations"
 EVALUATION_FOLDER = "evaluation"  # under the artifact root: <artifact root>/evaluation/<dataset>/<method>.parquet
-DEFAULT_ARTIFACT_ROOT = "artifacts"  # the artifact store's default (nola_assets.artifacts.ArtifactStore)
 METHOD_ORDER = ("zero-shot", "cde", "lafter", "latteclip", "nola")
 
 # Every row of the view once per split: its accuracy on that split, named in `split`.
@@ -102,8 +102,7 @@ def default_evaluation_root(environ: Mapping[str, str] | None = None) -> Path:
     explicit = environ.get("NOLA_EVALUATION_ROOT", "").strip()
     if explicit:
         return Path(explicit).resolve()
-    artifact_root = environ.get("NOLA_ARTIFACT_ROOT", "").strip() or DEFAULT_ARTIFACT_ROOT
-    return Path(artifact_root).resolve() / EVALUATION_FOLDER
+    return artifact_root(environ) / EVALUATION_FOLDER
 
 
 def connect(root: str | Path):

@@ -113,7 +113,7 @@ def test_a_sigkilled_nola_run_leaves_no_claimed_slot_and_the_rerun_resumes_promp
 
     from assets_helpers import copy_demo
     from nola_assets.assets import RESUME_DIR
-    from nola_assets.cli import main
+    from nola_core.cli import main
     from nola_core.tuning import RESUME_FILE
 
     for name, value in {"DAGSTER_HOME": tmp_path / ".dagster_home", "NOLA_DATA_ROOT": tmp_path / "data",
@@ -124,7 +124,7 @@ def test_a_sigkilled_nola_run_leaves_no_claimed_slot_and_the_rerun_resumes_promp
     dataset = copy_demo(tmp_path / "data", "fashion_mini", labeled=False)
     command = ["run", str(dataset), "--profile", "tiny", "--tuning-epochs", str(KILLED_RUN_EPOCHS),
                "--alignment-epochs", "2"]
-    child = subprocess.Popen([sys.executable, "-c", "import sys; from nola_assets.cli import main; sys.exit(main(sys.argv[1:]))",
+    child = subprocess.Popen([sys.executable, "-c", "import sys; from nola_core.cli import main; sys.exit(main(sys.argv[1:]))",
                               *command], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     saved = None
     deadline = time.monotonic() + 240

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from conftest import labels_from_folders
-from nola_assets.cli import main
+from nola_core.cli import main
 from nola_core.data import DatasetSpecError, load_dataset_spec
 from nola_core.data.init import check_classes, init_dataset, parse_classes
 from nola_core.demo import demo_dataset_path

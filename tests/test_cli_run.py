@@ -7,8 +7,8 @@ import pytest
 from dagster import AssetKey, DagsterInstance, DagsterRunStatus, RunsFilter
 
 from assets_helpers import copy_demo
+from nola_core.cli import main
 from nola_assets.assets import NOLA_ASSETS
-from nola_assets.cli import main
 from nola_assets.partitions import DATASETS
 
 FAST = ["--tuning-epochs", "1", "--alignment-epochs", "2"]

@@ -19,7 +19,7 @@ import yaml
 from PIL import Image
 
 import nola_core
-from nola_assets.cli import main
+from nola_core.cli import main
 from nola_core.llm import (
     DEFAULT_PROMPT_SET,
     AnthropicProvider,

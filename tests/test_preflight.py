@@ -12,7 +12,7 @@ import open_clip  # noqa: F401  (imported here so the timed call measures the ch
 import pytest
 import timm  # noqa: F401
 
-from nola_assets.cli import main
+from nola_core.cli import main
 from nola_core.demo import demo_dataset_path
 from nola_core.models import ModelConfig
 from nola_core.preflight import (

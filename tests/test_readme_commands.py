@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from nola_assets.cli import main
+from nola_core.cli import main
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 PREFIX = ".venv/bin/nola "

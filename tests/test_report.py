@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from nola_assets.cli import main
+from nola_core.cli import main
 from nola_core.methods import (
     EVALUATION_SCHEMA,
     EvaluationLabels,

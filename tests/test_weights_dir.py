@@ -10,7 +10,7 @@ import huggingface_hub.constants
 import pytest
 import torch
 
-from nola_assets.cli import main
+from nola_core.cli import main
 from nola_core.models import ModelConfig, load_clip, load_dino
 from nola_core.models.loading import CheckpointHashError, WeightsUnavailableError
 from nola_core.models.registry import MINI_CLIP_NAME, MINI_DINO_NAME, TINY_CLIP_NAME, TINY_DINO_NAME
