@@ -11,6 +11,8 @@ ones). A table never has to sit in RAM whole, neither when written nor when read
   the file's data section, so a 1.3 M × 768 table (2 GB) is paged in only where it is read:
   chunked consumers (`alignment.class_log_odds`, `alignment.predict_alignment`,
   `predictions.aligned_chunks` under `pipeline.stage_predictions`) stream over it.
+- A table in object storage (`load_feature_table("s3://…")`) is copied once, in ranged reads,
+  into the local cache by its write-once key, and memory-mapped from there.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from torch.utils.data import DataLoader
 from nola_core.acceleration import reduced_precision, resolve_precision
 from nola_core.data import ImageRecord, ManifestImageDataset, collate_skipping_failures
 from nola_core.runtime import atomic_output, cpu_thread_budget, loader_workers, resolve_device
+from nola_core.storage import DEFAULT_CACHE_DIR, fetch_cached, is_remote
 
 logger = logging.getLogger(__name__)
 
@@ -436,11 +439,15 @@ def save_feature_table(table: FeatureTable, path: Path) -> None:
         writer.failed.extend(table.failed)
 
 
-def load_feature_table(path: Path, mmap: bool = False) -> FeatureTable:
+def load_feature_table(path: str | Path, mmap: bool = False, cache_dir: str | Path = DEFAULT_CACHE_DIR) -> FeatureTable:
     """Read a table; with `mmap`, `features` is backed by the file and paged in on access.
 
-    The mapping is copy-on-write: writing to the tensor never changes the file.
+    The mapping is copy-on-write: writing to the tensor never changes the file. `path` may be the
+    URL of a table in object storage (`s3://…`): it is read through its local copy under
+    `cache_dir`, fetched once by key in ranged reads (`nola_core.storage.fetch_cached`), never
+    whole into RAM.
     """
+    path = fetch_cached(str(path), cache_dir) if is_remote(str(path)) else path
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata() or {}
         names = set(handle.keys())

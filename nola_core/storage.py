@@ -1,0 +1,171 @@
+"""Artifacts and data in object storage: a root URL (`s3://bucket/prefix`, `gs://…`, `file://…`, or a
+plain local path) opened through fsspec; pure Python, no Dagster.
+
+Three operations are what object storage needs from the rest of the code:
+
+- `Storage.listing(prefix)`: every object under a prefix with its size and version (the ETag on
+  S3 and GCS, the mtime on a file system), from listing requests alone: no object is opened.
+  It is how the sensor sees a data root.
+- `Storage.publish(key, source)`: write-once. The bytes go to a staging key under
+  `<root>/.staging/` and are then moved onto `key` (one server-side copy on S3, a rename on a file
+  system), so an upload killed mid-way leaves nothing under `key`; an object already at `key` is
+  never rewritten (keys are content-addressed: the same key holds the same bytes). A reader knows
+  a multi-object artifact is finished by an object written last (the artifact store's ref.json).
+- `fetch_cached(url, cache_dir)`: a local copy of a write-once object, kept on disk by its key
+  under `cache_dir/<protocol>/<bucket>/<key>`, fetched in ranged reads of `chunk_bytes` straight
+  into a temporary file (RAM holds one chunk), renamed into place when complete. A cached key is
+  used without asking the server again. Feature tables are memory-mapped from this copy
+  (`nola_core.features.load_feature_table`).
+
+Credentials and endpoints come from the usual places of each fsspec backend (for S3: the AWS
+environment variables or profile, `AWS_ENDPOINT_URL` for an S3-compatible server such as MinIO);
+the `s3` extra installs s3fs (`pip install 'nola[s3]'`), gcsfs serves `gs://`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import fsspec
+from fsspec import AbstractFileSystem
+
+CHUNK_BYTES = 8 * 2**20
+"""Bytes asked for by one ranged read when an object is copied into the local cache."""
+STAGING_PREFIX = ".staging"
+"""Where `publish` uploads before moving an object onto its final key (a lifecycle rule may
+expire what a killed upload left there)."""
+DEFAULT_CACHE_DIR = ".nola_cache/objects"
+"""The local cache of remote objects, relative to the working directory (env NOLA_CACHE_DIR in
+the Dagster resources)."""
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One object of a listing: `key` relative to the listed prefix ('/'-separated)."""
+
+    key: str
+    size: int
+    version: str  # ETag on object stores, mtime in ns on a file system: changes when the bytes do
+
+
+def is_remote(location: str | os.PathLike) -> bool:
+    """Whether `location` is a URL of a store other than the local file system."""
+    text = os.fspath(location)
+    return "://" in text and not text.startswith("file://")
+
+
+@dataclass(frozen=True)
+class Storage:
+    """A root on one fsspec file system; keys are '/'-separated paths under it."""
+
+    fs: AbstractFileSystem
+    root: str
+
+    def path(self, key: str = "") -> str:
+        return f"{self.root}/{key}" if key else self.root
+
+    def url(self, key: str = "") -> str:
+        return self.fs.unstrip_protocol(self.path(key))
+
+    def listing(self, prefix: str = "") -> list[ObjectInfo]:
+        """Every object under `prefix` (recursively), sorted by key; listing requests only."""
+        base = self.path(prefix).rstrip("/")
+        self.fs.invalidate_cache(base)  # a listing cached by fsspec would hide new objects between ticks
+        try:
+            found = self.fs.find(base, detail=True)
+        except FileNotFoundError:
+            return []
+        infos = []
+        for path, info in found.items():
+            if info.get("type") == "directory":
+                continue
+            version = info.get("ETag") or info.get("etag") or str(int(float(info.get("mtime", 0)) * 1e9))
+            infos.append(ObjectInfo(path[len(base) + 1:], int(info["size"]), str(version).strip('"')))
+        return sorted(infos, key=lambda item: item.key)
+
+    def folders(self, prefix: str = "") -> list[str]:
+        """Names of the folders (common prefixes) directly under `prefix`: one delimited listing."""
+        base = self.path(prefix).rstrip("/")
+        self.fs.invalidate_cache(base)
+        try:
+            entries = self.fs.ls(base, detail=True)
+        except FileNotFoundError:
+            return []
+        return sorted(entry["name"].rstrip("/").rsplit("/", 1)[-1] for entry in entries
+                      if entry.get("type") == "directory")
+
+    def exists(self, key: str) -> bool:
+        return self.fs.exists(self.path(key))
+
+    def read_bytes(self, key: str) -> bytes:
+        return self.fs.cat_file(self.path(key))
+
+    def publish(self, key: str, source: bytes | Path | BinaryIO) -> bool:
+        """Put `source` (bytes, a local file or a binary stream, sent in parts of `CHUNK_BYTES`) at
+        `key` unless an object is already there; returns whether it wrote. The bytes go to a
+        staging key first and are moved onto `key` once complete."""
+        final = self.path(key)
+        if self.fs.exists(final):
+            return False
+        staging = self.path(f"{STAGING_PREFIX}/{uuid.uuid4().hex}-{key.rsplit('/', 1)[-1]}")
+        for folder in {self.fs._parent(staging), self.fs._parent(final)}:  # file systems need them; object stores ignore them
+            self.fs.makedirs(folder, exist_ok=True)
+        try:
+            if isinstance(source, bytes):
+                self.fs.pipe_file(staging, source)
+            else:
+                with contextlib.ExitStack() as stack:
+                    stream = stack.enter_context(open(source, "rb")) if isinstance(source, Path) else source
+                    shutil.copyfileobj(stream, stack.enter_context(self.fs.open(staging, "wb", block_size=CHUNK_BYTES)),
+                                       CHUNK_BYTES)
+            self.fs.mv(staging, final)
+        finally:
+            if self.fs.exists(staging):
+                self.fs.rm_file(staging)
+        return True
+
+
+def open_storage(location: str | os.PathLike) -> Storage:
+    """The `Storage` at `location`: a URL of any fsspec protocol, or a local path."""
+    fs, root = fsspec.url_to_fs(os.fspath(location))
+    return Storage(fs, root.rstrip("/") or root)
+
+
+def cache_path(url: str, cache_dir: str | os.PathLike) -> Path:
+    """Where `fetch_cached` keeps the object at `url`: `<cache_dir>/<protocol>/<bucket>/<key>`."""
+    fs, path = fsspec.url_to_fs(url)
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    parts = [part for part in path.split("/") if part]
+    if any(part in (".", "..") for part in parts):
+        raise ValueError(f"{url}: '.' and '..' are not allowed in an object key")
+    return Path(cache_dir, protocol, *parts)
+
+
+def fetch_cached(url: str, cache_dir: str | os.PathLike, chunk_bytes: int | None = None) -> Path:
+    """The local copy of the write-once object at `url` (a local path or file:// URL is returned
+    as it is). Fetched once, in ranged reads of `chunk_bytes`, into a temporary file next to its
+    cache path, renamed into place only when complete. `chunk_bytes`: default `CHUNK_BYTES`."""
+    if not is_remote(url):
+        return Path(fsspec.url_to_fs(url)[1])
+    target = cache_path(url, cache_dir)
+    if target.is_file():
+        return target
+    chunk_bytes = chunk_bytes or CHUNK_BYTES
+    fs, path = fsspec.url_to_fs(url)
+    size = int(fs.info(path)["size"])
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(temporary, "wb") as out:
+            for start in range(0, size, chunk_bytes):
+                out.write(fs.cat_file(path, start=start, end=min(start + chunk_bytes, size)))
+        os.replace(temporary, target)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return target
