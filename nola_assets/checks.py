@@ -37,6 +37,7 @@ from nola_core.eval import comparison_split, split_column, stage_value
 from nola_core.pipeline import TUNED_STAGE, ZERO_SHOT_STAGE
 
 from nola_assets import assets
+from nola_assets.common import METHOD_EVALUATION_FILE, REPORT_FILE
 from nola_assets.artifacts import ArtifactRef, ArtifactStore, materialized_ref
 from nola_assets.partitions import datasets_partitions
 from nola_assets.resources import MethodResource
@@ -162,7 +163,7 @@ def finite_check(asset_def: AssetsDefinition) -> AssetChecksDefinition:
         "Each class got at least one top-k pseudo-label (a class with none is never learnt).")
 def every_class_has_pseudo_labels(context: AssetCheckExecutionContext, artifacts: ArtifactStore) -> AssetCheckResult:
     ref = checked_ref(context, artifacts, "cde_pseudo_labels")
-    return coverage_result(artifacts.read_json(ref, assets.REPORT_FILE))
+    return coverage_result(artifacts.read_json(ref, REPORT_FILE))
 
 
 @_check(assets.evaluation, "tuned_not_worse_than_zero_shot",
@@ -173,7 +174,7 @@ def tuned_not_worse_than_zero_shot(context: AssetCheckExecutionContext, artifact
                                    method: MethodResource) -> AssetCheckResult:
     ref = checked_ref(context, artifacts, "evaluation")
     blocks = export_blocked(context.run.tags, method.setting("export_worse_than_zero_shot", "block"))
-    return tuned_vs_zero_shot_result(artifacts.read_table(ref, assets.METHOD_EVALUATION_FILE), blocks)
+    return tuned_vs_zero_shot_result(artifacts.read_table(ref, METHOD_EVALUATION_FILE), blocks)
 
 
 FINITE_CHECKED = [

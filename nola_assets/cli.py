@@ -153,7 +153,7 @@ def _materialize(paths: list[Path], args: argparse.Namespace, copy: bool, launch
     from nola_core.progress import terminal_progress
 
     from nola_assets.artifacts import ArtifactStore
-    from nola_assets.assets import PREDICTIONS_FILE
+    from nola_assets.common import PREDICTIONS_FILE
     from nola_assets.local import evaluation_of, local_instance, materialize_dataset, register_dataset
     from nola_assets.resources import DatasetsResource
 

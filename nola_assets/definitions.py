@@ -7,7 +7,8 @@ variable when a run uses it (see nola_assets/README.md), or set per run in the L
 from dagster import Definitions
 
 from nola_assets.artifacts import ArtifactRefIOManager, ArtifactStore
-from nola_assets.assets import NOLA_ASSETS, REFS_IO_MANAGER
+from nola_assets.assets import NOLA_ASSETS
+from nola_assets.common import REFS_IO_MANAGER
 from nola_assets.checks import NOLA_CHECKS
 from nola_assets.method_assets import METHOD_ASSETS
 from nola_assets.export_assets import EXPORT_ASSETS

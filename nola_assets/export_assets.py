@@ -29,13 +29,13 @@ from nola_core.methods.nola import TEMPLATES_STAGE
 from nola_core.pipeline import ZERO_SHOT_STAGE
 
 from nola_assets.artifacts import ArtifactRef, ArtifactStore
-from nola_assets.assets import (
+from nola_assets.common import (
     CLASSIFIERS_FILE,
     METHOD_EVALUATION_FILE,
-    _result,
     allocate_or_reuse,
-    load_tuned_classifier,
+    asset_result,
     nola_asset,
+    tuned_classifier_of,
 )
 from nola_assets.checks import export_blocked, tuned_vs_zero_shot_result
 from nola_assets.resources import MethodResource, ModelsResource
@@ -103,15 +103,14 @@ def exported_classifier(
         "checkpoint": "last epoch (never chosen on labels)",
         "forgetting_guard": guard,
     }
-    ref, reused = allocate_or_reuse(context, artifacts, {
-        "tuned": prompt_tuned_encoder.digest, "cde": cde_classifier.digest, "classes": classes,
-        "clip": config.clip_identity(), "evaluation": evaluation.digest,
-    })
+    ref, reused = allocate_or_reuse(
+        context, artifacts, upstream={"tuned": prompt_tuned_encoder, "cde": cde_classifier, "evaluation": evaluation},
+        clip=config, classes=classes)
     if reused:
-        return _result(ref, started, {"tuned_not_worse_than_zero_shot": verdict.passed}, reused=True)
+        return asset_result(ref, started, {"tuned_not_worse_than_zero_shot": verdict.passed}, reused=True)
     clip = models.load_clip("cpu")
     cde = artifacts.read_tensors(cde_classifier, CLASSIFIERS_FILE)["cde"]
-    classifier = load_tuned_classifier(artifacts, prompt_tuned_encoder, clip, cde, torch.device("cpu")).eval()
+    classifier = tuned_classifier_of(prompt_tuned_encoder, clip, cde, torch.device("cpu")).eval()
     manifest = export_classifier(classifier, config, clip.preprocess, classes, ref.path, provenance)
     ref = ref.with_facts(classes=list(classes), random_clip=config.clip_is_random)
     if guard["delta"] is not None and guard["delta"] < 0:
@@ -130,7 +129,7 @@ def exported_classifier(
     }
     if guard["delta"] is not None:
         metadata["forgetting_guard/delta_top1"] = guard["delta"]
-    return _result(ref, started, metadata)
+    return asset_result(ref, started, metadata)
 
 
 EXPORT_ASSETS = [exported_classifier]

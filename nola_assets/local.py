@@ -32,7 +32,7 @@ from dagster import AssetKey, DagsterEventType, DagsterInstance, DagsterRunStatu
 from nola_core.data import load_dataset_spec
 
 from nola_assets.artifacts import ArtifactRef, ArtifactStore
-from nola_assets.assets import GPU_POOL, METHOD_EVALUATION_FILE
+from nola_assets.common import GPU_POOL, METHOD_EVALUATION_FILE
 from nola_assets.partitions import DATASETS
 
 DEFAULT_HOME = ".dagster_home"

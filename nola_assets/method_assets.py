@@ -1,4 +1,4 @@
-"""The other methods of the comparison as assets, on the shared upstream assets of the NoLA graph.
+"""The methods group: the other methods of the comparison, on the shared upstream assets of the NoLA graph.
 
 Each method asset calls its `nola_core.methods` recipe on what the graph already holds (the
 manifest, the CLIP feature table, the text classifiers, the class descriptions), stores its
@@ -9,25 +9,17 @@ training maths lives here.
     cde_classifier, clip_features ───────────────> zero_shot_classifier ─┐  (zero-shot and CDE)
     class_descriptions, clip_features ───────────> lafter_encoder ───────┤
     clip_features ─> latteclip_texts ────────────> latteclip_encoder ────┼─> method_comparison
-    (the NoLA graph) ────────────────────────────> evaluation ───────────┘  (nola)
-
-`method_comparison` writes every method's rows to a stable folder, one parquet per dataset and
-method, `<artifact root>/evaluation/<dataset>/<method>.parquet` (atomically replaced), runs
-`nola_core.report.write_report` over all of them (the DuckDB view: which method wins where) and
-attaches the markdown and the PNG bar chart to its metadata.
+    (the NoLA graph) ────────────────────────────> evaluation ───────────┘  (nola_assets.result_assets)
 """
 
 
 import dataclasses
 import time
-from pathlib import Path
 
 import polars as pl
 from dagster import AssetExecutionContext, MaterializeResult, MetadataValue
 
 from nola_core import pipeline
-from nola_core.data import REDUCED_JPEG_DECODE
-from nola_core.eval import SPLITS, split_column, stage_table_rows
 from nola_core.features import FeatureTable, load_feature_table
 from nola_core.methods import (
     EvaluationLabels,
@@ -35,7 +27,6 @@ from nola_core.methods import (
     MethodRun,
     ZeroShotConfig,
     evaluate_runs,
-    evaluation_path,
     generate_latteclip_texts,
     lafter_text_set,
     latteclip_zero_shot,
@@ -43,25 +34,25 @@ from nola_core.methods import (
     run_lafter,
     run_latteclip,
     run_zero_shot,
-    write_evaluation,
 )
 from nola_core.methods.cde import CDEConfig
-from nola_core.report import EVALUATION_FOLDER, write_report
 
 from nola_assets import reporting
 from nola_assets.artifacts import ArtifactRef, ArtifactStore, digest_of
-from nola_assets.assets import (
+from nola_assets.common import (
     CLASSIFIERS_FILE,
     DESCRIPTIONS_FILE,
     FEATURES_FILE,
     GPU_POOL,
     METHOD_EVALUATION_FILE,
     TUNED_FEATURES_FILE,
-    _result,
     allocate_or_reuse,
+    asset_result,
+    compute_facts,
     nola_asset,
 )
 from nola_assets.datasets import load_manifests
+from nola_assets.result_assets import method_comparison
 from nola_assets.resources import (
     ComputeResource,
     DatasetsResource,
@@ -74,14 +65,8 @@ ZERO_SHOT_FILE = "zero_shot.safetensors"
 LAFTER_FILE = "lafter.safetensors"
 LATTE_TEXTS_FILE = "latte_texts.json"
 LATTECLIP_FILE = "latteclip.safetensors"
-COMPARISON_FILE = "comparison.parquet"
 # Description sources that are chat models able to look at images (LatteCLIP's LMM texts).
 LMM_SOURCES = ("auto", "anthropic", "openai", "openai-compatible")
-
-
-def evaluation_root(artifacts: ArtifactStore) -> Path:
-    """The stable folder of the per-method evaluation tables (what `nola report` can read)."""
-    return artifacts.root() / EVALUATION_FOLDER
 
 
 @dataclasses.dataclass
@@ -112,19 +97,6 @@ def _evaluate(name: str, classes, runs: list[MethodRun], inputs: _Inputs, random
                          random_models=random_models)
 
 
-def _evaluation_metadata(frame: pl.DataFrame) -> dict:
-    """Every stage's accuracy on each named split (where labels exist) and pseudo-label figures,
-    for the UI: the stage table of `nola_core.eval.stage_table_rows` with the method in front."""
-    header, rows, legend = stage_table_rows(frame)
-    table = reporting.markdown_table(["method", *header], [[m, *row] for m, row in zip(frame["method"], rows)])
-    metadata = {"stages": MetadataValue.md(f"{table}\n\n{legend}")}
-    for row in frame.iter_rows(named=True):
-        for split in SPLITS:
-            if row[split_column(split, "top1")] is not None:
-                metadata[f"top1/{split}/{row['method']}/{row['stage']}"] = float(row[split_column(split, "top1")])
-    return metadata
-
-
 def _history_table(epochs: list[dict]) -> MetadataValue:
     keys = [k for k in ("epoch", "loss", "mean_entropy", "agreement", "images", "failed_images")
             if epochs and k in epochs[0]] or (list(epochs[0]) if epochs else [])
@@ -150,13 +122,12 @@ def zero_shot_classifier(
     classes = dataset_manifest.facts["classes"]
     inputs = _inputs(artifacts, dataset_manifest, clip_features, name)
     zero_shot_config, cde_config = ZeroShotConfig(), CDEConfig()
-    ref, reused = allocate_or_reuse(context, artifacts, {
-        "classifiers": cde_classifier.digest, "clip_features": clip_features.digest,
-        "manifest": dataset_manifest.digest, "train_ids": digest_of(inputs.train_ids),
-        "zero_shot": dataclasses.asdict(zero_shot_config), "cde": dataclasses.asdict(cde_config),
-    })
+    ref, reused = allocate_or_reuse(
+        context, artifacts,
+        upstream={"classifiers": cde_classifier, "clip_features": clip_features, "manifest": dataset_manifest},
+        train_ids=digest_of(inputs.train_ids), zero_shot=zero_shot_config, cde=cde_config)
     if reused:
-        return _result(ref, started, {}, reused=True)
+        return asset_result(ref, started, {}, reused=True)
     weights = artifacts.read_tensors(cde_classifier, CLASSIFIERS_FILE)
     runs = [run_zero_shot(inputs.clip_table, weights["zero_shot"], inputs.train_ids, zero_shot_config),
             run_cde(inputs.clip_table, weights["cde"], inputs.train_ids, cde_config)]
@@ -164,11 +135,11 @@ def zero_shot_classifier(
     frame = _evaluate(name, classes, runs, inputs, bool(cde_classifier.facts.get("random_clip")))
     artifacts.write_table(ref, METHOD_EVALUATION_FILE, frame)
     ref = ref.with_facts(methods=["zero-shot", "cde"])
-    return _result(ref, started, {
+    return asset_result(ref, started, {
         "classes": len(classes),
         "images": len(inputs.clip_table.ids),
         "unlabeled_images": len(inputs.train_ids),
-        **_evaluation_metadata(frame),
+        **reporting.evaluation_metadata(frame),
     })
 
 
@@ -200,14 +171,13 @@ def lafter_encoder(
     texts = artifacts.read_json(class_descriptions, DESCRIPTIONS_FILE)["descriptions"]
     config, model_config, device = method.lafter_config(compute, name), models.config(), compute.torch_device()
     features = compute.feature_config()
-    ref, reused = allocate_or_reuse(context, artifacts, {
-        "clip": model_config.clip_identity(), "descriptions": class_descriptions.facts["content_hash"],
-        "templates": config.templates or spec.templates, "clip_features": clip_features.digest, "manifest": dataset_manifest.digest,
-        "train_ids": digest_of(inputs.train_ids), "config": dataclasses.asdict(config),
-        "precision": features.resolved_precision(device), "device_type": device.type, "decode": REDUCED_JPEG_DECODE,
-    })
+    ref, reused = allocate_or_reuse(
+        context, artifacts, upstream={"clip_features": clip_features, "manifest": dataset_manifest}, clip=model_config,
+        compute=compute_facts(device, features.resolved_precision(device), reads_images=True),
+        descriptions=class_descriptions.facts["content_hash"], templates=config.templates or spec.templates,
+        train_ids=digest_of(inputs.train_ids), config=config)
     if reused:
-        return _result(ref, started, {}, reused=True)
+        return asset_result(ref, started, {}, reused=True)
     context.log.info(f"LaFTer on {len(inputs.train_records)} images, {config.tuning.epochs} epochs, device {device}")
     clip = models.load_clip(device)
     text_set = lafter_text_set(clip, spec.classes, config.templates or spec.templates, texts, device)
@@ -218,7 +188,7 @@ def lafter_encoder(
     artifacts.write_table(ref, METHOD_EVALUATION_FILE, frame)
     ref = ref.with_facts(methods=["lafter"], num_prompts=config.tuning.num_prompts)
     epochs = run.history["epochs"]
-    return _result(ref, started, {
+    return asset_result(ref, started, {
         "texts": int(text_set[0].shape[0]),
         "text_iterations": config.text.iterations,
         "text_final_loss": run.history["text_loss"][-1] if run.history["text_loss"] else float("nan"),
@@ -227,7 +197,7 @@ def lafter_encoder(
         "final_loss": epochs[-1]["loss"] if epochs else float("nan"),
         "trainable_parameters": sum(t.numel() for k, t in run.tensors.items() if k.startswith("tuned.")),
         "history": _history_table(epochs),
-        **_evaluation_metadata(frame),
+        **reporting.evaluation_metadata(frame),
     })
 
 
@@ -258,15 +228,14 @@ def latteclip_texts(
     source = descriptions.source()
     config = method.latteclip_config(compute, name)
     lmm = source in LMM_SOURCES
-    key = {"source": source, "train_ids": digest_of(inputs.train_ids)}
-    if lmm:
-        key.update({"model": descriptions.setting("descriptions_model"),
-                    "base_url": descriptions.setting("descriptions_base_url"),
-                    "clip_features": clip_features.digest, "clip": models.config().clip_identity(),
-                    "group_size": config.group_size, "seed": config.seed, "class_template": config.class_template})
-    ref, reused = allocate_or_reuse(context, artifacts, key)
+    key: dict = {"source": source, "train_ids": digest_of(inputs.train_ids)}
+    if lmm:  # only then do the model, the CLIP features and the grouping shape the texts
+        key.update(upstream={"clip_features": clip_features}, clip=models.config(),
+                   model=descriptions.setting("descriptions_model"), base_url=descriptions.setting("descriptions_base_url"),
+                   group_size=config.group_size, seed=config.seed, class_template=config.class_template)
+    ref, reused = allocate_or_reuse(context, artifacts, **key)
     if reused:
-        return _result(ref, started, {}, reused=True)
+        return asset_result(ref, started, {}, reused=True)
     fallback = None
     if lmm:
         from nola_core.llm import make_provider
@@ -289,7 +258,7 @@ def latteclip_texts(
                                                  "failed": list(texts.failed), "source": source,
                                                  "fallback": fallback})
     ref = ref.with_facts(lmm=lmm, content_hash=digest_of([dict(texts.image), dict(texts.group)]))
-    return _result(ref, started, {
+    return asset_result(ref, started, {
         "source": source,
         "lmm": lmm,
         "fallback": fallback or "none",
@@ -326,14 +295,13 @@ def latteclip_encoder(
     texts = LatteTexts(stored["image"], stored["group"], tuple(stored["failed"]))
     config, model_config, device = method.latteclip_config(compute, name), models.config(), compute.torch_device()
     features = compute.feature_config()
-    ref, reused = allocate_or_reuse(context, artifacts, {
-        "clip": model_config.clip_identity(), "texts": latteclip_texts.digest, "clip_features": clip_features.digest,
-        "manifest": dataset_manifest.digest, "train_ids": digest_of(inputs.train_ids),
-        "config": dataclasses.asdict(config), "precision": features.resolved_precision(device), "device_type": device.type,
-        "decode": REDUCED_JPEG_DECODE,
-    })
+    ref, reused = allocate_or_reuse(
+        context, artifacts,
+        upstream={"texts": latteclip_texts, "clip_features": clip_features, "manifest": dataset_manifest},
+        clip=model_config, compute=compute_facts(device, features.resolved_precision(device), reads_images=True),
+        train_ids=digest_of(inputs.train_ids), config=config)
     if reused:
-        return _result(ref, started, {}, reused=True)
+        return asset_result(ref, started, {}, reused=True)
     context.log.info(f"LatteCLIP on {len(inputs.train_records)} images, at most {config.max_epochs} epochs / "
                      f"{config.max_iterations} iterations, lr {config.lr:g}, device {device}")
     clip = models.load_clip(device)
@@ -344,71 +312,16 @@ def latteclip_encoder(
     artifacts.write_table(ref, METHOD_EVALUATION_FILE, frame)
     ref = ref.with_facts(methods=["latteclip"])
     epochs = run.history["epochs"]
-    return _result(ref, started, {
+    return asset_result(ref, started, {
         "epochs": len(epochs),
         "training_images": len(inputs.train_records),
         "lr": config.lr,
         "lmm_texts": bool(latteclip_texts.facts.get("lmm")),
         "trainable_parameters": sum(t.numel() for k, t in run.tensors.items() if k.startswith("model.")),
         "history": _history_table(epochs),
-        **_evaluation_metadata(frame),
+        **reporting.evaluation_metadata(frame),
     })
 
 
-# ── the comparison ────────────────────────────────────────────────────────────────────────────
-
-
-@nola_asset(group="results", version="1", kinds={"parquet", "duckdb"})
-def method_comparison(
-    context: AssetExecutionContext,
-    zero_shot_classifier: ArtifactRef,
-    lafter_encoder: ArtifactRef,
-    latteclip_encoder: ArtifactRef,
-    evaluation: ArtifactRef,
-    artifacts: ArtifactStore,
-) -> MaterializeResult:
-    """Every method side by side: each method's evaluation rows written to
-    `<artifact root>/evaluation/<dataset>/<method>.parquet` (atomically), then the DuckDB report over
-    all datasets there (`nola_core.report.write_report`): markdown and PNG bar chart in
-    `<artifact root>/evaluation/<dataset>/report/`, both attached to this asset's metadata."""
-    started = time.perf_counter()
-    name = context.partition_key
-    upstream = [zero_shot_classifier, lafter_encoder, latteclip_encoder, evaluation]
-    ref, reused = allocate_or_reuse(context, artifacts, {r.asset: r.digest for r in upstream})
-    if not reused:
-        artifacts.write_table(ref, COMPARISON_FILE,
-                              pl.concat([artifacts.read_table(r, METHOD_EVALUATION_FILE) for r in upstream]))
-    frame = artifacts.read_table(ref, COMPARISON_FILE)  # published again even when reused: after A -> B -> A, A's rows
-    root = evaluation_root(artifacts)
-    paths = {}
-    for (method_name,), part in frame.group_by(["method"], maintain_order=True):
-        [paths[method_name]] = write_evaluation(part, root, name=method_name)
-    metadata: dict = {
-        "methods": MetadataValue.json(list(paths)),
-        "rows": frame.height,
-        "evaluation_root": MetadataValue.path(str(root)),
-        "evaluation_files": MetadataValue.json({m: str(p) for m, p in paths.items()}),
-        **_evaluation_metadata(frame.filter(pl.col("final"))),
-    }
-    final = frame.filter(pl.col("final") & pl.any_horizontal(pl.col(split_column(s, "top1")).is_not_null()
-                                                             for s in SPLITS))
-    if final.is_empty():
-        context.log.warning(f"{name}: no labelled images, so no accuracy to report")
-        metadata["report"] = "no labelled images: no accuracy to rank the methods by"
-    else:
-        report = write_report(root, out=evaluation_path(root, name).parent / "report")
-        context.log.info("\n" + report.text)
-        metadata.update({
-            "report": MetadataValue.md(report.markdown.read_text(encoding="utf-8")),
-            "report_chart": reporting.png_markdown(report.chart.read_bytes(), "top-1 accuracy per method"),
-            "report_markdown": MetadataValue.path(str(report.markdown)),
-            "report_png": MetadataValue.path(str(report.chart)),
-        })
-        ranked = report.summary.filter(pl.col("dataset") == name)
-        for (split,), part in ranked.group_by(["split"], maintain_order=True):
-            metadata[f"winner/{split}"] = str(part.sort("rank")["method"][0])
-    ref = ref.with_facts(methods=list(paths))
-    return _result(ref, started, metadata, reused=reused)
-
-
 METHOD_ASSETS = [zero_shot_classifier, lafter_encoder, latteclip_texts, latteclip_encoder, method_comparison]
+"""The other methods, and `method_comparison` (results group, nola_assets.result_assets) over them."""

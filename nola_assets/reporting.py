@@ -1,7 +1,8 @@
 """Metadata for the UI: markdown and Dagster tables, and small PNG plots (matplotlib, Agg backend).
 
-Plots stay small whatever the number of classes: the class-similarity heatmap shows at most
-`HEATMAP_CLASSES` classes, bar charts have a bounded width.
+Metadata stays small whatever the number of classes: the class-similarity heatmap shows at most
+`HEATMAP_CLASSES` classes, bar charts have a bounded width, per-class tables at most
+`TABLE_CLASSES` rows.
 """
 
 from __future__ import annotations
@@ -13,13 +14,14 @@ from typing import Mapping, Sequence
 import matplotlib
 import numpy as np
 import polars as pl
+import torch
 
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 from dagster import MetadataValue, TableColumn, TableRecord, TableSchema  # noqa: E402
 
-from nola_core.eval import stage_table_rows  # noqa: E402
+from nola_core.eval import SPLITS, split_column, stage_table_rows  # noqa: E402
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -36,13 +38,31 @@ def _cell(value: object) -> str:
     return str(value).replace("|", "\\|")
 
 
-def per_class_table(columns: Mapping[str, Sequence[object]]) -> MetadataValue:
-    """One row per class as a Dagster table (sortable in the UI, compact in the event log)."""
+TABLE_CLASSES = 1000  # rows of a per-class table: above this many classes, the ones the table ranks first
+
+
+def per_class_table(columns: Mapping[str, Sequence[object]], rank: Sequence[float] | None = None,
+                    ranked_by: str = "the first classes", limit: int = TABLE_CLASSES) -> MetadataValue:
+    """One row per class as a Dagster table (sortable in the UI, compact in the event log).
+
+    With more than `limit` classes, only the `limit` with the highest `rank` (`ranked_by` says what
+    it is; default: the first classes) are kept, in class order, and the first column's description
+    says so: the metadata stays bounded whatever the class count, like the heatmap.
+    """
+    total = len(next(iter(columns.values()), []))
+    rows = list(range(total))
+    description = None
+    if total > limit:
+        order = sorted(rows, key=lambda row: -rank[row]) if rank is not None else rows
+        rows = sorted(order[:limit])
+        description = f"{limit} of {total} classes shown: {ranked_by}"
     kinds = {str: "string", int: "int", float: "float", bool: "bool"}
-    schema = TableSchema(columns=[TableColumn(name, kinds.get(type(values[0]), "string") if values else "string")
-                                  for name, values in columns.items()])
-    rows = zip(*columns.values())
-    return MetadataValue.table([TableRecord(dict(zip(columns, row))) for row in rows], schema=schema)
+    schema = TableSchema(columns=[
+        TableColumn(name, kinds.get(type(values[0]), "string") if total else "string",
+                    description=description if position == 0 else None)
+        for position, (name, values) in enumerate(columns.items())])
+    return MetadataValue.table([TableRecord({name: values[row] for name, values in columns.items()})
+                                for row in rows], schema=schema)
 
 
 def stage_table_markdown(stages: pl.DataFrame, note: str | None = None) -> str:
@@ -51,6 +71,19 @@ def stage_table_markdown(stages: pl.DataFrame, note: str | None = None) -> str:
     header, rows, legend = stage_table_rows(stages)
     table = f"{markdown_table(header, rows)}\n\n{legend}"
     return f"{table}\n\n**{note}**" if note else table
+
+
+def evaluation_metadata(frame: pl.DataFrame) -> dict:
+    """Every stage's accuracy on each named split (where labels exist) and pseudo-label figures,
+    for the UI: the stage table of `nola_core.eval.stage_table_rows` with the method in front."""
+    header, rows, legend = stage_table_rows(frame)
+    table = markdown_table(["method", *header], [[m, *row] for m, row in zip(frame["method"], rows)])
+    metadata = {"stages": MetadataValue.md(f"{table}\n\n{legend}")}
+    for row in frame.iter_rows(named=True):
+        for split in SPLITS:
+            if row[split_column(split, "top1")] is not None:
+                metadata[f"top1/{split}/{row['method']}/{row['stage']}"] = float(row[split_column(split, "top1")])
+    return metadata
 
 
 HEATMAP_CLASSES = 50  # classes drawn in the class-similarity heatmap: the most confused ones
@@ -85,6 +118,14 @@ def scatter_2d(points, colours: Sequence[int] | None, title: str) -> bytes:
     axis.set_xticks([])
     axis.set_yticks([])
     return _png(figure)
+
+
+def pca_2d(features: torch.Tensor) -> np.ndarray:
+    """The rows of `features` projected on their first two principal components, for `scatter_2d`."""
+    x = features.float()
+    x = x - x.mean(dim=0)
+    _, _, v = torch.linalg.svd(x, full_matrices=False)
+    return (x @ v[:2].T).numpy()
 
 
 def most_confused(similarity: np.ndarray, top: int = HEATMAP_CLASSES) -> np.ndarray:

@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Sequence
 
+import polars as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -265,3 +266,35 @@ def predict_alignment(network: nn.Module, features: torch.Tensor, chunk_size: in
     chunks = [torch.softmax(network(features[i : i + chunk_size].float().to(device)), dim=-1).cpu()
               for i in range(0, features.shape[0], chunk_size)]
     return torch.cat(chunks)
+
+
+SELECTION_SCHEMA = {"image_id": pl.String, "path": pl.String, "selected": pl.Boolean, "pseudo_label": pl.Int64,
+                    "class_name": pl.String, "score": pl.Float32}
+
+
+def selection_frame(train_ids: Sequence[str], paths: Mapping[str, str], selection: PseudoLabelSelection,
+                    classes: Sequence[str]) -> pl.DataFrame:
+    """The selection as a table: one row per candidate image (row order = selection indices), label
+    columns null unless selected; `selection_from_frame` reads it back."""
+    chosen = {row: (label, score) for row, label, score in
+              zip(selection.indices.tolist(), selection.labels.tolist(), selection.scores.tolist())}
+    return pl.DataFrame({
+        "image_id": list(train_ids),
+        "path": [paths[i] for i in train_ids],
+        "selected": [row in chosen for row in range(len(train_ids))],
+        "pseudo_label": [chosen[row][0] if row in chosen else None for row in range(len(train_ids))],
+        "class_name": [classes[chosen[row][0]] if row in chosen else None for row in range(len(train_ids))],
+        "score": [chosen[row][1] if row in chosen else None for row in range(len(train_ids))],
+    }, schema=SELECTION_SCHEMA)
+
+
+def selection_from_frame(frame: pl.DataFrame, k: int, num_classes: int) -> PseudoLabelSelection:
+    """The `PseudoLabelSelection` a `selection_frame` was written from (fallback choices are not stored)."""
+    rows = frame.with_row_index("row").filter(pl.col("selected"))
+    return PseudoLabelSelection(
+        indices=torch.tensor(rows["row"].to_list(), dtype=torch.long),
+        labels=torch.tensor(rows["pseudo_label"].to_list(), dtype=torch.long),
+        scores=torch.tensor(rows["score"].to_list(), dtype=torch.float32),
+        k=k,
+        num_classes=num_classes,
+    )

@@ -12,7 +12,7 @@ from PIL import Image
 from nola_core.demo import demo_dataset_path
 
 from nola_assets.artifacts import ArtifactRefIOManager, ArtifactStore
-from nola_assets.assets import REFS_IO_MANAGER
+from nola_assets.common import REFS_IO_MANAGER
 from nola_assets.resources import (
     ComputeResource,
     DatasetsResource,
@@ -61,6 +61,11 @@ def resources_for_test(data_root: Path, artifact_root: Path, **method) -> dict:
         "descriptions": DescriptionsResource(descriptions="file", descriptions_path="fake_descriptions.json"),
         "data": DatasetsResource(data_root=str(data_root)),
     }
+
+
+def table_rows(table) -> list[tuple]:
+    """The rows of a `MetadataValue.table` (how per-class metadata is stored) as tuples, in column order."""
+    return [tuple(record.data.values()) for record in table.records]
 
 
 def materialize_partition(resources: dict, selection, partition: str):

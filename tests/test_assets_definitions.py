@@ -8,7 +8,8 @@ from pathlib import Path
 from dagster import AssetKey, DefaultScheduleStatus
 
 from nola_assets.definitions import defs
-from nola_assets.assets import GPU_POOL, NOLA_ASSETS
+from nola_assets.assets import NOLA_ASSETS
+from nola_assets.common import GPU_POOL
 from nola_assets.schedules import full_refresh_schedule
 
 REPO = Path(__file__).resolve().parents[1]

@@ -20,13 +20,9 @@ from dagster import AssetKey, AssetSelection
 
 from assets_helpers import copy_demo, materialize_partition, resources_for_test
 from nola_core.features import load_feature_table
-from nola_assets.assets import (
-    FEATURES_FILE,
-    TRAINABLE_FILE,
-    clip_features,
-    dino_features,
-    prompt_tuned_encoder,
-)
+from nola_assets.common import FEATURES_FILE, TRAINABLE_FILE
+from nola_assets.feature_assets import clip_features, dino_features
+from nola_assets.tuning_assets import prompt_tuned_encoder
 from nola_assets.resources import ComputeResource, env_name
 
 NPROC_ENV = "NOLA_NPROC_PER_NODE"  # the documented environment variable of `nproc_per_node`

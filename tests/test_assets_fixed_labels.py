@@ -9,7 +9,8 @@ live on each weak view).
 from dagster import AssetKey, AssetSelection
 
 from assets_helpers import copy_demo, materialize_partition, resources_for_test
-from nola_assets.assets import TRAINABLE_FILE, prompt_tuned_encoder
+from nola_assets.common import TRAINABLE_FILE
+from nola_assets.tuning_assets import prompt_tuned_encoder
 from nola_assets.resources import MethodResource
 
 DATASET = "fixed"

@@ -9,21 +9,20 @@ import torch
 from dagster import AssetCheckSeverity, AssetSelection, AssetKey, DagsterInstance, materialize
 from safetensors.torch import save_file
 
-from assets_helpers import ALIGNMENT_EPOCHS, FAKE_DESCRIPTIONS, TUNING_EPOCHS, copy_demo, resources_for_test
+from assets_helpers import ALIGNMENT_EPOCHS, FAKE_DESCRIPTIONS, TUNING_EPOCHS, copy_demo, resources_for_test, table_rows
 from nola_core.alignment import AlignmentConfig
 from nola_core.features import load_feature_table, save_feature_table
 from nola_core.models import ModelConfig
 from nola_core.eval import STAGE_SCHEMA
 from nola_core.pipeline import TUNED_STAGE, NolaConfig, nola_tuning_config, run_nola, tuned_head_probabilities
 from nola_assets.artifacts import ArtifactRef
-from nola_assets.assets import (
+from nola_assets.assets import NOLA_ASSETS, dino_features
+from nola_assets.common import (
     CLASSIFIERS_FILE,
     METHOD_EVALUATION_FILE,
-    NOLA_ASSETS,
     PREDICTIONS_FILE,
     TUNED_FEATURES_FILE,
-    dino_features,
-    load_tuned_classifier,
+    tuned_classifier_of,
 )
 from nola_assets import checks
 from nola_assets.checks import NOLA_CHECKS, coverage_result, finite_result, tuned_vs_zero_shot_result
@@ -77,7 +76,8 @@ def test_metadata_counts(graph, folder_labels):
 
     pseudo = _metadata(result, "cde_pseudo_labels")
     assert pseudo["k"] == 16  # max(16, floor(0.2 * 120 / 4))
-    assert sum(pseudo["per_class"].values()) == pseudo["selected"] <= 16 * 4
+    per_class = {row[0]: row[1] for row in table_rows(pseudo["per_class"])}  # class, pseudo-labels, fewer than k
+    assert sum(per_class.values()) == pseudo["selected"] <= 16 * 4
     frame = store.read_table(store.require_ref("cde_pseudo_labels", DATASET), "pseudo_labels.parquet")
     assert frame.height == 120 and frame["selected"].sum() == pseudo["selected"]
     # Precision against the class folders on disk, from the stored (image id, class) pairs.
@@ -85,8 +85,7 @@ def test_metadata_counts(graph, folder_labels):
     chosen = frame.filter(pl.col("selected"))
     right = sum(truth[image_id] == name for image_id, name in zip(chosen["image_id"], chosen["class_name"]))
     assert pseudo["precision"] == pytest.approx(right / chosen.height, abs=1e-9)
-    assert pseudo["per_class"] == {name: chosen.filter(pl.col("class_name") == name).height
-                                   for name in pseudo["per_class"]}
+    assert per_class == {name: chosen.filter(pl.col("class_name") == name).height for name in per_class}
 
     assert _metadata(result, "alignment_checkpoint")["epochs"] == ALIGNMENT_EPOCHS
     tuned = _metadata(result, "prompt_tuned_encoder")
@@ -113,8 +112,8 @@ def test_evaluation_reports_each_split_against_the_class_folders(graph, folder_l
     transductive = sum(truth[i] == c for i, c in zip(predictions["image_id"], predictions["predicted_class"])) / 120
     clip = resources_for_test(root / "data", root / "artifacts")["models"].load_clip("cpu")
     cde = store.read_tensors(store.require_ref("cde_classifier", DATASET), CLASSIFIERS_FILE)["cde"]
-    classifier = load_tuned_classifier(store, store.require_ref("prompt_tuned_encoder", DATASET), clip, cde,
-                                       torch.device("cpu"))
+    classifier = tuned_classifier_of(store.require_ref("prompt_tuned_encoder", DATASET), clip, cde,
+                                     torch.device("cpu"))
     tuned_table = load_feature_table(predictions_ref.file(TUNED_FEATURES_FILE))
     held_out = [i for i in tuned_table.ids if i not in set(predictions["image_id"])]
     classes = tuned_head_probabilities(classifier, tuned_table.rows_for(held_out)).argmax(dim=-1).tolist()

@@ -19,7 +19,8 @@ from dagster._core.test_utils import create_run_for_test, freeze_time, instance_
 from dagster._daemon.monitoring.concurrency import execute_concurrency_slots_iteration
 from dagster._daemon.monitoring.run_monitoring import execute_run_monitoring_iteration
 
-from nola_assets.assets import GPU_POOL, NOLA_ASSETS
+from nola_assets.assets import NOLA_ASSETS
+from nola_assets.common import GPU_POOL
 from nola_assets.local import INSTANCE_YAML
 from nola_assets.run_limits import MAX_RUNTIME_SECONDS, max_runtime_tags
 from nola_assets.sensors import RERUN_ON_NEW_IMAGES, nola_job
@@ -112,7 +113,7 @@ def test_a_sigkilled_nola_run_leaves_no_claimed_slot_and_the_rerun_resumes_promp
     from dagster import DagsterInstance, RunsFilter
 
     from assets_helpers import copy_demo
-    from nola_assets.assets import RESUME_DIR
+    from nola_assets.common import RESUME_DIR
     from nola_core.cli import main
     from nola_core.tuning import RESUME_FILE
 

@@ -8,13 +8,14 @@ import pytest
 import torch
 from dagster import AssetKey, DagsterInstance, materialize
 
-from assets_helpers import copy_demo, resources_for_test
+from assets_helpers import copy_demo, resources_for_test, table_rows
 from nola_core.cli import main
 from nola_core.data import build_manifest, eval_transform, load_dataset_spec, load_rgb
 from nola_core.export import MANIFEST_NAME, load_classifier
 from nola_core.methods import EVALUATION_SCHEMA
 from nola_core.models import ModelConfig, load_clip
-from nola_assets.assets import CLASSIFIERS_FILE, NOLA_ASSETS, class_descriptions, cde_classifier, load_tuned_classifier
+from nola_assets.assets import NOLA_ASSETS, class_descriptions, cde_classifier
+from nola_assets.common import CLASSIFIERS_FILE, tuned_classifier_of
 from nola_assets.export_assets import EXPORT_ASSETS, forgetting_guard
 from nola_assets.partitions import DATASETS
 
@@ -61,8 +62,8 @@ def test_export_asset_then_cli_export_loads_to_identical_logits(graph, tmp_path,
     loaded = load_classifier(tmp_path / "out")
     clip = load_clip(TINY)
     cde = store.read_tensors(store.require_ref("cde_classifier", DATASET), CLASSIFIERS_FILE)["cde"]
-    original = load_tuned_classifier(store, store.require_ref("prompt_tuned_encoder", DATASET), clip, cde,
-                                     torch.device("cpu")).eval()
+    original = tuned_classifier_of(store.require_ref("prompt_tuned_encoder", DATASET), clip, cde,
+                                   torch.device("cpu")).eval()
     images = [load_rgb(p) for p in _demo_images(root)]
     batch = torch.stack([eval_transform(clip.preprocess)(image) for image in images])
     with torch.no_grad():
@@ -87,7 +88,7 @@ def test_forgetting_guard_and_label_free_signals_in_metadata(graph):
     tuned = _metadata(result, "prompt_tuned_encoder")
     assert "entropy" in tuned["history"] and "agreement" in tuned["history"]
     pseudo = _metadata(result, "cde_pseudo_labels")
-    assert pseudo["classes_without_pseudo_labels"] == [c for c, n in pseudo["per_class"].items() if n == 0]
+    assert pseudo["classes_without_pseudo_labels"] == [c for c, n, _ in table_rows(pseudo["per_class"]) if n == 0]
     text = _metadata(result, "cde_classifier")
     assert text["name_collisions"] == [] and text["truncated_descriptions"] == 0
 
@@ -132,7 +133,7 @@ def test_text_limits_and_name_collisions_reach_the_metadata(tmp_path):
     metadata = _metadata(result, "cde_classifier")
     assert metadata["name_collisions"] == [["Bag", "bags"]]
     assert metadata["truncated_descriptions"] == 2
-    assert "| Bag | 3 | 2 |" in metadata["truncated_per_class"]
+    assert table_rows(metadata["truncated_per_class"]) == [("Bag", 3, 2)]
     assert metadata["text_checks"]["truncated"] == {"Bag": 2}
     warnings = [e.message for e in instance.all_logs(result.run_id) if e.level >= 30]
     assert any("collide" in w for w in warnings) and any("truncated" in w for w in warnings)

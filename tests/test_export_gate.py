@@ -16,7 +16,8 @@ from dagster import AssetCheckKey, AssetKey, AssetSelection, DagsterInstance, ma
 
 from assets_helpers import copy_demo, resources_for_test
 from nola_assets.artifacts import ArtifactRefIOManager
-from nola_assets.assets import METHOD_EVALUATION_FILE, NOLA_ASSETS, REFS_IO_MANAGER, evaluation
+from nola_assets.assets import NOLA_ASSETS, evaluation
+from nola_assets.common import METHOD_EVALUATION_FILE, REFS_IO_MANAGER
 from nola_assets.checks import export_blocked, tuned_not_worse_than_zero_shot
 from nola_assets.export_assets import EXPORT_ASSET, EXPORT_ASSETS, exported_classifier
 from nola_assets.partitions import DATASETS

@@ -10,7 +10,7 @@ value this run depended on.
 from dagster import AssetExecutionContext, MaterializeResult, StaticPartitionsDefinition, asset, instance_for_test, materialize
 
 from nola_assets.artifacts import ArtifactRef, ArtifactRefIOManager, ArtifactStore
-from nola_assets.assets import REFS_IO_MANAGER
+from nola_assets.common import REFS_IO_MANAGER
 
 PARTITION = "toy"
 partitions = StaticPartitionsDefinition([PARTITION])

@@ -21,7 +21,7 @@ import torch
 from dagster._serdes import serialize_value
 
 from nola_assets import reporting
-from nola_assets.assets import cde_class_table
+from nola_assets.text_assets import cde_class_table
 
 CLASSES = [f"class {i:04d}" for i in range(1000)]
 TABLE_BYTES = 256 * 1024

@@ -12,7 +12,8 @@ from nola_core.features import load_feature_table
 from nola_core.methods import EVALUATION_SCHEMA
 from nola_core.pipeline import cosine_top_classes
 from nola_core.report import connect
-from nola_assets.assets import FEATURES_FILE, GPU_POOL, METHOD_EVALUATION_FILE, NOLA_ASSETS, TUNED_FEATURES_FILE
+from nola_assets.assets import NOLA_ASSETS
+from nola_assets.common import FEATURES_FILE, GPU_POOL, METHOD_EVALUATION_FILE, TUNED_FEATURES_FILE
 from nola_assets.checks import NOLA_CHECKS
 from nola_assets.method_assets import (
     LAFTER_FILE,
@@ -20,8 +21,8 @@ from nola_assets.method_assets import (
     LATTECLIP_FILE,
     METHOD_ASSETS,
     ZERO_SHOT_FILE,
-    evaluation_root,
 )
+from nola_assets.result_assets import evaluation_root
 from nola_assets.partitions import DATASETS
 
 DATASET = "fashion_mini"

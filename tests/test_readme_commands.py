@@ -62,7 +62,7 @@ def test_the_readme_commands_run_in_order_from_an_empty_folder(fresh_folder, cap
 @pytest.mark.parametrize("artifact_root", [None, "store"])
 def test_report_reads_where_the_artifact_store_writes(fresh_folder, monkeypatch, artifact_root):
     from nola_assets.artifacts import ArtifactStore
-    from nola_assets.method_assets import evaluation_root
+    from nola_assets.result_assets import evaluation_root
     from nola_core.report import default_evaluation_root
 
     if artifact_root is not None:

@@ -76,7 +76,8 @@ def test_a_killed_prompt_tuned_encoder_run_resumes_from_its_content_keyed_state(
     from dagster import AssetSelection, DagsterInstance, materialize
 
     from assets_helpers import TUNING_EPOCHS, copy_demo, resources_for_test
-    from nola_assets.assets import NOLA_ASSETS, RESUME_DIR, TRAINABLE_FILE, prompt_tuned_encoder
+    from nola_assets.assets import NOLA_ASSETS, prompt_tuned_encoder
+    from nola_assets.common import RESUME_DIR, TRAINABLE_FILE
     from nola_assets.partitions import DATASETS
     from nola_core import tuning
 
@@ -356,7 +357,7 @@ def _serve_llm_from(monkeypatch, server) -> None:
     from dagster import RetryRequested
 
     import nola_core.llm as llm
-    from nola_assets import assets as assets_module
+    from nola_assets import text_assets
 
     real_make_provider = llm.make_provider
 
@@ -370,7 +371,7 @@ def _serve_llm_from(monkeypatch, server) -> None:
             super().__init__(max_retries=max_retries, seconds_to_wait=0)
 
     monkeypatch.setattr(llm, "make_provider", make_provider)
-    monkeypatch.setattr(assets_module, "RetryRequested", RetryAtOnce)
+    monkeypatch.setattr(text_assets, "RetryRequested", RetryAtOnce)
 
 
 def test_the_api_key_appears_nowhere_a_run_writes(tmp_path, monkeypatch, capfd, caplog):
@@ -498,7 +499,8 @@ def test_images_deleted_after_the_sensor_tick_or_the_manifest_are_reported_and_t
     from dagster import AssetKey, AssetSelection, DagsterInstance, materialize
 
     from assets_helpers import copy_demo, resources_for_test
-    from nola_assets.assets import NOLA_ASSETS, PSEUDO_LABELS_FILE, dataset_manifest, prompt_tuned_encoder
+    from nola_assets.assets import NOLA_ASSETS, dataset_manifest, prompt_tuned_encoder
+    from nola_assets.common import PSEUDO_LABELS_FILE
     from nola_assets.datasets import load_manifests
     from nola_assets.sensors import unlabeled_images_sensor
     from test_sensor import Daemon

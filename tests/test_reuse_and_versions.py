@@ -14,8 +14,7 @@ import pytest
 from dagster import AssetKey, DagsterInstance, materialize
 
 from assets_helpers import copy_demo, resources_for_test
-from nola_assets import assets as nola_assets_module
-from nola_assets import export_assets, method_assets
+from nola_assets import alignment_assets, export_assets, feature_assets, method_assets, tuning_assets
 from nola_assets.partitions import DATASETS
 from nola_assets.schedules import REFRESHED_ASSETS, refresh_requests, stale_assets
 from nola_core import pipeline
@@ -26,8 +25,9 @@ UNLABELED_IMAGES = 24
 LABELED_PER_CLASS = 4
 # What computes: model forwards, training, scoring. Wrapped with a counter during the reruns.
 WORK = [
-    (nola_assets_module, "_on_processes"),  # CLIP / DINO features, prompt tuning
-    (nola_assets_module, "train_alignment"),
+    (feature_assets, "on_processes"),  # CLIP / DINO features
+    (tuning_assets, "on_processes"),  # prompt tuning
+    (alignment_assets, "train_alignment"),
     (pipeline, "text_classifiers"),
     (pipeline, "cde_pseudo_labels"),
     (pipeline, "tuned_image_features"),

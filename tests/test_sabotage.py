@@ -45,7 +45,7 @@ from nola_core.llm import describe
 from nola_core.methods import compare, compare_methods, lafter, latteclip, nola
 from nola_core.methods.common import PseudoLabels
 from nola_core.models import ModelConfig, PromptTunedClassifier, load_dino
-from nola_assets import artifacts, assets
+from nola_assets import artifacts, common
 
 # --- the checks, on shared controlled inputs (built once per session) ------------------------------
 
@@ -109,9 +109,9 @@ def artifact_writes_are_atomic(tmp_path: Path) -> None:
 
 
 def gpu_asset_requests_a_gpu_pod(tmp_path: Path) -> None:
-    """A GPU asset declared the way every NoLA asset is (`assets.nola_asset`), checked for its pod tag."""
+    """A GPU asset declared the way every NoLA asset is (`common.nola_asset`), checked for its pod tag."""
 
-    @assets.nola_asset("sabotage", version="1", pool=assets.GPU_POOL)
+    @common.nola_asset("sabotage", version="1", pool=common.GPU_POOL)
     def a_gpu_step(context):
         raise AssertionError("never materialized")
 
@@ -349,7 +349,7 @@ def _labels_nudge_the_cde(monkeypatch):
 
 
 def _gpu_assets_without_pod_tags(monkeypatch):
-    monkeypatch.setattr(assets, "GPU_POD_TAGS", {})
+    monkeypatch.setattr(common, "GPU_POD_TAGS", {})
 
 
 def _decay_on_biases(monkeypatch):
