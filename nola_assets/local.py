@@ -12,6 +12,11 @@ cannot check a run worker's; the daemon of `nola dev` enforces only run time lim
 is alive and frees its slots, and `materialize_dataset` waits for a free `gpu` slot before it
 starts, saying which run holds it, and stops cleanly on Ctrl-C or SIGTERM while it waits, before
 the run or inside it (`execute_interruptibly`).
+
+A run here carries the `dagster/max_runtime` tag a sensor-started run of the same assets carries
+(`nola_assets/run_limits.py`, from `NOLA_MAX_RUNTIME_SECONDS_<GROUP>` as set for this command), and
+no daemon is needed to enforce it: past it, the run is failed, its slots freed, and the process
+exits with status 124 (as `timeout` does).
 """
 
 from __future__ import annotations
@@ -28,12 +33,14 @@ from typing import Any, Callable, Mapping
 
 import polars as pl
 from dagster import AssetKey, DagsterEventType, DagsterInstance, DagsterRunStatus, ExecuteInProcessResult, RunsFilter
+from dagster._core.storage.tags import MAX_RUNTIME_SECONDS_TAG
 
 from nola_core.data import load_dataset_spec
 
 from nola_assets.artifacts import ArtifactRef, ArtifactStore
 from nola_assets.common import GPU_POOL, METHOD_EVALUATION_FILE
 from nola_assets.partitions import DATASETS
+from nola_assets.run_limits import max_runtime_tags
 
 DEFAULT_HOME = ".dagster_home"
 INSTANCE_YAML = """\
@@ -79,6 +86,7 @@ def dagster_home() -> Path:
 IN_PROGRESS = [DagsterRunStatus.STARTING, DagsterRunStatus.STARTED, DagsterRunStatus.CANCELING]
 POOL_POLL_SECONDS = 2.0
 INTERRUPT_GRACE_SECONDS = 3.0  # a captured Ctrl-C / SIGTERM Dagster has not acted on by then: its run waits on a slot
+TIMED_OUT_EXIT_STATUS = 124  # a run past its max runtime, as timeout(1) exits
 
 
 def local_instance() -> DagsterInstance:
@@ -209,56 +217,68 @@ def register_dataset(instance: DagsterInstance, source: Path, data_root: Path, c
 def materialize_dataset(
     instance: DagsterInstance, name: str, resources_config: Mapping[str, Mapping[str, Any]], tags: Mapping[str, str]
 ) -> ExecuteInProcessResult:
-    """Run `nola_job` for one partition in this process, recorded in `instance`.
+    """Run `nola_job` for one partition in this process, recorded in `instance`, bounded by the
+    max runtime of its asset groups (the limits read now, not when the definitions were imported).
 
     `resources_config` holds only the resource fields to set for this run; the run config is
     stored with the run, so re-executing it from the UI repeats it.
     """
     from nola_assets.definitions import defs
+    from nola_assets.sensors import JOB_ASSETS
 
     run_config = {
         "resources": {key: {"config": dict(values)} for key, values in resources_config.items() if values},
         "loggers": {"console": {"config": {"log_level": "INFO"}}},
     }
+    run_tags = {**max_runtime_tags(JOB_ASSETS), **tags}
+    limit = run_tags.get(MAX_RUNTIME_SECONDS_TAG)
     wait_for_pool(instance)
-    return execute_interruptibly(instance, lambda run_id: defs.resolve_job_def("nola_job").execute_in_process(
-        instance=instance, partition_key=name, run_config=run_config, tags=dict(tags), run_id=run_id))
+    return execute_interruptibly(
+        instance, lambda run_id: defs.resolve_job_def("nola_job").execute_in_process(
+            instance=instance, partition_key=name, run_config=run_config, tags=run_tags, run_id=run_id),
+        max_runtime_seconds=float(limit) if limit else None)
 
 
 def execute_interruptibly(instance: DagsterInstance, execute: Callable[[str], ExecuteInProcessResult],
-                          grace_seconds: float = INTERRUPT_GRACE_SECONDS) -> ExecuteInProcessResult:
+                          grace_seconds: float = INTERRUPT_GRACE_SECONDS,
+                          max_runtime_seconds: float | None = None) -> ExecuteInProcessResult:
     """`execute(run_id)`, ending the process cleanly on Ctrl-C or SIGTERM even while a step waits
-    for a pool slot.
+    for a pool slot, and once the run has taken longer than `max_runtime_seconds`.
 
     During a run Dagster captures both signals and raises them at its next checkpoint, inside a
     step; a run whose step waits for a slot never reaches one. So a watcher thread notices a
     captured signal still pending after `grace_seconds`, marks the run failed, frees its slots and
-    pending steps, and exits the process (status 130).
+    pending steps, and exits the process (status 130). A run past its max runtime (a hung step)
+    ends the same way, with status 124: what run monitoring does to a daemon-launched run.
     """
     from dagster._core.utils import make_new_run_id
     from dagster._utils.interrupts import check_captured_interrupt
 
-    run_id, done = make_new_run_id(), threading.Event()
+    run_id, done, started = make_new_run_id(), threading.Event(), time.monotonic()
+
+    def end_run(message: str, status: int) -> None:
+        run = instance.get_run_by_id(run_id)
+        if run is not None and run.status in IN_PROGRESS:
+            instance.report_run_failed(run, message=f"{message}; marked failed by nola, its pool slots freed.")
+        instance.event_log_storage.free_concurrency_slots_for_run(run_id)
+        print(f"nola: {message}; run {run_id} marked failed, nothing holds its pool slots",
+              file=sys.stderr, flush=True)
+        os._exit(status)
 
     def watch() -> None:
         pending_since = None
         while not done.wait(0.2):
+            if max_runtime_seconds and time.monotonic() - started > max_runtime_seconds:
+                end_run(f"Exceeded the run's maximum runtime of {max_runtime_seconds:g} seconds "
+                        "(dagster/max_runtime)", TIMED_OUT_EXIT_STATUS)
             if not check_captured_interrupt():
                 pending_since = None
                 continue
             pending_since = pending_since or time.monotonic()
-            if time.monotonic() - pending_since < grace_seconds:
-                continue
-            run = instance.get_run_by_id(run_id)
-            if run is not None and run.status in IN_PROGRESS:
-                instance.report_run_failed(run, message="Interrupted (Ctrl-C or SIGTERM) while waiting; "
-                                           "marked failed by nola, its pool slots freed.")
-            instance.event_log_storage.free_concurrency_slots_for_run(run_id)
-            print(f"nola: interrupted; run {run_id} marked failed, nothing holds its pool slots",
-                  file=sys.stderr, flush=True)
-            os._exit(130)
+            if time.monotonic() - pending_since >= grace_seconds:
+                end_run("Interrupted (Ctrl-C or SIGTERM) while waiting", 130)
 
-    watcher = threading.Thread(target=watch, name="nola-interrupt-watcher", daemon=True)
+    watcher = threading.Thread(target=watch, name="nola-run-watcher", daemon=True)
     watcher.start()
     try:
         return execute(run_id)

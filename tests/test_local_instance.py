@@ -53,9 +53,10 @@ def test_a_pid_reused_by_a_newer_process_is_not_the_run_process():
     assert not process_alive(os.getpid(), since=0.0)  # this process started long after "since"
 
 
-def test_waiting_for_a_slot_says_who_holds_it_and_stops_on_sigterm(capsys):
-    """The `gpu` slot is held by a run of this (live) process; a SIGTERM to this process while it
-    waits ends the wait with exit status 143 and nothing started."""
+@pytest.mark.parametrize("number", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_waiting_for_a_slot_says_who_holds_it_and_stops_on_a_signal(capsys, number):
+    """The `gpu` slot is held by a run of this (live) process; a SIGTERM (Ctrl-C: SIGINT) to this
+    process while it waits ends the wait with exit status 143 (130) and nothing started."""
     import os
     import threading
 
@@ -65,12 +66,12 @@ def test_waiting_for_a_slot_says_who_holds_it_and_stops_on_sigterm(capsys):
         instance.event_log_storage.set_concurrency_slots("gpu", 1)
         holder = _started_run(instance, os.getpid(), "prompt_tuned_encoder")
         assert holder.run_id in pool_holders(instance, "gpu")
-        before = signal.getsignal(signal.SIGTERM)
-        threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        before = signal.getsignal(number)
+        threading.Timer(1.0, os.kill, (os.getpid(), number)).start()
         with pytest.raises(SystemExit) as stopped:
             wait_for_pool(instance, poll_seconds=0.1)
-        assert stopped.value.code == 128 + signal.SIGTERM
-        assert signal.getsignal(signal.SIGTERM) is before  # the handlers are put back
+        assert stopped.value.code == 128 + number
+        assert signal.getsignal(number) is before  # the handlers are put back
         message = capsys.readouterr().err
         assert "waiting for a slot of the `gpu` pool" in message
         assert holder.run_id in message and "prompt_tuned_encoder" in message
@@ -134,3 +135,63 @@ def test_ctrl_c_while_a_step_waits_for_a_slot_inside_the_run_fails_the_run_and_e
         assert fresh.get_run_by_id(pending.run_id).status == DagsterRunStatus.FAILURE
         info = fresh.event_log_storage.get_concurrency_info("gpu")
         assert pending.run_id not in {s.run_id for s in info.claimed_slots} | {s.run_id for s in info.pending_steps}
+
+
+def test_an_in_process_run_carries_the_max_runtime_of_its_groups_as_set_for_this_command(tmp_path, monkeypatch):
+    """`nola run`'s run is tagged like a sensor's run of the whole graph, with the limits of the
+    environment at run time: the definitions (and nola_job's own tag) were imported before the
+    setting changed. The run fails at once in its preflight (no such dataset folder)."""
+    import nola_assets.definitions  # noqa: F401  (nola_job's tag is computed here, before the setting)
+    from dagster import DagsterInstance, Failure
+    from dagster._core.storage.tags import MAX_RUNTIME_SECONDS_TAG
+
+    from nola_assets.local import materialize_dataset
+    from nola_assets.partitions import DATASETS
+    from nola_assets.run_limits import MAX_RUNTIME_SECONDS
+    from nola_assets.sensors import nola_job
+
+    for name, value in {"NOLA_DATA_ROOT": tmp_path / "data", "NOLA_ARTIFACT_ROOT": tmp_path / "artifacts",
+                        "NOLA_MAX_RUNTIME_SECONDS_PROMPT_TUNING": 60}.items():
+        monkeypatch.setenv(name, str(value))
+    instance = DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(DATASETS, ["absent"])
+    with pytest.raises(Failure, match="absent"):
+        materialize_dataset(instance, "absent", {}, {"nola/launched_by": "nola run"})
+    [run] = instance.get_runs()
+    whole_graph = sum(MAX_RUNTIME_SECONDS.values())
+    assert int(nola_job.tags[MAX_RUNTIME_SECONDS_TAG]) == whole_graph  # imported before: the defaults
+    assert int(run.tags[MAX_RUNTIME_SECONDS_TAG]) == whole_graph - MAX_RUNTIME_SECONDS["prompt_tuning"] + 60
+    assert run.tags["nola/launched_by"] == "nola run"
+
+
+def test_an_in_process_run_past_its_max_runtime_is_failed_frees_its_slot_and_exits_124(monkeypatch, capsys):
+    """No daemon watches `nola run`: its own watcher fails a hung run at its limit, as run
+    monitoring would, frees its `gpu` slot and ends the process with status 124."""
+    import threading
+    import time
+
+    from nola_assets import local
+
+    exits, ended = [], threading.Event()
+
+    def exit_process(status):  # os._exit, recorded instead: the run below returns once it is called
+        exits.append(status)
+        ended.set()
+
+    monkeypatch.setattr(local.os, "_exit", exit_process)
+    with instance_for_test() as instance:
+        instance.event_log_storage.set_concurrency_slots("gpu", 1)
+
+        def hung_step(run_id):
+            create_run_for_test(instance, run_id=run_id, status=DagsterRunStatus.STARTED)
+            assert instance.event_log_storage.claim_concurrency_slot("gpu", run_id, "prompt_tuned_encoder").is_claimed
+            assert ended.wait(30), "the run was never stopped"
+
+        started = time.monotonic()
+        local.execute_interruptibly(instance, hung_step, max_runtime_seconds=1.0)
+        assert 1.0 <= time.monotonic() - started < 10
+        assert exits[0] == local.TIMED_OUT_EXIT_STATUS == 124
+        [run] = instance.get_runs()
+        assert run.status == DagsterRunStatus.FAILURE
+        assert instance.event_log_storage.get_concurrency_info("gpu").active_slot_count == 0
+        assert "maximum runtime of 1 seconds" in capsys.readouterr().err
