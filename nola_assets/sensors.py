@@ -20,6 +20,13 @@ match the sizes and mtimes its last manifest recorded is taken as done, so `dags
 `nola demo` requests nothing until files change. At most one run per partition runs at a time:
 the instance files limit the `dagster/partition` tag per unique value (deploy/README.md). Every
 run carries a `dagster/max_runtime` tag for what it materializes (nola_assets/run_limits.py).
+
+A data root in object storage (`NOLA_DATA_ROOT=s3://bucket/prefix`, `nola_core.storage`) is seen
+through listings alone, never an object read: the dataset folders are one delimited listing (and
+a HEAD of each folder's dataset.yaml), a folder's state is one listing of it, with each object's
+size and ETag in place of size and mtime. Its dataset.yaml is not read there: a folder holding
+one becomes a partition, and a spec the run refuses fails that run's first step. After a cursor
+reset its datasets get one run each (their artifacts are reused), since no manifest records ETags.
 """
 
 
@@ -37,7 +44,8 @@ from dagster import (
     sensor,
 )
 
-from nola_core.data import DatasetSpecError, is_image_path, load_dataset_spec
+from nola_core.data import DatasetSpecError, check_dataset_name, is_image_path, load_dataset_spec
+from nola_core.storage import Storage, is_remote, open_storage
 
 from nola_assets.artifacts import ArtifactStore
 from nola_assets.assets import IMAGE_DEPENDENT_ASSETS, NOLA_ASSETS
@@ -84,11 +92,13 @@ def build_unlabeled_images_sensor(name: str = "unlabeled_images_sensor", clock: 
         now = clock()
         cursor = json.loads(context.cursor) if context.cursor else {}
         seen: dict[str, dict] = cursor.get("datasets", {})
-        names = data.names()
+        objects = _object_root(data)
+        names = _object_dataset_names(objects) if objects else data.names()
         seen = {name: entry for name, entry in seen.items() if name in names}  # folders gone: forgotten
         partitions = set(context.instance.get_dynamic_partitions(DATASETS))
 
-        new_partitions = [name for name in names if name not in partitions and _valid_spec(context, data, name, seen)]
+        new_partitions = [name for name in names if name not in partitions
+                          and (objects is not None or _valid_spec(context, data, name, seen))]
         usable = partitions | set(new_partitions)
         order = _rotated([n for n in names if n in usable], cursor.get("resume_at"))
         requests: list[RunRequest] = []
@@ -99,18 +109,19 @@ def build_unlabeled_images_sensor(name: str = "unlabeled_images_sensor", clock: 
                 resume_at = name
                 break
             walked += 1
-            files = stat_walk(data.dataset_dir(name))
+            files, ready = _object_walk(objects, name) if objects else _folder_walk(data, name)
             files_statted += len(files)
             entry = seen.setdefault(name, {"changes": 0})
             state = folder_state(files)
             if entry.get("state") != state:
-                if "state" not in entry and name in partitions and _matches_last_manifest(artifacts, name, files):
+                if ("state" not in entry and name in partitions and objects is None
+                        and _matches_last_manifest(artifacts, name, files)):
                     entry.update(state=state, since=now, requested=state)
                     continue
                 entry.update(state=state, since=now)  # changed: the quiet period starts now
             if entry.get("requested") == state:
                 continue
-            if now - entry["since"] < quiet and not (data.dataset_dir(name) / READY_MARKER).exists():
+            if now - entry["since"] < quiet and not ready:
                 waiting += 1
                 continue
             entry["changes"] += 1
@@ -136,6 +147,42 @@ def build_unlabeled_images_sensor(name: str = "unlabeled_images_sensor", clock: 
         )
 
     return _sensor
+
+
+def _object_root(data: DatasetsResource) -> Storage | None:
+    """The data root as object storage, or None for a folder of the local file system."""
+    location = str(data.setting("data_root", "data"))
+    return open_storage(location) if is_remote(location) else None
+
+
+def _object_dataset_names(objects: Storage) -> list[str]:
+    """Folders of an object-store data root holding a dataset.yaml: one listing, a HEAD each."""
+    names = []
+    for name in objects.folders():
+        try:
+            check_dataset_name(name)
+        except DatasetSpecError:  # hidden or unusable as a partition key
+            continue
+        if objects.exists(f"{name}/dataset.yaml"):
+            names.append(name)
+    return names
+
+
+def _folder_walk(data: DatasetsResource, name: str) -> tuple[list[FileState], bool]:
+    """(`stat_walk` of the dataset folder, whether it holds the ready marker)."""
+    folder = data.dataset_dir(name)
+    return stat_walk(folder), (folder / READY_MARKER).exists()
+
+
+def _object_walk(objects: Storage, name: str) -> tuple[list[FileState], bool]:
+    """`stat_walk` on object storage: dataset.yaml and the objects under unlabeled/ (hidden names
+    left out), each with its size and ETag, from one listing of the folder; and whether the folder
+    holds the ready marker."""
+    listing = objects.listing(check_dataset_name(name))
+    files = [(o.key, o.size, o.version) for o in listing
+             if o.key == "dataset.yaml" or (o.key.startswith("unlabeled/")
+                                            and not any(p.startswith(".") for p in o.key.split("/")))]
+    return files, any(o.key == READY_MARKER for o in listing)
 
 
 def _valid_spec(context: SensorEvaluationContext, data: DatasetsResource, name: str, seen: dict[str, dict]) -> bool:
