@@ -11,6 +11,13 @@ without a partition key, which answers FRESH for every partitioned asset, so it 
 request anything here (dagster/_scheduler/stale.py). Inside a run, every asset whose key has a
 finished artifact reuses it (`assets.allocate_or_reuse`), so a run requested for a stale asset
 still recomputes only what changed.
+
+Every requested run also selects the `preflight` asset, as the sensor's runs do: weights, LLM key
+and disk are checked again (they may have changed since the last run; the weekly refresh is when
+nobody watches). It never makes a run by itself: its data version is constant and it is not
+judged for staleness. It fails the run in seconds, and no step downstream of it (the manifest,
+the descriptions and all that depends on them) starts; a stale asset that does not depend on it
+(say a new code version of `prompt_tuned_encoder` alone) still starts beside it.
 """
 
 from typing import Sequence
@@ -32,6 +39,7 @@ from nola_assets.assets import NOLA_ASSETS
 from nola_assets.export_assets import EXPORT_ASSETS
 from nola_assets.method_assets import METHOD_ASSETS
 from nola_assets.partitions import DATASETS
+from nola_assets.preflight_asset import preflight
 from nola_assets.run_limits import max_runtime_tags
 from nola_assets.sensors import nola_job
 
@@ -96,18 +104,19 @@ def _topological(by_key: dict[AssetKey, AssetsDefinition]) -> list[AssetKey]:
     return order
 
 
-REFRESHED_ASSETS = [*NOLA_ASSETS, *METHOD_ASSETS, *EXPORT_ASSETS]  # nola_job's
+REFRESHED_ASSETS = [*NOLA_ASSETS, *METHOD_ASSETS, *EXPORT_ASSETS]  # nola_job's, judged for staleness
 
 
 def refresh_requests(instance: DagsterInstance, assets: Sequence[AssetsDefinition], stamp: str) -> list[RunRequest]:
-    """One run per dataset partition that has stale assets, selecting those and their dependents."""
+    """One run per dataset partition that has stale assets, selecting the preflight, those and their dependents."""
     requests = []
     for name in instance.get_dynamic_partitions(DATASETS):
         stale = stale_assets(instance, assets, name)
         if stale:
-            requests.append(RunRequest(run_key=f"{name}:refresh:{stamp}", partition_key=name, asset_selection=stale,
+            selection = [preflight.key, *stale]
+            requests.append(RunRequest(run_key=f"{name}:refresh:{stamp}", partition_key=name, asset_selection=selection,
                                        tags={"nola/dataset": name, "nola/stale": str(len(stale)),
-                                             **max_runtime_tags(assets, stale)}))
+                                             **max_runtime_tags([preflight, *assets], selection)}))
     return requests
 
 
@@ -115,8 +124,8 @@ def refresh_requests(instance: DagsterInstance, assets: Sequence[AssetsDefinitio
     job=nola_job,
     cron_schedule="0 3 * * 0",
     default_status=DefaultScheduleStatus.STOPPED,
-    description="Weekly, per dataset partition: the stale assets (new code version, changed input data "
-    "version, never materialized) and what depends on them; nothing for an unchanged dataset.",
+    description="Weekly, per dataset partition: the preflight, then the stale assets (new code version, changed "
+    "input data version, never materialized) and what depends on them; nothing for an unchanged dataset.",
 )
 def full_refresh_schedule(context: ScheduleEvaluationContext):
     stamp = context.scheduled_execution_time.strftime("%Y%m%dT%H%M")
