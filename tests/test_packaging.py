@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import sysconfig
+import tomllib
 import zipfile
 from importlib import metadata
 from pathlib import Path
@@ -17,6 +18,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from test_core_cli import export_where_sneaker_wins
+from test_core_imports import imports
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -83,6 +85,16 @@ def core_requirements(wheel: Path) -> list[Requirement]:
     return [r for r in map(Requirement, requires) if r.marker is None or r.marker.evaluate({"extra": ""})]
 
 
+def third_party_imports_of_the_core() -> set[str]:
+    """Top-level modules that nola_core imports anywhere (inside functions too), outside the
+    standard library, less those of the opt-in extras ([onnx], [peers]): a module name there is
+    its distribution's name."""
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    optional = {Requirement(text).name for extra in ("onnx", "peers") for text in extras[extra]}
+    return {module.split(".")[0] for path in (REPO / "nola_core").rglob("*.py") for _, module, _ in imports(path)
+            if module.split(".")[0] not in (*sys.stdlib_module_names, "nola_core", *optional)}
+
+
 def requirement_closure(requirements: list[Requirement]) -> set[str]:
     """Every distribution these requirements pull in, as this environment resolved them (extras of
     the requirements followed, the environment markers evaluated here)."""
@@ -117,8 +129,9 @@ def link_distributions(names: set[str], folder: Path) -> None:
 @pytest.mark.slow
 def test_the_core_alone_runs_nola_predict_without_dagster(wheel, tmp_path):
     """The wheel plus only the distributions its core dependencies pull in (linked from this
-    environment): Dagster is not importable, every nola_core module imports, `nola predict`
-    prints the class that must win, and `nola run` names the extra to install."""
+    environment): Dagster is not importable, every nola_core module imports and every module the
+    core imports inside a function is there, `nola predict` prints the class that must win, and
+    `nola run` names the extra to install."""
     closure = requirement_closure(core_requirements(wheel))
     assert "torch" in closure and not any(name.startswith("dagster") for name in closure)
     python = _bare_venv(wheel, tmp_path)
@@ -132,14 +145,18 @@ def test_the_core_alone_runs_nola_predict_without_dagster(wheel, tmp_path):
     def run(*command: str) -> subprocess.CompletedProcess:
         return subprocess.run(command, cwd=elsewhere, env=_clean_env(), capture_output=True, text=True, timeout=300)
 
-    imports = run(str(python), "-c", (
+    lazy = sorted(third_party_imports_of_the_core())
+    assert {"torch", "duckdb", "open_clip"} <= set(lazy)  # duckdb: imported inside a function only
+    imported = run(str(python), "-c", (
         "import importlib, importlib.util, pkgutil, sys, nola_core\n"
         "assert importlib.util.find_spec('dagster') is None, 'dagster is importable'\n"
+        f"missing = [m for m in {lazy!r} if importlib.util.find_spec(m) is None]\n"
+        "assert not missing, f'not installed: {missing}'\n"
         "names = [m.name for m in pkgutil.walk_packages(nola_core.__path__, 'nola_core.')]\n"
         "for name in names: importlib.import_module(name)\n"
         "print(len(names), nola_core.__file__)"))
-    assert imports.returncode == 0, imports.stderr
-    count, module = imports.stdout.split()
+    assert imported.returncode == 0, imported.stderr
+    count, module = imported.stdout.split()
     assert int(count) >= 15 and REPO not in Path(module).parents
 
     nola = str(python.parent / "nola")
