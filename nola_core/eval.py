@@ -12,7 +12,7 @@ Accuracy is never a blend of the two splits:
 
 `evaluate_stages` scores every stage on both splits into one table (`STAGE_SCHEMA`, the number of
 images `n` per split; accuracy is null where a split has no image, never 0). The method table
-(`nola_core.methods.evaluation`), NoLA's stage table (`pipeline.NolaResult`), the Dagster
+(`nola_core.methods.evaluation`), NoLA's stage table (`methods.nola.NolaResult`), the Dagster
 `evaluation` asset, its checks, the CLI and the report all read this table. Pseudo-label
 precision is measured on the adaptation images by nature (only they get pseudo-labels), over
 those whose label is known.
@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 import polars as pl
 import torch
 
+from nola_core.data import Manifest
 from nola_core.predictions import predicted_classes
 
-if TYPE_CHECKING:  # methods.common imports the pipeline, which imports this module
-    from nola_core.data import Manifest
+if TYPE_CHECKING:  # annotations only: the package nola_core.methods imports this module at import time
     from nola_core.methods.common import PseudoLabels, StageOutput
 
 TRANSDUCTIVE = "transductive"
@@ -40,6 +40,10 @@ SPLIT_MEANINGS = {
     HELD_OUT: "labelled images never seen in adaptation",
 }
 PSEUDO_LABEL_MEANING = "pseudo-label precision: on the adaptation images whose label is known"
+RANDOM_MODEL_NOTE = (
+    "NOTE: these models are randomly initialised (tiny profile or no weights): the accuracy and "
+    "precision figures only show that the pipeline runs; they say nothing about the method."
+)
 
 PER_CLASS_TYPE = pl.List(pl.Struct({"class_name": pl.String, "accuracy": pl.Float64, "n": pl.Int64}))
 ACCURACY_METRICS: dict[str, pl.DataType] = {

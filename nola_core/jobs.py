@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from nola_core.data import ImageRecord, eval_transform
+from nola_core.data.loading import evaluation_records, load_dataset
 from nola_core.distributed import (
     DistributedContext,
     extract_features_distributed,
@@ -31,8 +32,8 @@ from nola_core.distributed import (
     shutdown,
 )
 from nola_core.features import FeatureConfig, load_feature_table
+from nola_core.methods.nola import apply_wiseft, tune_prompts
 from nola_core.models import ModelConfig, load_clip, load_dino
-from nola_core.pipeline import apply_wiseft, evaluation_records, load_dataset, tune_prompts
 from nola_core.tuning import EpochStats, TuningConfig
 
 logger = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ def image_features_stage(
     """Write `job`'s feature table, for `launch`.
 
     The model is loaded from `job.models` on this rank's device; the rank encodes its share (see
-    `extract_features_distributed`). With one process it is `pipeline.image_features` written
+    `extract_features_distributed`). With one process it is `data.loading.image_features` written
     to `job.output`, bit for bit. Nothing is returned: the caller maps the file, no table travels
     between processes.
     """
@@ -80,7 +81,7 @@ class PromptTuningJob:
     """NoLA's prompt tuning of `records` (then WiSE-FT when `config.wiseft_alpha` is set).
 
     The DL network (a small MLP) and the CDE travel as they are, and so do `fixed_labels` (one
-    class per record, only with `config.fixed_pseudo_labels`: `pipeline.fixed_pseudo_labels`;
+    class per record, only with `config.fixed_pseudo_labels`: `methods.nola.fixed_pseudo_labels`;
     8 bytes an image, never the features). `resume_dir`: per-epoch resumable state
     (`tuning.train_prompts`).
     """
@@ -101,7 +102,7 @@ class PromptTuningJob:
 def prompt_tuning_stage(
     context: DistributedContext, job: PromptTuningJob, progress: Callable[[EpochStats], None] | None = None
 ) -> tuple[dict[str, torch.Tensor], list[EpochStats]]:
-    """`pipeline.tune_prompts`, then `apply_wiseft` when `job.config.wiseft_alpha` is set, for `launch`.
+    """`methods.nola.tune_prompts`, then `apply_wiseft` when `job.config.wiseft_alpha` is set, for `launch`.
 
     CLIP and DINO are loaded from `job.models` on this rank's device. Returns the trainable
     tensors on the CPU (the same on every rank: DDP keeps them in sync) and the per-epoch

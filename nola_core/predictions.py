@@ -9,6 +9,12 @@ O(N·k + chunk·(C + D)), never N × C, never a float32 copy of a whole table.
 
 Row for row, the result is what the full [N, C] matrix gives: the same probabilities, and for
 k = 1 the same index (`max`, like `argmax`, keeps the first of tied classes).
+
+The scorers every method shares are here too: `cosine_probabilities` (a [C, D] classifier at a
+logit scale), `tuned_head_probabilities` (a prompt-tuned model's head on its stored
+embeddings) and `dl_network_probabilities` score one chunk of rows; `cosine_top_classes`,
+`tuned_head_top_classes` and `dl_network_top_classes` stream them over a table, and
+`prediction_table` turns a stage's top classes into one row per image.
 """
 
 from __future__ import annotations
@@ -16,9 +22,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Sequence
 
+import polars as pl
 import torch
 
+from nola_core.data import Manifest
 from nola_core.features import FeatureTable, table_rows
+from nola_core.models import PromptTunedClassifier
 
 PREDICTION_CHUNK_SIZE = 65536
 """Rows scored at once: at 1000 classes and 768 dims, ~0.5 GB of float32 temporaries."""
@@ -131,3 +140,97 @@ def streamed_top_classes(
 ) -> TopClasses:
     """`TopClasses` for every id of `ids` over `aligned_chunks` of `table`, one chunk at a time."""
     return top_classes_over_chunks(aligned_chunks(table, ids, chunk_size), len(ids), probabilities, k)
+
+
+def cosine_probabilities(features: torch.Tensor, classifier: torch.Tensor, logit_scale: float) -> torch.Tensor:
+    """Softmax of scaled cosine logits of a chunk of rows, [n, C] float32 (`cosine_top_classes`
+    streams it over a table)."""
+    weights = torch.nn.functional.normalize(classifier.float(), dim=-1)
+    return torch.softmax(logit_scale * torch.nn.functional.normalize(features.float(), dim=-1) @ weights.T, dim=-1)
+
+
+def tuned_head_probabilities(classifier: PromptTunedClassifier, features: torch.Tensor) -> torch.Tensor:
+    """Softmax of the tuned head on a chunk of `tuned_image_features` embeddings, [n, C] on the
+    CPU (`tuned_head_top_classes` streams it over a table): the same logits as the forward."""
+    with torch.no_grad():
+        return torch.softmax(classifier.logits_from_features(features.to(classifier.head.weight.device)),
+                             dim=-1).cpu()
+
+
+def dl_network_probabilities(dl_network: torch.nn.Module):
+    """(features chunk, present rows or None) → the DL network's class probabilities on the CPU,
+    all zeros for rows not present; the scorer of `nola_core.predictions`."""
+    device = next(dl_network.parameters()).device
+    num_classes = [m for m in dl_network.modules() if isinstance(m, torch.nn.Linear)][-1].out_features
+
+    def probabilities(features: torch.Tensor, present: torch.Tensor | None) -> torch.Tensor:
+        if present is None:
+            return torch.softmax(dl_network(features.to(device)), dim=-1).cpu()
+        out = torch.zeros(len(features), num_classes)
+        if bool(present.any()):
+            out[present] = torch.softmax(dl_network(features[present].to(device)), dim=-1).cpu()
+        return out
+
+    return probabilities
+
+
+def cosine_top_classes(
+    table: FeatureTable,
+    ids: Sequence[str],
+    classifier: torch.Tensor,
+    logit_scale: float,
+    k: int = 1,
+    chunk_size: int = PREDICTION_CHUNK_SIZE,
+) -> TopClasses:
+    """The top classes of a cosine classifier ([C, D] rows, softmax at `logit_scale`) for `ids`
+    (rows of `table`; missing ids score a zero embedding, so every class ties), streamed."""
+    return streamed_top_classes(table, ids, lambda x, _: cosine_probabilities(x, classifier, logit_scale), k,
+                                chunk_size)
+
+
+def tuned_head_top_classes(
+    classifier: PromptTunedClassifier,
+    tuned_table: FeatureTable,
+    ids: Sequence[str],
+    k: int = 1,
+    chunk_size: int = PREDICTION_CHUNK_SIZE,
+) -> TopClasses:
+    """The tuned model's top classes for `ids` (rows of `tuned_table`; missing ids score a zero
+    embedding), streamed: what the `predictions` asset writes."""
+    return streamed_top_classes(tuned_table, ids, lambda x, _: tuned_head_probabilities(classifier, x), k,
+                                chunk_size)
+
+
+def dl_network_top_classes(
+    dl_network: torch.nn.Module,
+    dino_table: FeatureTable,
+    ids: Sequence[str],
+    k: int = 1,
+    chunk_size: int = PREDICTION_CHUNK_SIZE,
+) -> TopClasses:
+    """The DL network's top classes for `ids` (rows of `dino_table`; missing ids get probability
+    0 for every class, so class 0 with confidence 0), streamed."""
+    return streamed_top_classes(dino_table, ids, dl_network_probabilities(dl_network), k, chunk_size)
+
+
+def prediction_table(
+    manifest: Manifest, ids: Sequence[str], predictions: TopClasses | torch.Tensor, classes: Sequence[str]
+) -> pl.DataFrame:
+    """One row per manifest image that `ids` holds: its most probable class and that probability.
+
+    `predictions`: `TopClasses` (rows following `ids`), or [N, C] probabilities."""
+    if not isinstance(predictions, TopClasses):
+        predictions = TopClasses.of(predictions)
+    row = {image_id: i for i, image_id in enumerate(ids)}
+    present = [r for r in manifest.records if r.image_id in row]
+    rows = torch.tensor([row[r.image_id] for r in present], dtype=torch.long)
+    predicted, confidence = predictions.predicted[rows], predictions.confidence[rows]
+    return pl.DataFrame(
+        {
+            "image_id": [r.image_id for r in present],
+            "path": [r.path for r in present],
+            "predicted_class": [classes[i] for i in predicted.tolist()],
+            "predicted_index": predicted.tolist(),
+            "confidence": confidence.tolist(),
+        }
+    )

@@ -22,7 +22,7 @@ from nola_core.alignment import (
     train_alignment,
 )
 from nola_core.methods import nola
-from nola_core.pipeline import cde_pseudo_labels
+from nola_core.methods.nola import cde_pseudo_labels
 
 
 def test_k_follows_the_paper_formula():

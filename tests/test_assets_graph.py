@@ -14,7 +14,9 @@ from nola_core.alignment import AlignmentConfig
 from nola_core.features import load_feature_table, save_feature_table
 from nola_core.models import ModelConfig
 from nola_core.eval import STAGE_SCHEMA
-from nola_core.pipeline import TUNED_STAGE, NolaConfig, nola_tuning_config, run_nola, tuned_head_probabilities
+from nola_core.methods.nola import NolaConfig, nola_tuning_config, run_nola
+from nola_core.predictions import tuned_head_probabilities
+from nola_core.stage_names import NOLA_TUNED_STAGE
 from nola_assets.artifacts import ArtifactRef
 from nola_assets.assets import NOLA_ASSETS, dino_features
 from nola_assets.common import (
@@ -120,10 +122,10 @@ def test_evaluation_reports_each_split_against_the_class_folders(graph, folder_l
     names = store.require_ref("dataset_manifest", DATASET).facts["classes"]
     held_out_top1 = sum(truth[i] == names[c] for i, c in zip(held_out, classes)) / 40
     metadata = _metadata(result, "evaluation")
-    assert metadata[f"top1/transductive/{TUNED_STAGE}"] == pytest.approx(transductive, abs=1e-9)
-    assert metadata[f"top1/held-out/{TUNED_STAGE}"] == pytest.approx(held_out_top1, abs=1e-9)
+    assert metadata[f"top1/transductive/{NOLA_TUNED_STAGE}"] == pytest.approx(transductive, abs=1e-9)
+    assert metadata[f"top1/held-out/{NOLA_TUNED_STAGE}"] == pytest.approx(held_out_top1, abs=1e-9)
     table = store.read_table(store.require_ref("evaluation", DATASET), METHOD_EVALUATION_FILE)
-    row = table.filter(pl.col("stage") == TUNED_STAGE).row(0, named=True)
+    row = table.filter(pl.col("stage") == NOLA_TUNED_STAGE).row(0, named=True)
     assert (row["transductive_n"], row["held_out_n"]) == (120, 40) and row["final"]
     assert row["transductive_top1"] == pytest.approx(transductive, abs=1e-9)
     assert row["held_out_top1"] == pytest.approx(held_out_top1, abs=1e-9)

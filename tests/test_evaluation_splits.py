@@ -19,8 +19,15 @@ import torch
 
 from nola_core.eval import HELD_OUT, TRANSDUCTIVE, EvaluationLabels, evaluate_stages, split_column
 from nola_core.methods import EVALUATION_SCHEMA, MethodRun, PseudoLabels, StageOutput, evaluate_run
-from nola_core.methods.nola import DL_STAGE, SELECTION_STAGE, TEMPLATES_STAGE
-from nola_core.pipeline import CDE_STAGE, TUNED_STAGE, ZERO_SHOT_STAGE, NolaResult, nola_stage_outputs
+from nola_core.methods.nola import NolaResult, nola_stage_outputs
+from nola_core.stage_names import (
+    CDE_STAGE,
+    NOLA_DL_STAGE,
+    NOLA_SELECTION_STAGE,
+    NOLA_TEMPLATES_STAGE,
+    NOLA_TUNED_STAGE,
+    ZERO_SHOT_STAGE,
+)
 from nola_core.predictions import TopClasses
 
 CLASSES = ["a", "b", "c"]
@@ -119,8 +126,8 @@ def test_the_methods_frame_carries_both_splits():
 
 def _nola_result(labels: EvaluationLabels) -> NolaResult:
     """A `NolaResult` whose stages come from NoLA's stage outputs on the controlled predictions."""
-    predictions = {ZERO_SHOT_STAGE: ZERO_SHOT, CDE_STAGE: ZERO_SHOT, DL_STAGE: TUNED, TUNED_STAGE: TUNED,
-                   TEMPLATES_STAGE: ZERO_SHOT}
+    predictions = {ZERO_SHOT_STAGE: ZERO_SHOT, CDE_STAGE: ZERO_SHOT, NOLA_DL_STAGE: TUNED, NOLA_TUNED_STAGE: TUNED,
+                   NOLA_TEMPLATES_STAGE: ZERO_SHOT}
     top = {stage: TopClasses.of(_probabilities(predicted)) for stage, predicted in predictions.items()}
     stages = evaluate_stages(nola_stage_outputs(top, IDS, SELECTION, ADAPTED), CLASSES, labels)
     empty = dict.fromkeys(["spec", "manifest", "zero_shot", "cde", "selection", "selection_report", "dl_network",
@@ -138,22 +145,22 @@ def _table_cells(text: str) -> dict[str, dict[str, str]]:
 
 def test_nola_stage_table_shows_both_splits_named():
     result = _nola_result(ALL_LABELS)
-    assert result.stages["stage"].to_list() == [SELECTION_STAGE, ZERO_SHOT_STAGE, CDE_STAGE, DL_STAGE, TUNED_STAGE,
-                                                TEMPLATES_STAGE]
+    assert result.stages["stage"].to_list() == [NOLA_SELECTION_STAGE, ZERO_SHOT_STAGE, CDE_STAGE, NOLA_DL_STAGE,
+                                                NOLA_TUNED_STAGE, NOLA_TEMPLATES_STAGE]
     text = result.stage_table()
     cells = _table_cells(text)
-    tuned = cells[f"{TUNED_STAGE} (final)"]
+    tuned = cells[f"{NOLA_TUNED_STAGE} (final)"]
     assert tuned["transductive top-1"] == f"{100 * _accuracy(TUNED, KNOWN_ADAPTED):.1f}%" == "83.3%"
     assert tuned["held-out top-1"] == f"{100 * _accuracy(TUNED, HELD):.1f}%" == "25.0%"
     assert cells[ZERO_SHOT_STAGE]["transductive top-1"] == "0.0%"
     assert cells[ZERO_SHOT_STAGE]["held-out top-1"] == "100.0%"
-    assert cells[SELECTION_STAGE]["pseudo-label prec."] == "50.0%"
+    assert cells[NOLA_SELECTION_STAGE]["pseudo-label prec."] == "50.0%"
     assert "transductive: 6 labelled copies of the unlabeled images adapted on" in text
     assert "held-out: 4 labelled images never seen in adaptation" in text
     assert "pseudo-label precision: on the adaptation images" in text
     # Without held-out images the held-out column says "-", not 0.
     cells = _table_cells(_nola_result(NO_HELD_OUT).stage_table())
-    assert cells[f"{TUNED_STAGE} (final)"]["held-out top-1"] == "-"
+    assert cells[f"{NOLA_TUNED_STAGE} (final)"]["held-out top-1"] == "-"
 
 
 def test_markdown_stage_table_names_both_splits():
@@ -162,7 +169,7 @@ def test_markdown_stage_table_names_both_splits():
     markdown = stage_table_markdown(_nola_result(ALL_LABELS).stages)
     assert markdown.splitlines()[0] == ("| stage | pseudo-label prec. | pseudo-label cov. | transductive top-1 | "
                                         "held-out top-1 | transductive mean/class | held-out mean/class |")
-    tuned = [line for line in markdown.splitlines() if line.startswith(f"| {TUNED_STAGE} (final) |")]
+    tuned = [line for line in markdown.splitlines() if line.startswith(f"| {NOLA_TUNED_STAGE} (final) |")]
     assert tuned and tuned[0].split(" | ")[3:5] == ["83.3%", "25.0%"]
 
 

@@ -23,7 +23,7 @@ from nola_assets.export_assets import EXPORT_ASSET, EXPORT_ASSETS, exported_clas
 from nola_assets.partitions import DATASETS
 from nola_assets.resources import MethodResource
 from nola_core.eval import HELD_OUT, comparison_split, split_column
-from nola_core.pipeline import TUNED_STAGE, ZERO_SHOT_STAGE
+from nola_core.stage_names import NOLA_TUNED_STAGE, ZERO_SHOT_STAGE
 
 DATASET = "gate_mini"
 ASSETS = [*NOLA_ASSETS, *EXPORT_ASSETS, tuned_not_worse_than_zero_shot]
@@ -46,7 +46,7 @@ def _check_result(result):
 def _with_figures(frame: pl.DataFrame, tuned: float, zero_shot: float) -> pl.DataFrame:
     column = split_column(comparison_split(frame), "top1")
     return frame.with_columns(
-        pl.when(pl.col("stage") == TUNED_STAGE).then(pl.lit(tuned))
+        pl.when(pl.col("stage") == NOLA_TUNED_STAGE).then(pl.lit(tuned))
         .when(pl.col("stage") == ZERO_SHOT_STAGE).then(pl.lit(zero_shot))
         .otherwise(pl.col(column)).alias(column))
 

@@ -10,7 +10,7 @@ from assets_helpers import copy_demo, resources_for_test
 from nola_core.eval import SPLITS, split_column
 from nola_core.features import load_feature_table
 from nola_core.methods import EVALUATION_SCHEMA
-from nola_core.pipeline import cosine_top_classes
+from nola_core.predictions import cosine_top_classes
 from nola_core.report import connect
 from nola_assets.assets import NOLA_ASSETS
 from nola_assets.common import FEATURES_FILE, GPU_POOL, METHOD_EVALUATION_FILE, TUNED_FEATURES_FILE

@@ -53,8 +53,7 @@ from nola_core.methods import (
     zero_shot_weights,
 )
 from nola_core.methods.latteclip import latteclip_step, text_bank
-from nola_core.methods.nola import selection_pseudo_labels
-from nola_core.pipeline import cde_pseudo_labels, dino_pseudo_labeller
+from nola_core.methods.nola import cde_pseudo_labels, dino_pseudo_labeller, selection_pseudo_labels
 from nola_core.predictions import predicted_classes
 from nola_core.tuning import TuningConfig, train_prompts
 

@@ -23,7 +23,7 @@ from nola_core.methods import (
     generate_latteclip_texts,
 )
 from nola_core.models import ModelConfig
-from nola_core.pipeline import NolaConfig
+from nola_core.methods.nola import NolaConfig
 from nola_core.tuning import TuningConfig
 
 FAST = ComparisonConfig(

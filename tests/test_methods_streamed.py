@@ -42,7 +42,8 @@ from nola_core.methods import (
     tune_latteclip,
 )
 from nola_core.models import ModelConfig, load_clip
-from nola_core.pipeline import cosine_probabilities, image_features, tuned_head_probabilities
+from nola_core.data.loading import image_features
+from nola_core.predictions import cosine_probabilities, tuned_head_probabilities
 from nola_core.tuning import TuningConfig
 from test_stage_predictions import reindex_rows
 

@@ -19,7 +19,8 @@ from nola_core.methods.compare import ComparisonConfig, compare_methods
 from nola_core.models import ModelConfig, load_clip, load_dino
 from nola_core.models.loading import CheckpointHashError
 from nola_core.models.registry import MINI_WEIGHTS_DIR
-from nola_core.pipeline import CDE_STAGE, TUNED_STAGE, ZERO_SHOT_STAGE, NolaConfig, nola_tuning_config, run_nola
+from nola_core.methods.nola import NolaConfig, nola_tuning_config, run_nola
+from nola_core.stage_names import CDE_STAGE, NOLA_TUNED_STAGE, ZERO_SHOT_STAGE
 
 MINI = ModelConfig.from_profile("mini")
 TOP1 = split_column(TRANSDUCTIVE, "top1")
@@ -95,4 +96,4 @@ def test_dl_network_and_nola_keep_their_measured_standing_against_zero_shot():
     zero_shot = top1[ZERO_SHOT_STAGE]
     assert top1[CDE_STAGE] is not None
     assert top1["DL network (DINO)"] - zero_shot >= DL_MARGIN, top1
-    assert top1[TUNED_STAGE] - zero_shot >= NOLA_MARGIN, top1
+    assert top1[NOLA_TUNED_STAGE] - zero_shot >= NOLA_MARGIN, top1

@@ -10,15 +10,10 @@ import pytest
 from nola_core.alignment import AlignmentConfig
 from nola_core.demo import demo_dataset_path
 from nola_core.models import ModelConfig, load_clip
-from nola_core.pipeline import (
-    TUNED_STAGE,
-    NolaConfig,
-    evaluation_records,
-    load_dataset,
-    run_nola,
-    tuned_head_probabilities,
-    tuned_image_features,
-)
+from nola_core.data.loading import evaluation_records, load_dataset, tuned_image_features
+from nola_core.methods.nola import NolaConfig, run_nola
+from nola_core.predictions import tuned_head_probabilities
+from nola_core.stage_names import NOLA_TUNED_STAGE
 from nola_core.tuning import TuningConfig
 
 FAST = NolaConfig(
@@ -75,7 +70,7 @@ def test_nola_end_to_end_on_real_images(demo_copy, folder_labels):
     assert stages["pseudo_label_precision"][0] == pytest.approx(result.selection_report["precision"], abs=1e-9)
     # The tuned stage on each split against the class folders: transductive from the prediction
     # table, held-out from the tuned head on the held-out images (same records, so same batches).
-    tuned = stages.filter(pl.col("stage") == TUNED_STAGE).row(0, named=True)
+    tuned = stages.filter(pl.col("stage") == NOLA_TUNED_STAGE).row(0, named=True)
     predicted = dict(zip(result.predictions["image_id"], result.predictions["predicted_class"]))
     right = sum(truth[image_id] == name for image_id, name in predicted.items())
     assert tuned["transductive_top1"] == pytest.approx(right / 120, abs=1e-9)

@@ -18,7 +18,7 @@ from nola_core.acceleration import BF16_FEATURE_MEAN_COSINE, BF16_FEATURE_MIN_CO
 from nola_core.demo import MINI_DEMO_DATASET, bundled_dataset_path
 from nola_core.features import FeatureConfig
 from nola_core.models import ModelConfig, load_clip, load_dino
-from nola_core.pipeline import image_features, load_dataset
+from nola_core.data.loading import image_features, load_dataset
 from nola_core.text.classifiers import zero_shot_classifier
 from nola_core.text.templates import get_templates
 

@@ -1,6 +1,6 @@
 """Streamed stage predictions: the same answers as the full probability matrices, in bounded memory.
 
-`pipeline.stage_predictions` scores every stage chunk by chunk and keeps each image's top
+`methods.nola.stage_predictions` scores every stage chunk by chunk and keeps each image's top
 classes. On a small controlled case (tables in different row orders, ids missing from the
 DINO and tuned tables, chunks that do not divide N) it must give what the whole-table code
 gives: the argmax and its probability of `[N, C]` matrices built at once, and so the same
@@ -25,14 +25,9 @@ from nola_core.data import ImageRecord, Manifest
 from nola_core.features import FeatureTable, load_feature_table, save_feature_table
 from nola_core.eval import EvaluationLabels, evaluate_stages
 from nola_core.methods import PseudoLabels
-from nola_core.pipeline import (
-    TUNED_STAGE,
-    cosine_probabilities,
-    nola_stage_outputs,
-    prediction_table,
-    stage_predictions,
-    tuned_head_probabilities,
-)
+from nola_core.methods.nola import nola_stage_outputs, stage_predictions
+from nola_core.predictions import cosine_probabilities, prediction_table, tuned_head_probabilities
+from nola_core.stage_names import CDE_STAGE, NOLA_DL_STAGE, NOLA_TEMPLATES_STAGE, NOLA_TUNED_STAGE, ZERO_SHOT_STAGE
 from nola_core.predictions import TopClasses
 
 ROWS, DIM, CLASSES, CHUNK = 65_536, 64, 256, 2048
@@ -69,11 +64,11 @@ def full_matrix_probabilities(clip, dino, zero_shot, cde, dl_network, classifier
     tuned_features = reindex_rows(tuned, clip.ids)
     dl = FeatureTable(dino.ids, predict_alignment(dl_network, dino.features))
     return {
-        "zero-shot (templates)": cosine_probabilities(clip.features, zero_shot, logit_scale),
-        "CDE (descriptions)": cosine_probabilities(clip.features, cde, logit_scale),
-        "DL network (DINO)": reindex_rows(dl, clip.ids),
-        TUNED_STAGE: tuned_head_probabilities(classifier, tuned_features),
-        "tuned encoder + templates": cosine_probabilities(tuned_features, zero_shot, logit_scale),
+        ZERO_SHOT_STAGE: cosine_probabilities(clip.features, zero_shot, logit_scale),
+        CDE_STAGE: cosine_probabilities(clip.features, cde, logit_scale),
+        NOLA_DL_STAGE: reindex_rows(dl, clip.ids),
+        NOLA_TUNED_STAGE: tuned_head_probabilities(classifier, tuned_features),
+        NOLA_TEMPLATES_STAGE: cosine_probabilities(tuned_features, zero_shot, logit_scale),
     }
 
 
@@ -113,17 +108,17 @@ def test_streamed_stages_match_the_full_probability_matrices(chunk_size):
         torch.testing.assert_close(streamed[name].confidence, confidence, rtol=1e-6, atol=0)
         # Top 5, where no class ties (rows the DINO table lacks are all zeros: every class ties).
         values, indices = probabilities.topk(5, dim=-1)
-        keep = ~missing_dino if name == "DL network (DINO)" else torch.ones(len(clip.ids), dtype=torch.bool)
+        keep = ~missing_dino if name == NOLA_DL_STAGE else torch.ones(len(clip.ids), dtype=torch.bool)
         assert torch.equal(top5[name].indices[keep], indices[keep]), name
         torch.testing.assert_close(top5[name].probabilities, values, rtol=1e-6, atol=0)
     # Rows the DINO table lacks: probability 0 everywhere, so class 0 at confidence 0, as before.
-    assert (streamed["DL network (DINO)"].confidence[missing_dino] == 0).all()
+    assert (streamed[NOLA_DL_STAGE].confidence[missing_dino] == 0).all()
 
     records = [ImageRecord(i, f"{i}.png", label=int(n) % 7) for n, i in enumerate(clip.ids[::-1])]
     manifest = Manifest(tuple(records[:200]))  # unlabeled; the labelled images are all 300
     labeled = Manifest(tuple(records))
-    assert prediction_table(manifest, clip.ids, streamed[TUNED_STAGE], list("abcdefg")).equals(
-        prediction_table(manifest, clip.ids, full[TUNED_STAGE], list("abcdefg")))
+    assert prediction_table(manifest, clip.ids, streamed[NOLA_TUNED_STAGE], list("abcdefg")).equals(
+        prediction_table(manifest, clip.ids, full[NOLA_TUNED_STAGE], list("abcdefg")))
     labels, train_ids = EvaluationLabels.from_manifests(manifest, labeled), list(manifest.ids)
     selection = PseudoLabels(tuple(train_ids[:5]), torch.arange(5), len(train_ids))
     streamed_metrics = evaluate_stages(nola_stage_outputs(streamed, clip.ids, selection, train_ids), list("abcdefg"), labels)
@@ -156,7 +151,7 @@ def measure(directory: str) -> dict:
         full = cosine_probabilities(clip.features, zero_shot, LOGIT_SCALE)
     return {
         "streamed": streaming.growth, "full": whole.growth,
-        "agree": torch.equal(streamed["zero-shot (templates)"].predicted, full.argmax(dim=-1)),
+        "agree": torch.equal(streamed[ZERO_SHOT_STAGE].predicted, full.argmax(dim=-1)),
         "rows": [len(top) for top in streamed.values()],
     }
 

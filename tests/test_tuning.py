@@ -14,7 +14,7 @@ from safetensors import safe_open
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from nola_core import pipeline
+from nola_core.methods.nola import tune_prompts
 from nola_core.alignment import alignment_network
 from nola_core.data import MultiView, build_manifest, eval_transform, load_dataset_spec, load_rgb, strong_transform, weak_transform
 from nola_core.demo import demo_dataset_path
@@ -168,14 +168,14 @@ def possible_weak_views(image, pre) -> torch.Tensor:
 
 
 def check_nola_labeller_sees_weak_views(clip, dino, spec, records, tolerance=1e-5):
-    """NoLA's prompt tuning (`pipeline.tune_prompts`, real views and labeller) on a few demo images:
+    """NoLA's prompt tuning (`methods.nola.tune_prompts`, real views and labeller) on a few demo images:
     every image the DL network's DINO receives is one of the weak views of a training image."""
     recorder = RecordingDino(dino)
     network = alignment_network(dino.feature_dim, len(spec.classes), hidden_dim=8)
     config = TuningConfig(num_prompts=2, epochs=1, batch_size=len(records), micro_batch_size=len(records),
                           num_workers=0)
-    pipeline.tune_prompts(clip, recorder, network, torch.eye(len(spec.classes), clip.embed_dim), spec.root, records,
-                          config, "cpu")
+    tune_prompts(clip, recorder, network, torch.eye(len(spec.classes), clip.embed_dim), spec.root, records, config,
+                 "cpu")
     received = torch.cat(recorder.inputs)
     assert len(received) == len(records), f"the labeller saw {len(received)} views of {len(records)} images"
     candidates = torch.cat([possible_weak_views(load_rgb(spec.root / r.path), dino.preprocess) for r in records])

@@ -11,7 +11,8 @@ from the shared inputs (features, text classifiers, descriptions) into a `Method
                                                tune_lafter → run_lafter
     latteclip   `latteclip`:  LatteCLIPConfig, latteclip_zero_shot, generate_latteclip_texts →
                                                tune_latteclip → latteclip_top_classes → run_latteclip
-    nola        `nola`:       NolaConfig,      the stages of `nola_core.pipeline` → run_nola_method
+    nola        `nola`:       NolaConfig,      cde_pseudo_labels → train_alignment → tune_prompts →
+                                               stage_predictions → run_nola_method (run_nola: on a folder)
 
 A stage's predictions are each image's top class and its probability (`TopClasses`), scored
 chunk by chunk over the (possibly memory-mapped, float16) feature tables: no recipe builds an

@@ -18,10 +18,10 @@ from nola_core.methods.common import MethodRun
 from nola_core.methods.zero_shot import classifier_run
 from nola_core.models import ClipModel
 from nola_core.predictions import PREDICTION_CHUNK_SIZE
+from nola_core.stage_names import CDE_STAGE
 from nola_core.text import cde_classifier, get_templates
 
 METHOD = "cde"
-STAGE = "CDE (descriptions)"
 
 
 @dataclass(frozen=True)
@@ -51,4 +51,4 @@ def run_cde(
     chunk_size: int = PREDICTION_CHUNK_SIZE,
 ) -> MethodRun:
     """The CDE classifier on precomputed CLIP features (the shared feature table), streamed."""
-    return classifier_run(METHOD, STAGE, clip_table, weights, unlabeled_ids, config.logit_scale, chunk_size)
+    return classifier_run(METHOD, CDE_STAGE, clip_table, weights, unlabeled_ids, config.logit_scale, chunk_size)

@@ -15,6 +15,7 @@ from typing import Mapping, Sequence
 
 import polars as pl
 
+from nola_core.data.loading import evaluation_records, image_features, load_dataset, training_ids
 from nola_core.features import FeatureConfig
 from nola_core.methods.cde import CDEConfig, cde_weights, run_cde
 from nola_core.methods.common import MethodRun
@@ -28,18 +29,11 @@ from nola_core.methods.latteclip import (
     latteclip_zero_shot,
     run_latteclip,
 )
-from nola_core.methods.nola import nola_config_with_seed, run_nola_method
+from nola_core.methods.nola import NolaConfig, nola_config_with_seed, run_nola_method
 from nola_core.methods.zero_shot import ZeroShotConfig, run_zero_shot, zero_shot_weights
 from nola_core.models import ModelConfig, load_clip, load_dino
-from nola_core.pipeline import (
-    NolaConfig,
-    evaluation_records,
-    image_features,
-    load_dataset,
-    resolve_descriptions,
-    training_ids,
-)
 from nola_core.runtime import resolve_device
+from nola_core.text.dataset import resolve_descriptions
 
 logger = logging.getLogger(__name__)
 

@@ -45,21 +45,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from nola_core.data import ImageRecord, MultiView, eval_transform, strong_transform
+from nola_core.data.loading import tuned_image_features
 from nola_core.data.transforms import Preprocess, Transform, views_decode_min_side
 from nola_core.features import FeatureConfig, FeatureTable
 from nola_core.methods.common import MethodRun, PseudoLabels, StageOutput, seeded
 from nola_core.models import ClipModel, PromptTunedClassifier
-from nola_core.pipeline import tuned_head_top_classes, tuned_image_features
-from nola_core.predictions import PREDICTION_CHUNK_SIZE, TopClasses, streamed_top_classes
+from nola_core.predictions import PREDICTION_CHUNK_SIZE, TopClasses, streamed_top_classes, tuned_head_top_classes
 from nola_core.runtime import resolve_device
+from nola_core.stage_names import LAFTER_TEXT_STAGE, LAFTER_TUNED_STAGE
 from nola_core.text import cde_texts, embed_texts, get_templates
 from nola_core.tuning import EpochStats, TuningConfig, train_prompts
 
 logger = logging.getLogger(__name__)
 
 METHOD = "lafter"
-TEXT_STAGE = "LaFTer text classifier"
-TUNED_STAGE = "LaFTer prompt-tuned"
 
 
 # The reference's text-classifier iterations per dataset (`utils/utils.py`, `text_cls_epochs`).
@@ -284,8 +283,9 @@ def run_lafter(
     tuned = tuned_image_features(classifier, clip, root, eval_records, features, device, output=tuned_output)
     tuned_top = tuned_head_top_classes(classifier, tuned, clip_table.ids, chunk_size=chunk_size)
     stages = [
-        StageOutput(TEXT_STAGE, clip_table.ids, text_top, PseudoLabels.argmax(clip_table.ids, text_top, unlabeled_ids)),
-        StageOutput(TUNED_STAGE, clip_table.ids, tuned_top, final=True),
+        StageOutput(LAFTER_TEXT_STAGE, clip_table.ids, text_top,
+                    PseudoLabels.argmax(clip_table.ids, text_top, unlabeled_ids)),
+        StageOutput(LAFTER_TUNED_STAGE, clip_table.ids, tuned_top, final=True),
     ]
     tensors = {"text_classifier": weight}
     tensors.update({f"tuned.{name}": t.cpu() for name, t in classifier.trainable_state_dict().items()})

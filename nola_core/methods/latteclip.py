@@ -70,16 +70,14 @@ from nola_core.data.transforms import Preprocess, views_decode_min_side
 from nola_core.features import FeatureConfig, FeatureTable, extract_features
 from nola_core.methods.common import MethodRun, PseudoLabels, StageOutput, seeded
 from nola_core.models import ClipModel
-from nola_core.pipeline import cosine_top_classes
-from nola_core.predictions import PREDICTION_CHUNK_SIZE, TopClasses
+from nola_core.predictions import PREDICTION_CHUNK_SIZE, TopClasses, cosine_top_classes
 from nola_core.runtime import autocast_context, cpu_thread_budget, loader_workers, resolve_device
+from nola_core.stage_names import LATTECLIP_FINAL_STAGE, LATTECLIP_ZERO_SHOT_STAGE
 from nola_core.text import zero_shot_classifier
 
 logger = logging.getLogger(__name__)
 
 METHOD = "latteclip"
-ZERO_SHOT_STAGE = "zero-shot (class template)"
-FINAL_STAGE = "LatteCLIP prototypes"
 TEXT_KINDS = ("image", "group", "class")
 
 # Appendix B: lr 1e-6 on these two datasets, 1e-7 on the others.
@@ -665,8 +663,8 @@ def run_latteclip(
     final = latteclip_top_classes(model, prototypes, clip, root, eval_records, clip_table.ids, features, device,
                                   chunk_size=chunk_size, output=tuned_output)
     stages = [
-        StageOutput(ZERO_SHOT_STAGE, clip_table.ids, zs_top, zs_labels),
-        StageOutput(FINAL_STAGE, clip_table.ids, final, final=True),
+        StageOutput(LATTECLIP_ZERO_SHOT_STAGE, clip_table.ids, zs_top, zs_labels),
+        StageOutput(LATTECLIP_FINAL_STAGE, clip_table.ids, final, final=True),
     ]
     tensors = {"prototypes": prototypes}
     tensors.update({f"model.{name}": t for name, t in trainable_tensors(model).items()})

@@ -5,7 +5,7 @@ with each class name, renormalised; an image goes to the class of highest cosine
 (softmax at CLIP's logit scale 100 for probabilities). No training, no seed. The classifier is
 built by `nola_core.text.zero_shot_classifier`, the same one NoLA reports as its first stage,
 and scored the same way: streamed over the (possibly memory-mapped) feature table, keeping only
-each image's top class (`pipeline.cosine_top_classes`).
+each image's top class (`predictions.cosine_top_classes`).
 """
 
 from __future__ import annotations
@@ -18,12 +18,11 @@ import torch
 from nola_core.features import FeatureTable
 from nola_core.methods.common import MethodRun, PseudoLabels, StageOutput
 from nola_core.models import ClipModel
-from nola_core.pipeline import cosine_top_classes
-from nola_core.predictions import PREDICTION_CHUNK_SIZE
+from nola_core.predictions import PREDICTION_CHUNK_SIZE, cosine_top_classes
+from nola_core.stage_names import ZERO_SHOT_STAGE
 from nola_core.text import get_templates, zero_shot_classifier
 
 METHOD = "zero-shot"
-STAGE = "zero-shot (templates)"
 
 
 @dataclass(frozen=True)
@@ -72,4 +71,4 @@ def run_zero_shot(
     chunk_size: int = PREDICTION_CHUNK_SIZE,
 ) -> MethodRun:
     """Zero-shot CLIP on precomputed CLIP features (the shared feature table)."""
-    return classifier_run(METHOD, STAGE, clip_table, weights, unlabeled_ids, config.logit_scale, chunk_size)
+    return classifier_run(METHOD, ZERO_SHOT_STAGE, clip_table, weights, unlabeled_ids, config.logit_scale, chunk_size)
