@@ -3,7 +3,7 @@
     .venv/bin/python -m benchmarks.agreement [--images 32] [--out FILE]
 
 For each model (tiny and mini profiles, open_clip ViT-B-16 and timm DINO ViT-B/16 with random
-weights), the same images go through `pipeline.image_features` at fp32 and at bf16 (autocast,
+weights), the same images go through `data.loading.image_features` at fp32 and at bf16 (autocast,
 fused attention, pre-cast weights); reported: the per-image cosine of the two (min, mean) and,
 for the mini CLIP on its shipped shifted domain (`demo.MINI_DEMO_DATASET`), how often the
 zero-shot prediction (fp32 text classifier) is the same. Images: the mini domain's real
@@ -33,7 +33,7 @@ def features_at(model, root: Path, records, precision: str):
     import torch
 
     from nola_core.features import FeatureConfig
-    from nola_core.pipeline import image_features
+    from nola_core.data.loading import image_features
 
     config = FeatureConfig(batch_size=16, num_workers=0, precision=precision)
     return image_features(model, root, records, config, "cpu").features.to(torch.float32)
@@ -52,7 +52,7 @@ def measure(images: int) -> dict:
     from benchmarks.images import write_images
     from nola_core.demo import MINI_DEMO_DATASET, bundled_dataset_path
     from nola_core.models import ModelConfig, load_clip, load_dino
-    from nola_core.pipeline import load_dataset
+    from nola_core.data.loading import load_dataset
     from nola_core.text.classifiers import zero_shot_classifier
     from nola_core.text.templates import get_templates
 

@@ -10,7 +10,7 @@ thread state cannot speed up or slow down the next. Images are generated from th
 dataset's real pictures (`benchmarks/images.py`), JPEG, 224-320 px on the short side.
 
 Figures: feature extraction (naive: PIL per image in the main process, fp32, batch 32, no
-workers; ours: `pipeline.image_features` with workers, batching and reduced precision),
+workers; ours: `data.loading.image_features` with workers, batching and reduced precision),
 prompt-tuning steps (naive: fp32, MHA's own path, no workers; ours: bf16 autocast with fused
 attention and pre-cast frozen weights, workers; and ours with fixed pseudo-labels), peak memory
 per phase, matmul throughput and the compute-bound limit of a ViT-B/16 forward (35.1 GFLOPs
@@ -144,7 +144,7 @@ def _sync(device) -> None:
 
 
 def _records(root: Path, limit: int | None = None):
-    from nola_core.pipeline import load_dataset
+    from nola_core.data.loading import load_dataset
 
     _, manifest, _ = load_dataset(root)
     return list(manifest.records[:limit] if limit else manifest.records)
@@ -238,12 +238,12 @@ def _feature_config(options, compile_everything: bool = False):
 
 
 def phase_extraction(options, size: Size, device) -> dict:
-    """The project's path, `pipeline.image_features`, over the whole dataset, written to the
+    """The project's path, `data.loading.image_features`, over the whole dataset, written to the
     store file batch by batch as the assets do; before it, the manifest scan, with one thread
     and with the default threads."""
     from nola_core.data import build_manifest, load_dataset_spec
     from nola_core.data.manifest import scan_workers
-    from nola_core.pipeline import image_features, load_dataset
+    from nola_core.data.loading import image_features, load_dataset
 
     _, clip, dino = _models(size, device)
     config = _feature_config(options, compile_everything=True)
@@ -275,7 +275,7 @@ def phase_incremental(options, size: Size, device) -> dict:
 
     from nola_core.data import Manifest, build_manifest
     from nola_core.features import load_feature_table, update_feature_table
-    from nola_core.pipeline import image_features, load_dataset
+    from nola_core.data.loading import image_features, load_dataset
 
     _, clip, dino = _models(size, device)
     config = _feature_config(options)
@@ -304,7 +304,7 @@ def _training(options, size: Size, device, variant: str) -> dict:
 
     from nola_core.alignment import alignment_network
     from nola_core.data import MultiView
-    from nola_core.pipeline import build_prompt_classifier, dino_pseudo_labeller, tuning_views
+    from nola_core.methods.nola import build_prompt_classifier, dino_pseudo_labeller, tuning_views
     from nola_core.tuning import TuningConfig, train_prompts
 
     _, clip, dino = _models(size, device)
@@ -355,7 +355,7 @@ def phase_end_to_end(options, size: Size, device) -> dict:
     import dataclasses
 
     from nola_core.models import ModelConfig
-    from nola_core.pipeline import NolaConfig, run_nola
+    from nola_core.methods.nola import NolaConfig, run_nola
 
     config = NolaConfig(models=ModelConfig.from_profile("tiny"), features=_feature_config(options),
                         device=str(device))
@@ -474,12 +474,12 @@ def _peer_versions() -> dict:
 def phase_alignment(options, size: Size, device) -> dict:
     """NoLA's stage between extraction and tuning at the paper's settings, on `size.alignment_images`:
     CDE scores + top-k per class over CLIP features, then the DL network's 50 epochs on DINO
-    features (`pipeline.cde_pseudo_labels`, `alignment.train_alignment`). Features are random:
+    features (`methods.nola.cde_pseudo_labels`, `alignment.train_alignment`). Features are random:
     the cost depends on the shapes (ViT-B/16: 512 / 768 dims), not the values."""
     import torch
 
     from nola_core.alignment import AlignmentConfig, train_alignment
-    from nola_core.pipeline import cde_pseudo_labels
+    from nola_core.methods.nola import cde_pseudo_labels
 
     images = size.alignment_images
     classes = min(options.cost_classes, images // 10)
@@ -671,7 +671,7 @@ def cost_projection(extraction: dict, tuning: dict, alignment: dict) -> dict:
     fixed pseudo-labels); evaluation = N / clip rate (the tuned encoder's pass over the images).
     Scale linearly for other N.
     """
-    from nola_core.pipeline import nola_tuning_config
+    from nola_core.methods.nola import nola_tuning_config
 
     n, epochs = COST_IMAGES, nola_tuning_config().epochs
     stages = {

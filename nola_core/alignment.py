@@ -261,7 +261,7 @@ def train_alignment(
 @torch.inference_mode()
 def predict_alignment(network: nn.Module, features: torch.Tensor, chunk_size: int = 65536) -> torch.Tensor:
     """Class probabilities of the DL network for every row: [N, C] float32, for small feature
-    sets (the pipeline keeps only each row's top classes: `pipeline.dl_network_top_classes`)."""
+    sets (the pipeline keeps only each row's top classes: `predictions.dl_network_top_classes`)."""
     device = next(network.parameters()).device
     chunks = [torch.softmax(network(features[i : i + chunk_size].float().to(device)), dim=-1).cpu()
               for i in range(0, features.shape[0], chunk_size)]

@@ -10,7 +10,7 @@ ones). A table never has to sit in RAM whole, neither when written nor when read
 - Loaded with `mmap=True`, `features` is a torch tensor over a copy-on-write `numpy.memmap` of
   the file's data section, so a 1.3 M × 768 table (2 GB) is paged in only where it is read:
   chunked consumers (`alignment.class_log_odds`, `alignment.predict_alignment`,
-  `predictions.aligned_chunks` under `pipeline.stage_predictions`) stream over it.
+  `predictions.aligned_chunks` under `methods.nola.stage_predictions`) stream over it.
 - A table in object storage (`load_feature_table("s3://…")`) is copied once, in ranged reads,
   into the local cache by its write-once key, and memory-mapped from there.
 """

@@ -58,7 +58,7 @@ class TuningConfig:
     forward during tuning (about a quarter less compute per step, BENCHMARKS.md). That is what
     NoLA's reference does in effect: its "weak" view is `te_transform` (resize + centre crop, no
     randomness), so every image gets the same label at every step; NoLA's recipe therefore sets
-    it (`pipeline.nola_tuning_config`). False (this dataclass's default, and LaFTer's) runs the
+    it (`methods.nola.nola_tuning_config`). False (this dataclass's default, and LaFTer's) runs the
     labeller on a fresh weak view (`MultiView`'s first transform) of every image at every step.
     `fused_attention` / `precast_weights` only change speed (`nola_core.acceleration`).
 
