@@ -87,10 +87,11 @@ def core_requirements(wheel: Path) -> list[Requirement]:
 
 def third_party_imports_of_the_core() -> set[str]:
     """Top-level modules that nola_core imports anywhere (inside functions too), outside the
-    standard library, less those of the opt-in extras ([onnx], [peers]): a module name there is
-    its distribution's name."""
+    standard library, less those of the core's opt-in extras (all but dagster, deploy and dev:
+    [onnx], [peers], ...; their module names are their distributions' names)."""
     extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    optional = {Requirement(text).name for extra in ("onnx", "peers") for text in extras[extra]}
+    optional = {Requirement(text).name for extra, texts in extras.items() if extra not in ("dagster", "deploy", "dev")
+                for text in texts}
     return {module.split(".")[0] for path in (REPO / "nola_core").rglob("*.py") for _, module, _ in imports(path)
             if module.split(".")[0] not in (*sys.stdlib_module_names, "nola_core", *optional)}
 
