@@ -40,7 +40,7 @@ from nola_assets import assets
 from nola_assets.common import METHOD_EVALUATION_FILE, REPORT_FILE
 from nola_assets.artifacts import ArtifactRef, ArtifactStore, materialized_ref
 from nola_assets.partitions import datasets_partitions
-from nola_assets.resources import MethodResource
+from nola_assets.resources import EXPORT_POLICIES, MethodResource
 
 CHECK_CHUNK_ELEMENTS = 2**24
 """Values read at once per tensor (32 MB of float16): a 2 GB feature table is checked in slices."""
@@ -48,7 +48,6 @@ CHECK_CHUNK_ELEMENTS = 2**24
 
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 
-EXPORT_POLICIES = ("block", "allow")  # MethodResource.export_worse_than_zero_shot
 AUTOMATED_RUN_TAGS = ("dagster/sensor_name", "dagster/schedule_name")  # set by Dagster on runs a sensor or schedule requested
 
 
@@ -173,7 +172,7 @@ def every_class_has_pseudo_labels(context: AssetCheckExecutionContext, artifacts
 def tuned_not_worse_than_zero_shot(context: AssetCheckExecutionContext, artifacts: ArtifactStore,
                                    method: MethodResource) -> AssetCheckResult:
     ref = checked_ref(context, artifacts, "evaluation")
-    blocks = export_blocked(context.run.tags, method.setting("export_worse_than_zero_shot", "block"))
+    blocks = export_blocked(context.run.tags, method.setting("export_worse_than_zero_shot", EXPORT_POLICIES[0]))
     return tuned_vs_zero_shot_result(artifacts.read_table(ref, METHOD_EVALUATION_FILE), blocks)
 
 

@@ -38,7 +38,7 @@ from nola_assets.common import (
     tuned_classifier_of,
 )
 from nola_assets.checks import export_blocked, tuned_vs_zero_shot_result
-from nola_assets.resources import MethodResource, ModelsResource
+from nola_assets.resources import EXPORT_POLICIES, MethodResource, ModelsResource
 
 
 def forgetting_guard(evaluation: pl.DataFrame) -> dict:
@@ -84,7 +84,7 @@ def exported_classifier(
     evaluated = artifacts.read_table(evaluation, METHOD_EVALUATION_FILE)
     verdict = tuned_vs_zero_shot_result(evaluated)
     if not verdict.passed:
-        if export_blocked(context.run.tags, method.setting("export_worse_than_zero_shot", "block")):
+        if export_blocked(context.run.tags, method.setting("export_worse_than_zero_shot", EXPORT_POLICIES[0])):
             raise Failure(description=f"{name}: not exported: {verdict.description} (a run started by a sensor "
                           "or a schedule; NOLA_EXPORT_WORSE_THAN_ZERO_SHOT=allow exports it anyway)",
                           metadata=verdict.metadata, allow_retries=False)

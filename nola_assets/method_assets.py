@@ -54,6 +54,7 @@ from nola_assets.common import (
 from nola_assets.datasets import load_manifests
 from nola_assets.result_assets import method_comparison
 from nola_assets.resources import (
+    DEFAULT_DESCRIPTIONS_CACHE,
     ComputeResource,
     DatasetsResource,
     DescriptionsResource,
@@ -248,7 +249,7 @@ def latteclip_texts(
         texts = generate_latteclip_texts(
             provider, spec.root, inputs.train_records, zero_shot_labels.labels, domain=spec.domain,
             group_size=config.group_size, seed=config.seed,
-            cache_dir=descriptions.setting("descriptions_cache", ".nola_cache/descriptions"))
+            cache_dir=descriptions.setting("descriptions_cache", DEFAULT_DESCRIPTIONS_CACHE))
     else:
         texts = LatteTexts()
         fallback = (f"description source {source!r} is not a chat model that sees images: no LMM texts, "

@@ -22,6 +22,7 @@ from pydantic import Field
 from nola_core.alignment import AlignmentConfig
 from nola_core.data import DatasetSpec, check_dataset_name, load_dataset_spec
 from nola_core.features import FeatureConfig
+from nola_core.llm import DEFAULT_PROMPT_SET, CleanRules
 from nola_core.models import ClipModel, DinoModel, ModelConfig, load_clip, load_dino
 from nola_core.pipeline import nola_tuning_config
 from nola_core.runtime import resolve_device
@@ -66,6 +67,26 @@ def _parse(raw: str, kind: type, variable: str) -> Any:
         raise ValueError(f"{variable}={raw!r}: expected {kind.__name__}") from error
 
 
+def env_field(name: str, help: str, default: Any = None, note: str = "") -> Any:
+    """A field left unset (None) in code: its description ends with the variable it is read from,
+    `NOLA_<NAME>`, and the default it takes otherwise. Pass the default from where the code takes it
+    (a core config's field, a constant used by the code), never retyped, so the text cannot drift."""
+    where = [f"env {env_name(name)}"] + ([f"default {default}"] if default is not None else []) + ([note] if note else [])
+    return Field(default=None, description=f"{help} ({'; '.join(where)})")
+
+
+_FEATURES = FeatureConfig()
+_ALIGNMENT = AlignmentConfig()
+_TUNING = nola_tuning_config()
+DEFAULT_DEVICE = "auto"
+DEFAULT_PROFILE = "paper"
+DEFAULT_DESCRIPTIONS = "dataset"
+DEFAULT_DESCRIPTIONS_COUNT = 10
+DEFAULT_DESCRIPTIONS_CACHE = ".nola_cache/descriptions"
+DEFAULT_DATA_ROOT = "data"
+EXPORT_POLICIES = ("block", "allow")  # MethodResource.export_worse_than_zero_shot; the first is the default
+
+
 def _overrides(resource: EnvSettings, mapping: dict[str, str]) -> dict[str, Any]:
     """Core-config field → value, for the resource fields that are set (here or in the environment)."""
     values = {core: resource.setting(field) for field, core in mapping.items()}
@@ -75,34 +96,30 @@ def _overrides(resource: EnvSettings, mapping: dict[str, str]) -> dict[str, Any]
 class ComputeResource(EnvSettings):
     """Where and how tensors are computed. Shared by every GPU-bound asset."""
 
-    device: Optional[str] = Field(default=None, description="auto | cpu | cuda | cuda:N (env NOLA_DEVICE; default auto)")
-    precision: Optional[str] = Field(
-        default=None, description="auto | fp32 | bf16 | fp16 (env NOLA_PRECISION; auto = bf16 on CUDA and, for feature "
-        "extraction, on CPUs with native bf16; fp32 otherwise)"
-    )
-    batch_size: Optional[int] = Field(default=None, description="feature-extraction batch (env NOLA_BATCH_SIZE; default 128)")
-    num_workers: Optional[int] = Field(
-        default=None, description="data-loader worker processes (env NOLA_NUM_WORKERS; default 2; on the CPU at most "
-        "a quarter of the cores)"
-    )
-    nproc_per_node: Optional[int] = Field(
-        default=None, description="processes for feature extraction and prompt tuning (DDP), one per GPU, or gloo "
-        "processes on the CPU (env NOLA_NPROC_PER_NODE; default 1 = in the run worker; ignored under torchrun)"
-    )
+    device: Optional[str] = env_field("device", "auto | cpu | cuda | cuda:N", DEFAULT_DEVICE)
+    precision: Optional[str] = env_field(
+        "precision", "auto | fp32 | bf16 | fp16", _FEATURES.precision,
+        "auto = bf16 on CUDA and, for feature extraction, on CPUs with native bf16; fp32 otherwise")
+    batch_size: Optional[int] = env_field("batch_size", "feature-extraction batch", _FEATURES.batch_size)
+    num_workers: Optional[int] = env_field("num_workers", "data-loader worker processes", _FEATURES.num_workers,
+                                           "on the CPU at most a quarter of the cores")
+    nproc_per_node: Optional[int] = env_field(
+        "nproc_per_node", "processes for feature extraction and prompt tuning (DDP), one per GPU, or gloo processes "
+        "on the CPU", 1, "1 = in the run worker; ignored under torchrun")
 
     def torch_device(self) -> torch.device:
-        return resolve_device(self.setting("device", "auto"))
+        return resolve_device(self.setting("device", DEFAULT_DEVICE))
 
     def processes(self) -> int:
         """`nproc_per_node`, checked: at least 1; on CUDA one GPU per process, so at most the
         visible GPUs and no single named GPU (`cuda:N`)."""
-        count = self.setting("nproc_per_node", 1)
+        count = self.setting("nproc_per_node", 1)  # the default its description names
         where = f"nproc_per_node={count} (env {env_name('nproc_per_node')})"
         if count < 1:
             raise ValueError(f"{where}: must be at least 1")
         if count == 1:
             return 1
-        device, named = self.torch_device(), self.setting("device", "auto")
+        device, named = self.torch_device(), self.setting("device", DEFAULT_DEVICE)
         if device.type not in ("cuda", "cpu"):
             raise ValueError(f"{where}: several processes need CUDA GPUs or the CPU, not {device.type}")
         if device.type == "cuda":
@@ -136,25 +153,20 @@ class ComputeResource(EnvSettings):
 class ModelsResource(EnvSettings):
     """Which CLIP and DINO: a profile (`paper`, `mini` or `tiny`) plus optional overrides."""
 
-    model_profile: Optional[str] = Field(
-        default=None, description="paper | mini | tiny (env NOLA_MODEL_PROFILE; default paper)"
-    )
-    clip_model: Optional[str] = Field(default=None, description="open_clip architecture, e.g. ViT-B-32 (env NOLA_CLIP_MODEL)")
-    clip_pretrained: Optional[str] = Field(
-        default=None, description="open_clip pretrained tag, e.g. openai, or 'none' for random weights (env NOLA_CLIP_PRETRAINED)"
-    )
-    clip_checkpoint: Optional[str] = Field(default=None, description="local CLIP weights file (env NOLA_CLIP_CHECKPOINT)")
-    dino_model: Optional[str] = Field(default=None, description="timm name, e.g. vit_base_patch16_224.dino (env NOLA_DINO_MODEL)")
-    dino_checkpoint: Optional[str] = Field(default=None, description="local DINO weights file (env NOLA_DINO_CHECKPOINT)")
-    init_seed: Optional[int] = Field(default=None, description="seed of randomly initialised models (env NOLA_INIT_SEED)")
-    weights_dir: Optional[str] = Field(
-        default=None, description="a `nola weights download` folder, read before any download (env NOLA_WEIGHTS_DIR)"
-    )
+    model_profile: Optional[str] = env_field("model_profile", "paper | mini | tiny", DEFAULT_PROFILE)
+    clip_model: Optional[str] = env_field("clip_model", "open_clip architecture, e.g. ViT-B-32")
+    clip_pretrained: Optional[str] = env_field("clip_pretrained",
+                                               "open_clip pretrained tag, e.g. openai, or 'none' for random weights")
+    clip_checkpoint: Optional[str] = env_field("clip_checkpoint", "local CLIP weights file")
+    dino_model: Optional[str] = env_field("dino_model", "timm name, e.g. vit_base_patch16_224.dino")
+    dino_checkpoint: Optional[str] = env_field("dino_checkpoint", "local DINO weights file")
+    init_seed: Optional[int] = env_field("init_seed", "seed of randomly initialised models")
+    weights_dir: Optional[str] = env_field("weights_dir", "a `nola weights download` folder, read before any download")
 
     def config(self) -> ModelConfig:
         pretrained = self.setting("clip_pretrained")
         config = ModelConfig.from_profile(
-            self.setting("model_profile", "paper"),
+            self.setting("model_profile", DEFAULT_PROFILE),
             clip_name=self.setting("clip_model"),
             clip_pretrained=pretrained,
             clip_checkpoint=self.setting("clip_checkpoint"),
@@ -200,36 +212,30 @@ class MethodResource(EnvSettings):
     """NoLA's hyper-parameters; unset fields keep the reference's values (`AlignmentConfig`,
     `pipeline.nola_tuning_config`)."""
 
-    k_min: Optional[int] = Field(default=None, description="k = max(k_min, floor(k_fraction·N/C)) (env NOLA_K_MIN; 16)")
-    k_fraction: Optional[float] = Field(default=None, description="env NOLA_K_FRACTION; 0.2")
-    hidden_dim: Optional[int] = Field(default=None, description="DL network hidden width (env NOLA_HIDDEN_DIM; 256)")
-    alignment_lr: Optional[float] = Field(default=None, description="DL network Adam lr (env NOLA_ALIGNMENT_LR; 1e-3)")
-    alignment_batch_size: Optional[int] = Field(default=None, description="env NOLA_ALIGNMENT_BATCH_SIZE; 32")
-    alignment_epochs: Optional[int] = Field(default=None, description="DL network epochs (env NOLA_ALIGNMENT_EPOCHS; 50)")
-    num_prompts: Optional[int] = Field(default=None, description="visual prompt tokens (env NOLA_NUM_PROMPTS; 16)")
-    deep_prompts: Optional[bool] = Field(default=None, description="prompts in every layer (env NOLA_DEEP_PROMPTS; false)")
-    tuning_lr: Optional[float] = Field(default=None, description="AdamW lr at batch 512 (env NOLA_TUNING_LR; 4e-3)")
-    tuning_batch_size: Optional[int] = Field(default=None, description="effective batch (env NOLA_TUNING_BATCH_SIZE; 512)")
-    micro_batch_size: Optional[int] = Field(
-        default=None, description="images per forward/backward (env NOLA_MICRO_BATCH_SIZE; 32)"
-    )
-    tuning_epochs: Optional[int] = Field(default=None, description="prompt-tuning epochs (env NOLA_TUNING_EPOCHS; 50)")
-    seed: Optional[int] = Field(default=None, description="training seed of both stages (env NOLA_SEED; 0)")
-    wiseft_alpha: Optional[float] = Field(
-        default=None, description="WiSE-FT weight on the tuned tensors, unset = off (env NOLA_WISEFT_ALPHA)"
-    )
-    fixed_pseudo_labels: Optional[bool] = Field(
-        default=None,
-        description="DL-network labels computed once per image from the stored DINO features of the evaluation view, "
-        "as NoLA's reference labels its deterministic view; false runs a DINO forward per random weak view "
-        "(env NOLA_FIXED_PSEUDO_LABELS; true)",
-    )
-    export_worse_than_zero_shot: Optional[str] = Field(
-        default=None,
-        description="block: a run started by a sensor or a schedule does not export a tuned model whose top-1 is "
-        "below zero-shot's (check tuned_not_worse_than_zero_shot); allow: it exports it with a warning "
-        "(env NOLA_EXPORT_WORSE_THAN_ZERO_SHOT; block)",
-    )
+    k_min: Optional[int] = env_field("k_min", "k = max(k_min, floor(k_fraction·N/C))", _ALIGNMENT.k_min)
+    k_fraction: Optional[float] = env_field("k_fraction", "see k_min", _ALIGNMENT.k_fraction)
+    hidden_dim: Optional[int] = env_field("hidden_dim", "DL network hidden width", _ALIGNMENT.hidden_dim)
+    alignment_lr: Optional[float] = env_field("alignment_lr", "DL network Adam lr", _ALIGNMENT.lr)
+    alignment_batch_size: Optional[int] = env_field("alignment_batch_size", "DL network batch", _ALIGNMENT.batch_size)
+    alignment_epochs: Optional[int] = env_field("alignment_epochs", "DL network epochs", _ALIGNMENT.epochs)
+    num_prompts: Optional[int] = env_field("num_prompts", "visual prompt tokens", _TUNING.num_prompts)
+    deep_prompts: Optional[bool] = env_field("deep_prompts", "prompts in every layer", _TUNING.deep_prompts)
+    tuning_lr: Optional[float] = env_field("tuning_lr", f"AdamW lr at batch {_TUNING.batch_size}", _TUNING.lr)
+    tuning_batch_size: Optional[int] = env_field("tuning_batch_size", "effective batch", _TUNING.batch_size)
+    micro_batch_size: Optional[int] = env_field("micro_batch_size", "images per forward/backward",
+                                                _TUNING.micro_batch_size)
+    tuning_epochs: Optional[int] = env_field("tuning_epochs", "prompt-tuning epochs", _TUNING.epochs)
+    seed: Optional[int] = env_field("seed", "training seed of both stages", _TUNING.seed)
+    wiseft_alpha: Optional[float] = env_field("wiseft_alpha", "WiSE-FT weight on the tuned tensors, unset = off",
+                                              _TUNING.wiseft_alpha)
+    fixed_pseudo_labels: Optional[bool] = env_field(
+        "fixed_pseudo_labels", "DL-network labels computed once per image from the stored DINO features of the "
+        "evaluation view, as NoLA's reference labels its deterministic view; false runs a DINO forward per random "
+        "weak view", _TUNING.fixed_pseudo_labels)
+    export_worse_than_zero_shot: Optional[str] = env_field(
+        "export_worse_than_zero_shot", "block: a run started by a sensor or a schedule does not export a tuned model "
+        "whose top-1 is below zero-shot's (check tuned_not_worse_than_zero_shot); allow: it exports it with a warning",
+        EXPORT_POLICIES[0])
 
     def alignment_config(self) -> AlignmentConfig:
         return dataclasses.replace(AlignmentConfig(), **_overrides(self, _ALIGNMENT_FIELDS))
@@ -269,33 +275,27 @@ class DescriptionsResource(EnvSettings):
     `openai`, `openai-compatible` (with base URL and model), `file` (with a path), `templates`.
     """
 
-    descriptions: Optional[str] = Field(
-        default=None, description="dataset | auto | anthropic | openai | openai-compatible | file | templates "
-        "(env NOLA_DESCRIPTIONS; default dataset)"
-    )
-    descriptions_path: Optional[str] = Field(
-        default=None, description="file for `file`, absolute or relative to the dataset folder (env NOLA_DESCRIPTIONS_PATH)"
-    )
-    descriptions_model: Optional[str] = Field(default=None, description="LLM name (env NOLA_DESCRIPTIONS_MODEL)")
-    descriptions_base_url: Optional[str] = Field(
-        default=None, description="OpenAI-compatible server URL (env NOLA_DESCRIPTIONS_BASE_URL)"
-    )
-    prompt_set: Optional[str] = Field(default=None, description="prompts/<name>.yaml (env NOLA_PROMPT_SET; nola_v2)")
-    descriptions_count: Optional[int] = Field(default=None, description="answers per question (env NOLA_DESCRIPTIONS_COUNT; 10)")
-    descriptions_prefix_class: Optional[bool] = Field(
-        default=None, description="prepend '<class>: ' to an LLM line that does not name its class "
-        "(env NOLA_DESCRIPTIONS_PREFIX_CLASS; default true; files are used as written)"
-    )
-    descriptions_cache: Optional[str] = Field(
-        default=None, description="per-class LLM answer cache (env NOLA_DESCRIPTIONS_CACHE; .nola_cache/descriptions)"
-    )
+    descriptions: Optional[str] = env_field(
+        "descriptions", "dataset | auto | anthropic | openai | openai-compatible | file | templates", DEFAULT_DESCRIPTIONS)
+    descriptions_path: Optional[str] = env_field("descriptions_path",
+                                                 "file for `file`, absolute or relative to the dataset folder")
+    descriptions_model: Optional[str] = env_field("descriptions_model", "LLM name")
+    descriptions_base_url: Optional[str] = env_field("descriptions_base_url", "OpenAI-compatible server URL")
+    prompt_set: Optional[str] = env_field("prompt_set", "prompts/<name>.yaml", DEFAULT_PROMPT_SET)
+    descriptions_count: Optional[int] = env_field("descriptions_count", "answers per question",
+                                                  DEFAULT_DESCRIPTIONS_COUNT)
+    descriptions_prefix_class: Optional[bool] = env_field(
+        "descriptions_prefix_class", "prepend '<class>: ' to an LLM line that does not name its class",
+        CleanRules().prefix_class_name, "files are used as written")
+    descriptions_cache: Optional[str] = env_field("descriptions_cache", "per-class LLM answer cache",
+                                                  DEFAULT_DESCRIPTIONS_CACHE)
 
     def source(self) -> str:
-        return self.setting("descriptions", "dataset")
+        return self.setting("descriptions", DEFAULT_DESCRIPTIONS)
 
     def describe(self, spec: DatasetSpec) -> tuple[dict[str, list[str]], dict[str, Any]]:
         """(class → descriptions for every class of `spec`, provenance)."""
-        from nola_core.llm import DEFAULT_PROMPT_SET, CleanRules, describe_classes, load_description_set, make_provider
+        from nola_core.llm import describe_classes, load_description_set, make_provider
         from nola_core.pipeline import resolve_descriptions
 
         source = self.source()
@@ -316,9 +316,9 @@ class DescriptionsResource(EnvSettings):
             provider=provider,
             prompt_set=self.setting("prompt_set", DEFAULT_PROMPT_SET),
             domain=spec.domain,
-            count=self.setting("descriptions_count", 10),
-            cache_dir=self.setting("descriptions_cache", ".nola_cache/descriptions"),
-            rules=CleanRules(prefix_class_name=self.setting("descriptions_prefix_class", True)),
+            count=self.setting("descriptions_count", DEFAULT_DESCRIPTIONS_COUNT),
+            cache_dir=self.setting("descriptions_cache", DEFAULT_DESCRIPTIONS_CACHE),
+            rules=CleanRules(prefix_class_name=self.setting("descriptions_prefix_class", CleanRules().prefix_class_name)),
         )
         return resolve_descriptions(spec, result.descriptions), result.provenance
 
@@ -326,7 +326,8 @@ class DescriptionsResource(EnvSettings):
 class DatasetsResource(EnvSettings):
     """The data root: one folder per dataset (dataset.yaml, unlabeled/, optional labeled/)."""
 
-    data_root: Optional[str] = Field(default=None, description="env NOLA_DATA_ROOT; default data/ (relative to the working directory)")
+    data_root: Optional[str] = env_field("data_root", "folder of the dataset folders", f"{DEFAULT_DATA_ROOT}/",
+                                         "relative to the working directory")
     sensor_quiet_seconds: Optional[float] = Field(
         default=None, description="env NOLA_SENSOR_QUIET_SECONDS; default 60: the sensor requests a run for a dataset "
         "only once its files have not changed for this long (or a .ready file is in its folder)")
@@ -335,7 +336,7 @@ class DatasetsResource(EnvSettings):
         "after this long (the next tick goes on where it stopped)")
 
     def root(self) -> Path:
-        return Path(self.setting("data_root", "data")).resolve()
+        return Path(self.setting("data_root", DEFAULT_DATA_ROOT)).resolve()
 
     def dataset_dir(self, name: str) -> Path:
         """`<data root>/<name>`; a name that could lead elsewhere ('..', '/') is refused."""

@@ -44,3 +44,30 @@ def test_graph_groups_pools_and_partitions():
                      "prompt_tuned_encoder", "predictions"}
     assert full_refresh_schedule.default_status == DefaultScheduleStatus.STOPPED
     assert {s.name for s in defs.sensors} == {"unlabeled_images_sensor"}
+
+
+def test_resource_help_names_each_variable_and_the_core_default():
+    """Field descriptions are built from the core configs (`resources.env_field`): a default typed
+    into the text could drift from the value the code takes."""
+    from nola_core.alignment import AlignmentConfig
+    from nola_core.features import FeatureConfig
+    from nola_core.pipeline import nola_tuning_config
+
+    from nola_assets import resources
+
+    for resource in (resources.ComputeResource, resources.ModelsResource, resources.MethodResource,
+                     resources.DescriptionsResource, resources.DatasetsResource):
+        for name, field in resource.model_fields.items():
+            assert f"env {resources.env_name(name)}" in field.description, (resource.__name__, name)
+    expected = [(resources.ComputeResource, field, getattr(FeatureConfig(), field))
+                for field in ("batch_size", "num_workers", "precision")]
+    expected += [(resources.MethodResource, field, getattr(AlignmentConfig(), core))
+                 for field, core in resources._ALIGNMENT_FIELDS.items()]
+    expected += [(resources.MethodResource, field, getattr(nola_tuning_config(), core))
+                 for field, core in resources._TUNING_FIELDS.items()]
+    for resource, field, default in expected:
+        description = resource.model_fields[field].description
+        if default is None:
+            assert "default" not in description, (field, description)
+        else:
+            assert f"; default {default})" in description or f"; default {default};" in description, (field, description)

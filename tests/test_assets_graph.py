@@ -6,7 +6,7 @@ import shutil
 import polars as pl
 import pytest
 import torch
-from dagster import AssetCheckSeverity, AssetSelection, AssetKey, DagsterInstance, materialize
+from dagster import AssetCheckSeverity, AssetSelection, AssetKey, DagsterInstance, TableMetadataValue, materialize
 from safetensors.torch import save_file
 
 from assets_helpers import ALIGNMENT_EPOCHS, FAKE_DESCRIPTIONS, TUNING_EPOCHS, copy_demo, resources_for_test, table_rows
@@ -90,6 +90,10 @@ def test_metadata_counts(graph, folder_labels):
     assert per_class == {name: chosen.filter(pl.col("class_name") == name).height for name in per_class}
 
     assert _metadata(result, "alignment_checkpoint")["epochs"] == ALIGNMENT_EPOCHS
+    per_class_tables = {"dataset_manifest": "classes", "class_descriptions": "per_class", "cde_classifier": "per_class",
+                        "cde_pseudo_labels": "per_class", "predictions": "per_class"}
+    for asset, entry in per_class_tables.items():  # tables, capped (tests/test_metadata_scale.py)
+        assert isinstance(_metadata(result, asset)[entry], TableMetadataValue), (asset, entry)
     tuned = _metadata(result, "prompt_tuned_encoder")
     assert tuned["epochs"] == TUNING_EPOCHS and tuned["training_images"] == 120
     assert _metadata(result, "predictions")["images"] == 120

@@ -1,7 +1,8 @@
 """Metadata that scales: a 1,000-class dataset's per-class data and plots stay small.
 
 Bounds (stated here, measured on 2 cores): the per-class table of `cde_classifier` under 256 KB
-serialized (167 KB measured); each PNG under 200 KB (heatmap 134 KB, bars 12 KB); drawing the heatmap
+serialized (167 KB measured); every per-class table (`reporting.per_class_table`) at most
+`TABLE_CLASSES` rows, the classes it ranks first; each PNG under 200 KB (heatmap 134 KB, bars 12 KB); drawing the heatmap
 and the bar chart raises the peak RSS by under 150 MB (70 MB, 3.7 s measured; the uncapped heatmap of
 397 classes took 7.1 GB).
 
@@ -18,6 +19,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from dagster import TableMetadataValue
 from dagster._serdes import serialize_value
 
 from nola_assets import reporting
@@ -46,6 +48,32 @@ def test_the_per_class_table_of_1000_classes_stays_small_and_names_each_class_ne
     assert len(rows) == len(CLASSES)
     assert rows[3].data["nearest class"] == CLASSES[7] and rows[7].data["nearest class"] == CLASSES[3]
     assert rows[3].data["cos(nearest)"] > 0.99
+
+
+def test_per_class_tables_are_capped_to_the_classes_they_rank_first():
+    classes = [f"class {i:05d}" for i in range(reporting.TABLE_CLASSES + 500)]
+    images = [(i * 7919) % len(classes) for i in range(len(classes))]  # a known ranking, not the class order
+    table = reporting.per_class_table({"class": classes, "images": images}, rank=images, ranked_by="most images first")
+    assert isinstance(table, TableMetadataValue)
+    rows = [record.data for record in table.records]
+    assert len(rows) == reporting.TABLE_CLASSES
+    assert sorted(row["images"] for row in rows) == list(range(500, len(classes)))  # the most images, none other
+    assert [row["class"] for row in rows] == sorted(row["class"] for row in rows)  # kept in class order
+    assert table.schema.columns[0].description == f"{reporting.TABLE_CLASSES} of {len(classes)} classes shown: most images first"
+    assert len(serialize_value(table)) < TABLE_BYTES
+    whole = reporting.per_class_table({"class": classes[:3], "images": images[:3]}, rank=images[:3])
+    assert [r.data["class"] for r in whole.records] == classes[:3] and whole.schema.columns[0].description is None
+
+
+def test_the_cde_table_of_many_classes_keeps_the_most_confused():
+    classes = [f"class {i:05d}" for i in range(reporting.TABLE_CLASSES + 200)]
+    cde = _unit(len(classes), 64, seed=0)
+    cde[900] = cde[1100] * 0.99 + cde[900] * 0.01  # near twins, among the most confused classes
+    cde = cde / cde.norm(dim=1, keepdim=True)
+    table = cde_class_table(classes, {}, _unit(len(classes), 64, seed=1), cde)
+    kept = {record.data["class"]: record.data for record in table.records}
+    assert len(kept) == reporting.TABLE_CLASSES
+    assert kept[classes[900]]["nearest class"] == classes[1100] and classes[1100] in kept
 
 
 def test_the_class_similarity_heatmap_shows_the_most_confused_classes_first():
