@@ -8,10 +8,11 @@ import time
 
 from dagster import AssetExecutionContext, MaterializeResult, MetadataValue
 
-from nola_core import pipeline
 from nola_core.alignment import selection_frame, selection_from_frame, selection_report, train_alignment
 from nola_core.data import known_labels
+from nola_core.data.loading import training_ids
 from nola_core.features import load_feature_table
+from nola_core.methods import nola as nola_method
 from nola_core.progress import progress_callback
 
 from nola_assets import reporting
@@ -51,7 +52,7 @@ def cde_pseudo_labels(
     unlabeled, labeled = load_manifests(artifacts, dataset_manifest)
     clip_table = load_feature_table(clip_features.file(FEATURES_FILE), mmap=True)
     dino_table = load_feature_table(dino_features.file(FEATURES_FILE), mmap=True)
-    train_ids = pipeline.training_ids(unlabeled, clip_table, dino_table)
+    train_ids = training_ids(unlabeled, clip_table, dino_table)
     if not train_ids:
         raise RuntimeError(f"{name}: no unlabeled image could be read by both CLIP and DINO")
     cde = artifacts.read_tensors(cde_classifier, CLASSIFIERS_FILE)["cde"]
@@ -62,7 +63,7 @@ def cde_pseudo_labels(
                                     logit_scale=config.logit_scale)
     if reused:
         return asset_result(ref, started, {}, reused=True)
-    selection = pipeline.cde_pseudo_labels(clip_table.rows_for(train_ids), cde, config)
+    selection = nola_method.cde_pseudo_labels(clip_table.rows_for(train_ids), cde, config)
     report = selection_report(selection, classes, train_ids,
                               known_labels(unlabeled, labeled) if labeled is not None else {})
     paths = {r.image_id: r.path for r in unlabeled.records}

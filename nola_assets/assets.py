@@ -1,6 +1,6 @@
 """The NoLA asset graph, one partition per dataset: every asset, by group.
 
-Each asset is one stage of `nola_core.pipeline.run_nola`: it calls the same `nola_core`
+Each asset is one stage of `nola_core.methods.nola.run_nola`: it calls the same `nola_core`
 function, writes what it produced through the artifact store, and returns an `ArtifactRef`
 inside a `MaterializeResult` with metadata and a data version. No training maths lives here.
 One module per asset group, over `nola_assets.common` (decorator, pool, file names, keys):

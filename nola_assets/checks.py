@@ -34,7 +34,7 @@ from dagster import (
 from safetensors import safe_open
 
 from nola_core.eval import comparison_split, split_column, stage_value
-from nola_core.pipeline import TUNED_STAGE, ZERO_SHOT_STAGE
+from nola_core.stage_names import NOLA_TUNED_STAGE, ZERO_SHOT_STAGE
 
 from nola_assets import assets
 from nola_assets.common import METHOD_EVALUATION_FILE, REPORT_FILE
@@ -121,9 +121,9 @@ def tuned_vs_zero_shot_result(evaluation: pl.DataFrame, blocks_export: bool = Fa
     if split is None:
         return AssetCheckResult(passed=True, severity=AssetCheckSeverity.WARN,
                                 description="no labelled split: nothing to compare", metadata={"split": "none"})
-    tuned = stage_value(evaluation, TUNED_STAGE, split_column(split, "top1"))
+    tuned = stage_value(evaluation, NOLA_TUNED_STAGE, split_column(split, "top1"))
     zero_shot = stage_value(evaluation, ZERO_SHOT_STAGE, split_column(split, "top1"))
-    images = stage_value(evaluation, TUNED_STAGE, split_column(split, "n"))
+    images = stage_value(evaluation, NOLA_TUNED_STAGE, split_column(split, "n"))
     passed = tuned >= zero_shot
     return AssetCheckResult(
         passed=passed,

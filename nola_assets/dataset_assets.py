@@ -7,8 +7,8 @@ import time
 
 from dagster import AssetExecutionContext, MaterializeResult, MetadataValue
 
-from nola_core import pipeline
 from nola_core.data import Manifest, build_manifest, known_labels
+from nola_core.data.loading import evaluation_records
 
 from nola_assets import reporting
 from nola_assets.artifacts import ArtifactStore, digest_of
@@ -67,7 +67,7 @@ def dataset_manifest(context: AssetExecutionContext, data: DatasetsResource, art
     version = image_set_version(unlabeled)
     ref = ref.with_facts(classes=list(spec.classes), has_labels=labeled is not None, image_set_version=version)
 
-    held_out = len(pipeline.evaluation_records(unlabeled, labeled)) - len(unlabeled)
+    held_out = len(evaluation_records(unlabeled, labeled)) - len(unlabeled)
     metadata = {
         "images": len(unlabeled),
         "skipped_files": len(unlabeled.skipped),

@@ -25,8 +25,7 @@ from dagster import AssetExecutionContext, Failure, MaterializeResult, MetadataV
 
 from nola_core.eval import comparison_split, split_column, stage_value
 from nola_core.export import EXPORT_ASSET, TENSORS_NAME, export_classifier
-from nola_core.methods.nola import TEMPLATES_STAGE
-from nola_core.pipeline import ZERO_SHOT_STAGE
+from nola_core.stage_names import NOLA_TEMPLATES_STAGE, ZERO_SHOT_STAGE
 
 from nola_assets.artifacts import ArtifactRef, ArtifactStore
 from nola_assets.common import (
@@ -51,7 +50,7 @@ def forgetting_guard(evaluation: pl.DataFrame) -> dict:
     split = comparison_split(evaluation)
     tuned = untuned = None
     if split is not None:
-        tuned = stage_value(evaluation, TEMPLATES_STAGE, split_column(split, "top1"))
+        tuned = stage_value(evaluation, NOLA_TEMPLATES_STAGE, split_column(split, "top1"))
         untuned = stage_value(evaluation, ZERO_SHOT_STAGE, split_column(split, "top1"))
     return {
         "split": split,

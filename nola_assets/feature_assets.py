@@ -9,7 +9,7 @@ import time
 import torch
 from dagster import AssetExecutionContext, MaterializeResult, MetadataValue
 
-from nola_core import pipeline
+from nola_core.data.loading import evaluation_records
 from nola_core.features import FeatureTable, load_feature_table, update_feature_table
 from nola_core.jobs import ImageFeaturesJob, image_features_stage
 
@@ -44,7 +44,7 @@ def _feature_asset(
     name = context.partition_key
     spec = data.spec(name)
     unlabeled, labeled = load_manifests(artifacts, dataset_manifest)
-    records = pipeline.evaluation_records(unlabeled, labeled)
+    records = evaluation_records(unlabeled, labeled)
     config, device, feature_config = models.config(), compute.torch_device(), compute.feature_config()
     # Not in the key: batch size, workers and the number of processes (`nproc_per_node`) change
     # only float rounding, so switching 1 -> N processes reuses the table and computes new images only.

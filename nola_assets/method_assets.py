@@ -19,7 +19,7 @@ import time
 import polars as pl
 from dagster import AssetExecutionContext, MaterializeResult, MetadataValue
 
-from nola_core import pipeline
+from nola_core.data.loading import evaluation_records, training_ids
 from nola_core.features import FeatureTable, load_feature_table
 from nola_core.methods import (
     EvaluationLabels,
@@ -83,12 +83,12 @@ class _Inputs:
 def _inputs(artifacts: ArtifactStore, dataset_manifest: ArtifactRef, clip_features: ArtifactRef, name: str) -> _Inputs:
     unlabeled, labeled = load_manifests(artifacts, dataset_manifest)
     clip_table = load_feature_table(clip_features.file(FEATURES_FILE), mmap=True)
-    train_ids = pipeline.training_ids(unlabeled, clip_table)
+    train_ids = training_ids(unlabeled, clip_table)
     if not train_ids:
         raise RuntimeError(f"{name}: no unlabeled image could be read by CLIP")
     by_id = {r.image_id: r for r in unlabeled.records}
     return _Inputs(unlabeled, labeled, clip_table, train_ids, [by_id[i] for i in train_ids],
-                   pipeline.evaluation_records(unlabeled, labeled))
+                   evaluation_records(unlabeled, labeled))
 
 
 def _evaluate(name: str, classes, runs: list[MethodRun], inputs: _Inputs, random_models: bool) -> pl.DataFrame:

@@ -24,7 +24,7 @@ from nola_core.data import DatasetSpec, check_dataset_name, load_dataset_spec
 from nola_core.features import FeatureConfig
 from nola_core.llm import DEFAULT_PROMPT_SET, CleanRules
 from nola_core.models import ClipModel, DinoModel, ModelConfig, load_clip, load_dino
-from nola_core.pipeline import nola_tuning_config
+from nola_core.methods.nola import nola_tuning_config
 from nola_core.runtime import resolve_device
 from nola_core.tuning import TuningConfig
 
@@ -210,7 +210,7 @@ _TUNING_FIELDS = {
 
 class MethodResource(EnvSettings):
     """NoLA's hyper-parameters; unset fields keep the reference's values (`AlignmentConfig`,
-    `pipeline.nola_tuning_config`)."""
+    `methods.nola.nola_tuning_config`)."""
 
     k_min: Optional[int] = env_field("k_min", "k = max(k_min, floor(k_fraction·N/C))", _ALIGNMENT.k_min)
     k_fraction: Optional[float] = env_field("k_fraction", "see k_min", _ALIGNMENT.k_fraction)
@@ -296,7 +296,7 @@ class DescriptionsResource(EnvSettings):
     def describe(self, spec: DatasetSpec) -> tuple[dict[str, list[str]], dict[str, Any]]:
         """(class → descriptions for every class of `spec`, provenance)."""
         from nola_core.llm import describe_classes, load_description_set, make_provider
-        from nola_core.pipeline import resolve_descriptions
+        from nola_core.text.dataset import resolve_descriptions
 
         source = self.source()
         if source == "dataset":

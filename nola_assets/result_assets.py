@@ -16,14 +16,16 @@ import polars as pl
 import torch
 from dagster import AssetExecutionContext, MaterializeResult, MetadataValue
 
-from nola_core import pipeline
+from nola_core.data import loading
 from nola_core.alignment import selection_from_frame
-from nola_core.eval import SPLITS, EvaluationLabels, evaluate_stages, format_stage_table, split_column, stage_value
+from nola_core.eval import RANDOM_MODEL_NOTE, SPLITS, EvaluationLabels, evaluate_stages, format_stage_table, split_column, stage_value
 from nola_core.features import load_feature_table
 from nola_core.methods import evaluation_path, write_evaluation
 from nola_core.methods import nola as nola_method
 from nola_core.methods.evaluation import method_rows
+from nola_core.predictions import prediction_table, tuned_head_top_classes
 from nola_core.report import EVALUATION_FOLDER, write_report
+from nola_core.stage_names import NOLA_SELECTION_STAGE
 
 from nola_assets import reporting
 from nola_assets.artifacts import ArtifactRef, ArtifactStore
@@ -71,7 +73,7 @@ def predictions(
     name = context.partition_key
     spec = data.spec(name)
     unlabeled, labeled = load_manifests(artifacts, dataset_manifest)
-    records = pipeline.evaluation_records(unlabeled, labeled)
+    records = loading.evaluation_records(unlabeled, labeled)
     device = compute.torch_device()
     ref, reused = allocate_or_reuse(
         context, artifacts,
@@ -82,11 +84,11 @@ def predictions(
     clip = models.load_clip(device)
     classifier = tuned_classifier_of(prompt_tuned_encoder, clip,
                                      artifacts.read_tensors(cde_classifier, CLASSIFIERS_FILE)["cde"], device)
-    tuned_table = pipeline.tuned_image_features(classifier, clip, spec.root, records, compute.feature_config(), device,
+    tuned_table = loading.tuned_image_features(classifier, clip, spec.root, records, compute.feature_config(), device,
                                                 output=ref.file(TUNED_FEATURES_FILE))  # written as computed
     ids = load_feature_table(clip_features.file(FEATURES_FILE), mmap=True).ids  # only the ids are read
-    top = pipeline.tuned_head_top_classes(classifier, tuned_table, ids)  # streamed, never [N, C]
-    frame = pipeline.prediction_table(unlabeled, ids, top, dataset_manifest.facts["classes"])
+    top = tuned_head_top_classes(classifier, tuned_table, ids)  # streamed, never [N, C]
+    frame = prediction_table(unlabeled, ids, top, dataset_manifest.facts["classes"])
     artifacts.write_table(ref, PREDICTIONS_FILE, frame)
 
     counts = {c: 0 for c in dataset_manifest.facts["classes"]}
@@ -137,7 +139,7 @@ def evaluation(
                                      torch.device("cpu"))
     # Memory-mapped and streamed: each stage keeps only every image's top class (never [N, C]).
     clip_table = load_feature_table(clip_features.file(FEATURES_FILE), mmap=True)
-    top = pipeline.stage_predictions(
+    top = nola_method.stage_predictions(
         clip_table,
         load_feature_table(dino_features.file(FEATURES_FILE), mmap=True),
         classifiers["zero_shot"], classifiers["cde"],
@@ -150,10 +152,10 @@ def evaluation(
     train_ids = selected["image_id"].to_list()
     selection = nola_method.selection_pseudo_labels(selection_from_frame(
         selected, cde_pseudo_labels.facts["k"], cde_pseudo_labels.facts["num_classes"]), train_ids)
-    stages = evaluate_stages(pipeline.nola_stage_outputs(top, clip_table.ids, selection, train_ids), classes,
+    stages = evaluate_stages(nola_method.nola_stage_outputs(top, clip_table.ids, selection, train_ids), classes,
                              EvaluationLabels.from_manifests(unlabeled, labeled))
     random_models = cde_classifier.facts["random_clip"] or dino_features.facts["random_weights"]
-    note = pipeline.RANDOM_MODEL_NOTE if random_models else None
+    note = RANDOM_MODEL_NOTE if random_models else None
     artifacts.write_table(ref, METHOD_EVALUATION_FILE, method_rows(
         stages, dataset=name, method=nola_method.METHOD, seed=prompt_tuned_encoder.facts["tuning"]["seed"],
         n_unlabeled=len(train_ids), random_models=random_models))
@@ -176,7 +178,7 @@ def evaluation(
         metadata.update({f"top1/{split}/{row['stage']}": row[split_column(split, "top1")]
                          for split in SPLITS for row in stages.iter_rows(named=True)
                          if row[split_column(split, "top1")] is not None})
-    precision = stage_value(stages, nola_method.SELECTION_STAGE, "pseudo_label_precision")
+    precision = stage_value(stages, NOLA_SELECTION_STAGE, "pseudo_label_precision")
     if precision is not None:
         metadata["pseudo_label_precision"] = precision  # of the top-k selection, on the adaptation images
     return asset_result(ref, started, metadata)

@@ -8,8 +8,8 @@ import time
 import torch
 from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, RetryRequested
 
-from nola_core import pipeline
 from nola_core.llm import DescriptionSet, LLMError, MissingAPIKeyError, names_class
+from nola_core.text import dataset as text_dataset
 from nola_core.text import get_templates
 
 from nola_assets import reporting
@@ -98,8 +98,8 @@ def cde_classifier(
         return asset_result(ref, started, {}, reused=True)
     context.log.info(f"loading CLIP {config.clip_name} on {device}")
     clip = models.load_clip(device)
-    text_checks = pipeline.text_checks(clip, spec, texts)
-    zero_shot, cde = pipeline.text_classifiers(clip, spec, texts, device)
+    text_checks = text_dataset.text_checks(clip, spec, texts)
+    zero_shot, cde = text_dataset.text_classifiers(clip, spec, texts, device)
     artifacts.write_tensors(ref, CLASSIFIERS_FILE, {"zero_shot": zero_shot, "cde": cde})
     ref = ref.with_facts(random_clip=config.clip_is_random)
 

@@ -10,9 +10,9 @@ import time
 
 from dagster import AssetExecutionContext, MaterializeResult, MetadataValue
 
-from nola_core import pipeline
 from nola_core.features import load_feature_table
 from nola_core.jobs import PromptTuningJob, prompt_tuning_stage
+from nola_core.methods import nola as nola_method
 from nola_core.progress import progress_callback
 from nola_core.tuning import EpochStats
 
@@ -76,7 +76,7 @@ def prompt_tuned_encoder(
     dl_network = dl_network_of(alignment_checkpoint)
     fixed_labels = None
     if tuning.fixed_pseudo_labels:
-        fixed_labels = pipeline.fixed_pseudo_labels(  # streamed over the mapped table; only labels travel
+        fixed_labels = nola_method.fixed_pseudo_labels(  # streamed over the mapped table; only labels travel
             dl_network, load_feature_table(dino_features.file(FEATURES_FILE), mmap=True), [r.image_id for r in records])
 
     logged: set[int] = set()

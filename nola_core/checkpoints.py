@@ -14,7 +14,7 @@ from torch import nn
 
 from nola_core.alignment import alignment_network
 from nola_core.models import ClipModel, PromptTunedClassifier
-from nola_core.pipeline import build_prompt_classifier
+from nola_core.methods.nola import build_prompt_classifier
 from nola_core.tuning import TuningConfig, load_trainable
 
 

@@ -14,10 +14,11 @@ import pytest
 from dagster import AssetKey, DagsterInstance, materialize
 
 from assets_helpers import copy_demo, resources_for_test
-from nola_assets import alignment_assets, export_assets, feature_assets, method_assets, tuning_assets
+from nola_assets import alignment_assets, export_assets, feature_assets, method_assets, text_assets, tuning_assets
 from nola_assets.partitions import DATASETS
 from nola_assets.schedules import REFRESHED_ASSETS, refresh_requests, stale_assets
-from nola_core import pipeline
+from nola_core.data import loading
+from nola_core.methods import nola as nola_method
 
 DATASET = "reuse_mini"
 ALL_ASSETS = REFRESHED_ASSETS  # every asset of nola_job
@@ -28,10 +29,10 @@ WORK = [
     (feature_assets, "on_processes"),  # CLIP / DINO features
     (tuning_assets, "on_processes"),  # prompt tuning
     (alignment_assets, "train_alignment"),
-    (pipeline, "text_classifiers"),
-    (pipeline, "cde_pseudo_labels"),
-    (pipeline, "tuned_image_features"),
-    (pipeline, "stage_predictions"),
+    (text_assets.text_dataset, "text_classifiers"),
+    (nola_method, "cde_pseudo_labels"),
+    (loading, "tuned_image_features"),
+    (nola_method, "stage_predictions"),
     (method_assets, "run_zero_shot"),
     (method_assets, "run_lafter"),
     (method_assets, "run_latteclip"),
