@@ -21,6 +21,14 @@ artifact a run reads is that of the upstream materialization this run depends on
 found through the `artifact_digest` in the materialization's metadata: never the `refs/` pointer,
 which a concurrent or later run of the same partition may have moved since. `refs/` only serves
 readers outside a run (the sensor, `nola export`, reuse of an incremental feature table's rows).
+
+The root may be a URL (`s3://bucket/prefix`, `gs://…`; `nola_core.storage`). Then the layout above
+lives in object storage and `root()` is its local copy under the cache directory (env
+`NOLA_CACHE_DIR`, default `.nola_cache/objects`): assets write and read files there as on a local
+root. `save_ref` uploads a new artifact's files, then its ref.json (so a killed upload leaves an
+artifact without ref.json: unfinished, never reused), then the `refs/` pointer; a finished artifact
+is never uploaded again. `ref_at` on a machine without the finished folder downloads it (in ranged
+reads, onto its local copy) and writes the local ref.json last.
 """
 
 from __future__ import annotations
@@ -47,8 +55,9 @@ from dagster import (
 from pydantic import Field
 from safetensors.torch import load_file, save_file
 
-from nola_core.artifact_refs import DEFAULT_ARTIFACT_ROOT, ArtifactRef, load_ref, ref_path
+from nola_core.artifact_refs import DEFAULT_ARTIFACT_ROOT, REFS_FOLDER, ArtifactRef, load_ref, ref_path
 from nola_core.data import check_dataset_name
+from nola_core.storage import DEFAULT_CACHE_DIR, Storage, download, is_remote, local_root, open_storage
 
 from nola_assets.resources import EnvSettings
 
@@ -78,14 +87,26 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
 
 
 class ArtifactStore(EnvSettings):
-    """Local directory store (a mounted volume or network file system works the same way)."""
+    """A local directory (a mounted volume or network file system works the same way), or object
+    storage at a URL with its local copy in the cache directory."""
 
     artifact_root: Optional[str] = Field(
-        default=None, description="env NOLA_ARTIFACT_ROOT; default artifacts/ (relative to the working directory)"
+        default=None, description="env NOLA_ARTIFACT_ROOT; a folder or a URL (s3://bucket/prefix, gs://…); "
+        "default artifacts/ (relative to the working directory)"
+    )
+    cache_dir: Optional[str] = Field(
+        default=None, description=f"env NOLA_CACHE_DIR; default {DEFAULT_CACHE_DIR}: the local copy of a URL "
+        "root's artifacts (written there before upload, downloaded there to be read)"
     )
 
     def root(self) -> Path:
-        return Path(self.setting("artifact_root", DEFAULT_ARTIFACT_ROOT)).resolve()
+        """The local folder artifacts are written in and read from (a URL root's copy in the cache)."""
+        return local_root(self.setting("artifact_root", DEFAULT_ARTIFACT_ROOT), self.setting("cache_dir", DEFAULT_CACHE_DIR))
+
+    def remote(self) -> Storage | None:
+        """The object storage at the root URL; None for a local root."""
+        location = str(self.setting("artifact_root", DEFAULT_ARTIFACT_ROOT))
+        return open_storage(location) if is_remote(location) else None
 
     def allocate(self, asset: str, dataset: str, key: Mapping[str, Any]) -> ArtifactRef:
         """The content-addressed folder for `key`, created, with its key.json written."""
@@ -105,7 +126,7 @@ class ArtifactStore(EnvSettings):
     def ref_at(self, asset: str, dataset: str, digest: str) -> ArtifactRef | None:
         """The ref.json of the artifact folder `digest`, re-rooted under the current root; None while unfinished."""
         folder = self.root() / check_dataset_name(dataset) / asset / digest
-        if not (folder / "ref.json").is_file():
+        if not (folder / "ref.json").is_file() and not self._download(f"{dataset}/{asset}/{digest}", folder):
             return None
         ref = ArtifactRef.from_json(json.loads((folder / "ref.json").read_text(encoding="utf-8")))
         return dataclasses.replace(ref, path=str(folder))
@@ -138,13 +159,50 @@ class ArtifactStore(EnvSettings):
         return ref_path(self.root(), asset, dataset)
 
     def save_ref(self, ref: ArtifactRef) -> Path:
+        remote = self.remote()
+        if remote is not None:
+            self._upload(remote, ref)
         self.write_json(ref, "ref.json", ref.to_json())
         text = json.dumps(ref.to_json(), indent=2, ensure_ascii=False) + "\n"
+        if remote is not None:
+            remote.put(f"{REFS_FOLDER}/{ref.dataset}/{ref.asset}.json", text.encode("utf-8"))
         return atomic_write(self.ref_path(ref.asset, ref.dataset), lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
     def load_ref(self, asset: str, dataset: str) -> ArtifactRef | None:
         """The artifact of the last materialization of `asset` for `dataset`, if any (re-rooted here)."""
-        return load_ref(self.root(), asset, dataset)
+        remote = self.remote()
+        if remote is None:
+            return load_ref(self.root(), asset, dataset)
+        try:
+            pointer = json.loads(remote.read_bytes(f"{REFS_FOLDER}/{check_dataset_name(dataset)}/{asset}.json"))
+        except FileNotFoundError:
+            return None
+        return self.ref_at(asset, dataset, pointer["digest"])
+
+    def _upload(self, remote: Storage, ref: ArtifactRef) -> None:
+        """A new artifact's files (temporaries and hidden names left out), then its ref.json; nothing
+        when the store already holds the finished artifact."""
+        prefix = f"{ref.dataset}/{ref.asset}/{ref.digest}"
+        if remote.exists(f"{prefix}/ref.json"):
+            return
+        folder = Path(ref.path)
+        for path in sorted(folder.rglob("*")):
+            name = path.relative_to(folder).as_posix()
+            if path.is_file() and name != "ref.json" and not any(p.startswith(".") for p in name.split("/")):
+                remote.put(f"{prefix}/{name}", path)
+        remote.publish(f"{prefix}/ref.json", (json.dumps(ref.to_json(), indent=2, ensure_ascii=False) + "\n").encode())
+
+    def _download(self, prefix: str, folder: Path) -> bool:
+        """Copy the finished artifact at `prefix` of a URL root into `folder`, its ref.json last;
+        False for a local root or when the store holds no finished artifact there."""
+        remote = self.remote()
+        if remote is None or not remote.exists(f"{prefix}/ref.json"):
+            return False
+        for item in remote.listing(prefix):
+            if item.key != "ref.json":  # every file again: what a failed local attempt left may differ
+                download(remote.url(f"{prefix}/{item.key}"), folder / item.key)
+        download(remote.url(f"{prefix}/ref.json"), folder / "ref.json")
+        return True
 
     def require_ref(self, asset: str, dataset: str) -> ArtifactRef:
         ref = self.load_ref(asset, dataset)

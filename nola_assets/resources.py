@@ -26,6 +26,7 @@ from nola_core.llm import DEFAULT_PROMPT_SET, CleanRules
 from nola_core.models import ClipModel, DinoModel, ModelConfig, load_clip, load_dino
 from nola_core.methods.nola import nola_tuning_config
 from nola_core.runtime import resolve_device
+from nola_core.storage import DEFAULT_CACHE_DIR, is_remote, local_root, open_storage
 from nola_core.tuning import TuningConfig
 
 ENV_PREFIX = "NOLA_"
@@ -326,7 +327,7 @@ class DescriptionsResource(EnvSettings):
 class DatasetsResource(EnvSettings):
     """The data root: one folder per dataset (dataset.yaml, unlabeled/, optional labeled/)."""
 
-    data_root: Optional[str] = env_field("data_root", "folder of the dataset folders", f"{DEFAULT_DATA_ROOT}/",
+    data_root: Optional[str] = env_field("data_root", "folder or URL (s3://…, gs://…) of the dataset folders", f"{DEFAULT_DATA_ROOT}/",
                                          "relative to the working directory")
     sensor_quiet_seconds: Optional[float] = Field(
         default=None, description="env NOLA_SENSOR_QUIET_SECONDS; default 60: the sensor requests a run for a dataset "
@@ -335,12 +336,21 @@ class DatasetsResource(EnvSettings):
         default=None, description="env NOLA_SENSOR_TICK_BUDGET_SECONDS; default 20: stat walking stops for this tick "
         "after this long (the next tick goes on where it stopped)")
 
+    cache_dir: Optional[str] = env_field(
+        "cache_dir", "the local copy of a data root at a URL, which the images are decoded from", DEFAULT_CACHE_DIR)
+
     def root(self) -> Path:
-        return Path(self.setting("data_root", DEFAULT_DATA_ROOT)).resolve()
+        """The local folder of the dataset folders (a URL root's copy in the cache)."""
+        return local_root(self.setting("data_root", DEFAULT_DATA_ROOT), self.setting("cache_dir", DEFAULT_CACHE_DIR))
 
     def dataset_dir(self, name: str) -> Path:
-        """`<data root>/<name>`; a name that could lead elsewhere ('..', '/') is refused."""
-        return self.root() / check_dataset_name(name)
+        """`<data root>/<name>`; a name that could lead elsewhere ('..', '/') is refused. Under a URL
+        root, the folder's local copy, first brought up to date (`nola_core.storage.Storage.mirror`)."""
+        folder = self.root() / check_dataset_name(name)
+        location = str(self.setting("data_root", DEFAULT_DATA_ROOT))
+        if is_remote(location):
+            open_storage(location).mirror(name, folder)
+        return folder
 
     def spec(self, name: str) -> DatasetSpec:
         return load_dataset_spec(self.dataset_dir(name))

@@ -1,21 +1,23 @@
 """Artifacts and data in object storage: a root URL (`s3://bucket/prefix`, `gs://…`, `file://…`, or a
 plain local path) opened through fsspec; pure Python, no Dagster.
 
-Three operations are what object storage needs from the rest of the code:
+What the rest of the code needs from object storage:
 
 - `Storage.listing(prefix)`: every object under a prefix with its size and version (the ETag on
   S3 and GCS, the mtime on a file system), from listing requests alone: no object is opened.
   It is how the sensor sees a data root.
-- `Storage.publish(key, source)`: write-once. The bytes go to a staging key under
-  `<root>/.staging/` and are then moved onto `key` (one server-side copy on S3, a rename on a file
-  system), so an upload killed mid-way leaves nothing under `key`; an object already at `key` is
-  never rewritten (keys are content-addressed: the same key holds the same bytes). A reader knows
-  a multi-object artifact is finished by an object written last (the artifact store's ref.json).
+- `Storage.put(key, source)`: the bytes go to a staging key under `<root>/.staging/` and are
+  then moved onto `key` (one server-side copy on S3, a rename on a file system), so an upload
+  killed mid-way leaves nothing under `key`. `Storage.publish` is the write-once form: an object
+  already at `key` is never rewritten (keys are content-addressed). A reader knows a multi-object
+  artifact is finished by an object written last (the artifact store's ref.json).
 - `fetch_cached(url, cache_dir)`: a local copy of a write-once object, kept on disk by its key
-  under `cache_dir/<protocol>/<bucket>/<key>`, fetched in ranged reads of `chunk_bytes` straight
+  under `cache_dir/<protocol>/<bucket>/<key>`, downloaded (`download`) in ranged reads straight
   into a temporary file (RAM holds one chunk), renamed into place when complete. A cached key is
   used without asking the server again. Feature tables are memory-mapped from this copy
   (`nola_core.features.load_feature_table`).
+- `Storage.mirror(prefix, folder)`: a local copy of mutable objects (a dataset folder of a data
+  root), brought up to date by version: the images are decoded from it.
 
 Credentials and endpoints come from the usual places of each fsspec backend (for S3: the AWS
 environment variables or profile, `AWS_ENDPOINT_URL` for an S3-compatible server such as MinIO);
@@ -25,6 +27,7 @@ the `s3` extra installs s3fs (`pip install 'nola[s3]'`), gcsfs serves `gs://`.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import uuid
@@ -106,13 +109,10 @@ class Storage:
     def read_bytes(self, key: str) -> bytes:
         return self.fs.cat_file(self.path(key))
 
-    def publish(self, key: str, source: bytes | Path | BinaryIO) -> bool:
-        """Put `source` (bytes, a local file or a binary stream, sent in parts of `CHUNK_BYTES`) at
-        `key` unless an object is already there; returns whether it wrote. The bytes go to a
-        staging key first and are moved onto `key` once complete."""
+    def put(self, key: str, source: bytes | Path | BinaryIO) -> None:
+        """Write `source` (bytes, a local file or a binary stream, sent in parts of `CHUNK_BYTES`)
+        at `key`, replacing what is there: to a staging key first, then one move onto `key`."""
         final = self.path(key)
-        if self.fs.exists(final):
-            return False
         staging = self.path(f"{STAGING_PREFIX}/{uuid.uuid4().hex}-{key.rsplit('/', 1)[-1]}")
         for folder in {self.fs._parent(staging), self.fs._parent(final)}:  # file systems need them; object stores ignore them
             self.fs.makedirs(folder, exist_ok=True)
@@ -128,13 +128,45 @@ class Storage:
         finally:
             if self.fs.exists(staging):
                 self.fs.rm_file(staging)
+
+    def publish(self, key: str, source: bytes | Path | BinaryIO) -> bool:
+        """`put` unless an object is already at `key` (write-once); returns whether it wrote."""
+        if self.exists(key):
+            return False
+        self.put(key, source)
         return True
+
+    def mirror(self, prefix: str, target: Path, chunk_bytes: int | None = None) -> Path:
+        """`target` made a copy of the (mutable) objects under `prefix`: objects new or changed
+        since the last call (by version, kept in `target/.nola-versions.json`) are downloaded,
+        local files whose object is gone are deleted. One listing when nothing changed."""
+        record = target / ".nola-versions.json"
+        known = json.loads(record.read_text(encoding="utf-8")) if record.is_file() else {}
+        listing = {o.key: o.version for o in self.listing(prefix)}
+        for key in sorted(set(known) - set(listing)):
+            (target / key).unlink(missing_ok=True)
+        for key, version in listing.items():
+            if known.get(key) != version or not (target / key).is_file():
+                download(self.url(f"{prefix}/{key}"), target / key, chunk_bytes)
+        if listing != known:
+            target.mkdir(parents=True, exist_ok=True)
+            temporary = record.with_name(f".{record.name}.{os.getpid()}.tmp")
+            temporary.write_text(json.dumps(listing, sort_keys=True), encoding="utf-8")
+            os.replace(temporary, record)
+        return target
 
 
 def open_storage(location: str | os.PathLike) -> Storage:
     """The `Storage` at `location`: a URL of any fsspec protocol, or a local path."""
     fs, root = fsspec.url_to_fs(os.fspath(location))
     return Storage(fs, root.rstrip("/") or root)
+
+
+def local_root(location: str | os.PathLike, cache_dir: str | os.PathLike) -> Path:
+    """The local folder a root is read and written through: the folder itself, or for a URL its
+    copy in the cache (`cache_path`)."""
+    location = os.fspath(location)
+    return (cache_path(location, cache_dir) if is_remote(location) else Path(fsspec.url_to_fs(location)[1])).resolve()
 
 
 def cache_path(url: str, cache_dir: str | os.PathLike) -> Path:
@@ -149,13 +181,18 @@ def cache_path(url: str, cache_dir: str | os.PathLike) -> Path:
 
 def fetch_cached(url: str, cache_dir: str | os.PathLike, chunk_bytes: int | None = None) -> Path:
     """The local copy of the write-once object at `url` (a local path or file:// URL is returned
-    as it is). Fetched once, in ranged reads of `chunk_bytes`, into a temporary file next to its
-    cache path, renamed into place only when complete. `chunk_bytes`: default `CHUNK_BYTES`."""
+    as it is), kept under `cache_path(url, cache_dir)`: downloaded once (`download`), then used
+    without asking the server again."""
     if not is_remote(url):
         return Path(fsspec.url_to_fs(url)[1])
     target = cache_path(url, cache_dir)
-    if target.is_file():
-        return target
+    return target if target.is_file() else download(url, target, chunk_bytes)
+
+
+def download(url: str, target: Path, chunk_bytes: int | None = None) -> Path:
+    """Copy the object at `url` to the local file `target` in ranged reads of `chunk_bytes`
+    (default `CHUNK_BYTES`) into a temporary file next to it, renamed onto `target` when complete:
+    RAM holds one chunk, and `target` is never half written."""
     chunk_bytes = chunk_bytes or CHUNK_BYTES
     fs, path = fsspec.url_to_fs(url)
     size = int(fs.info(path)["size"])

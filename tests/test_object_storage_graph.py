@@ -1,0 +1,134 @@
+"""The whole asset graph (nola_job's assets and checks) with the artifact root and the data root in
+S3 (a moto server on localhost): nothing written locally outside the declared cache, every artifact
+uploaded write-once with its ref.json last, and a rerun from another machine's empty cache on a new
+Dagster instance reusing every artifact without uploading any file of it again."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from dagster import DagsterInstance, materialize
+
+from assets_helpers import copy_demo, resources_for_test
+from nola_assets.artifacts import ArtifactRefIOManager, ArtifactStore
+from nola_assets.checks import NOLA_CHECKS
+from nola_assets.common import REFS_IO_MANAGER
+from nola_assets.partitions import DATASETS
+from nola_assets.resources import DatasetsResource, DescriptionsResource
+from nola_assets.schedules import REFRESHED_ASSETS
+from nola_core.storage import STAGING_PREFIX, open_storage
+
+from tests.s3_server import s3_server  # noqa: F401  (module-scoped fixture)
+
+DATASET = "s3_mini"
+UNLABELED_IMAGES = 24
+LABELED_PER_CLASS = 4
+
+
+def _resources(bucket: str, cache) -> dict:
+    """The test resources with both roots in the bucket and every local write under `cache`."""
+    store = ArtifactStore(artifact_root=f"s3://{bucket}/artifacts", cache_dir=str(cache))
+    return {**resources_for_test("unused", "unused"), "artifacts": store,
+            REFS_IO_MANAGER: ArtifactRefIOManager(store=store),
+            "data": DatasetsResource(data_root=f"s3://{bucket}/data", cache_dir=str(cache)),
+            "descriptions": DescriptionsResource(descriptions="file", descriptions_path="fake_descriptions.json",
+                                                 descriptions_cache=str(cache / "descriptions"))}
+
+
+def _run(resources: dict) -> dict:
+    instance = DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(DATASETS, [DATASET])
+    result = materialize([*REFRESHED_ASSETS, *NOLA_CHECKS], instance=instance, partition_key=DATASET,
+                         resources=resources)
+    assert result.success
+    return {e.asset_key.path[-1]: e.materialization.metadata["reused"].value
+            for e in result.get_asset_materialization_events()}
+
+
+@pytest.mark.slow
+def test_the_graph_on_s3_writes_only_the_cache_and_a_rerun_reuses_everything(s3_server, tmp_path, monkeypatch):
+    bucket = s3_server.new_bucket()
+    folder = copy_demo(tmp_path / "upload", DATASET)
+    for path in sorted((folder / "unlabeled").iterdir())[UNLABELED_IMAGES:]:
+        path.unlink()
+    for class_dir in (folder / "labeled").iterdir():
+        for path in sorted(class_dir.iterdir())[LABELED_PER_CLASS:]:
+            path.unlink()
+    data = open_storage(f"s3://{bucket}/data")
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        data.put(f"{DATASET}/{path.relative_to(folder).as_posix()}", path)
+    shutil.rmtree(tmp_path / "upload")
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)  # a relative default path written anywhere would land here
+
+    first = _run(_resources(bucket, tmp_path / "cache"))
+    assert first and not any(first.values())
+    assert list(work.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "work"]
+    artifacts = open_storage(f"s3://{bucket}/artifacts")
+    keys = {o.key for o in artifacts.listing()}
+    assert not any(key.startswith(STAGING_PREFIX) for key in keys)
+    for asset in first:
+        assert f"refs/{DATASET}/{asset}.json" in keys
+        [digest] = {key.split("/")[2] for key in keys if key.startswith(f"{DATASET}/{asset}/")}
+        files = {key for key in keys if key.startswith(f"{DATASET}/{asset}/{digest}/")}
+        assert f"{DATASET}/{asset}/{digest}/ref.json" in files and len(files) >= 3  # key.json, ref.json, the artifact
+
+    mark = len(s3_server.requests)
+    again = _run(_resources(bucket, tmp_path / "other_machine_cache"))  # an empty cache, a new instance
+    assert again == {asset: True for asset in first}
+    uploads = {r.key for r in s3_server.since(mark, bucket) if r.method == "PUT"}
+    assert uploads and all(key.startswith(("artifacts/.staging/", "artifacts/refs/")) for key in uploads)  # pointers only
+    assert list(work.iterdir()) == []
+
+
+_KILLED_SAVE = """
+import os, signal, sys
+import torch
+from nola_core import storage
+from nola_assets.artifacts import ArtifactStore
+
+calls = []
+put = storage.Storage.put
+def put_then_die(self, key, source):
+    calls.append(key)
+    if len(calls) == 2:  # killed while uploading the artifact's files
+        os.kill(os.getpid(), signal.SIGKILL)
+    return put(self, key, source)
+storage.Storage.put = put_then_die
+store = ArtifactStore(artifact_root=sys.argv[1], cache_dir=sys.argv[2])
+ref = store.allocate("clip_features", "ds", {"model": "m"})
+store.write_tensors(ref, "a.safetensors", {"x": torch.ones(3)})
+store.write_tensors(ref, "b.safetensors", {"y": torch.zeros(3)})
+store.save_ref(ref)
+"""
+
+
+@pytest.mark.slow
+def test_an_artifact_killed_while_uploading_is_never_taken_as_finished(s3_server, tmp_path):
+    import subprocess
+    import sys
+
+    import torch
+
+    root = f"s3://{s3_server.new_bucket()}/artifacts"
+    killed = subprocess.run([sys.executable, "-c", _KILLED_SAVE, root, str(tmp_path / "cache")])
+    assert killed.returncode == -9
+    keys = {o.key for o in open_storage(root).listing()}
+    assert keys and not any(key.endswith("ref.json") or key.startswith("refs/") for key in keys)
+    elsewhere = ArtifactStore(artifact_root=root, cache_dir=str(tmp_path / "other_cache"))
+    assert elsewhere.complete_ref("clip_features", "ds", {"model": "m"}) is None
+    assert elsewhere.load_ref("clip_features", "ds") is None
+
+    ref = elsewhere.allocate("clip_features", "ds", {"model": "m"})  # the retry finishes it
+    elsewhere.write_tensors(ref, "a.safetensors", {"x": torch.ones(3)})
+    elsewhere.save_ref(ref)
+    mark = len(s3_server.requests)
+    elsewhere.save_ref(ref)  # finished: nothing of it is uploaded again, only the pointer moves
+    assert not [r for r in s3_server.since(mark) if r.method == "PUT" and "/ds/clip_features/" in r.key]
+    third = ArtifactStore(artifact_root=root, cache_dir=str(tmp_path / "third_cache"))
+    found = third.complete_ref("clip_features", "ds", {"model": "m"})
+    assert found is not None and torch.equal(third.read_tensors(found, "a.safetensors")["x"], torch.ones(3))
+    assert str(tmp_path / "third_cache") in found.path
