@@ -12,6 +12,7 @@ the code server loads. tests/test_postgres.py runs the Postgres variants against
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import re
 import shutil
 import subprocess
@@ -23,6 +24,8 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
+from tests.s3_server import s3_server  # noqa: F401  (module-scoped fixture: an S3 server on localhost)
+
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 DOCKER = DEPLOY / "docker"
@@ -31,7 +34,9 @@ K8S = DEPLOY / "k8s"
 USER_CODE_DOCKERFILES = [DOCKER / "Dockerfile.cuda", DOCKER / "Dockerfile.cpu"]
 ALL_DOCKERFILES = [*USER_CODE_DOCKERFILES, DOCKER / "Dockerfile.dagster"]
 COMPOSE_VARIANTS = ["dagster.yaml", "dagster.cpu.yaml"]
-ALL_VARIANTS = [*COMPOSE_VARIANTS, "dagster.local.yaml", "dagster.postgres-local.yaml"]
+# The compose variants with the step logs in an S3 bucket, each with the variant it is a copy of.
+S3_LOG_VARIANTS = {"dagster.s3-logs.yaml": "dagster.yaml", "dagster.cpu.s3-logs.yaml": "dagster.cpu.yaml"}
+ALL_VARIANTS = [*COMPOSE_VARIANTS, *S3_LOG_VARIANTS, "dagster.local.yaml", "dagster.postgres-local.yaml"]
 
 
 def _yaml(path: Path):
@@ -173,6 +178,10 @@ def test_requirements_lock_pins_every_dependency_within_pyproject_ranges():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
     wanted = [*project["dependencies"], *extras["dagster"], *extras["deploy"]]
+    spec = importlib.util.spec_from_file_location("freeze_requirements", DOCKER / "freeze_requirements.py")
+    freeze = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(freeze)
+    assert freeze.ROOT_EXTRAS["nola"] == {"dagster", "deploy"}, "the lock is regenerated from what the image runs"
     for text in wanted:
         requirement = Requirement(text)
         name = canonicalize_name(requirement.name)
@@ -297,11 +306,13 @@ def test_every_forwarded_variable_is_set_in_the_daemon_and_every_setting_is_docu
     compose = _compose()
     daemon_env = compose["services"]["daemon"]["environment"]
     example = _env_example()
-    for variant in COMPOSE_VARIANTS:
+    log_storage = set(compose["x-log-storage-env"])  # forwarded only where the logs go to a bucket
+    for variant in [*COMPOSE_VARIANTS, *S3_LOG_VARIANTS]:
         forwarded = _yaml(DAGSTER / variant)["run_launcher"]["config"]["env_vars"]
         missing = [name for name in forwarded if name not in daemon_env]
         assert not missing, f"{variant} forwards {missing}, which the daemon does not define"
-        assert set(forwarded) >= {k for k in daemon_env if k.startswith("NOLA_") or k.endswith("_API_KEY")}
+        settings = {k for k in daemon_env if k.startswith("NOLA_") or k.endswith("_API_KEY")}
+        assert set(forwarded) >= (settings if variant in S3_LOG_VARIANTS else settings - log_storage), variant
     # Every ${VARIABLE} of compose.yaml is in .env.example; every setting there is used.
     text = (DEPLOY / "compose.yaml").read_text()
     used = set(re.findall(r"\$\{(\w+)", text))
@@ -316,7 +327,8 @@ def test_every_forwarded_variable_is_set_in_the_daemon_and_every_setting_is_docu
     known |= {f"NOLA_MAX_RUNTIME_SECONDS_{group.upper()}" for group in MAX_RUNTIME_SECONDS}  # names built per group
     unknown = {name for name in example if name.startswith("NOLA_")} - known - {
         "NOLA_IMAGE", "NOLA_IMAGE_TAG", "NOLA_VARIANT", "NOLA_DAGSTER_YAML",
-        "NOLA_WEBSERVER_BIND", "NOLA_WEBSERVER_PORT"}
+        "NOLA_WEBSERVER_BIND", "NOLA_WEBSERVER_PORT",
+        _yaml(DAGSTER / "dagster.s3-logs.yaml")["compute_logs"]["config"]["bucket"]["env"]}  # the instance's
     assert not unknown, f"settings nola_assets does not read: {sorted(unknown)}"
 
 
@@ -342,6 +354,58 @@ def test_orchestration_settings_reach_the_code_server_and_the_runs():
         assert name in example, f"{name} is not in .env.example"
         for variant in COMPOSE_VARIANTS:
             assert name in _yaml(DAGSTER / variant)["run_launcher"]["config"]["env_vars"], f"{variant} lacks {name}"
+
+
+@pytest.mark.parametrize("variant", S3_LOG_VARIANTS)
+def test_s3_log_variants_differ_from_their_base_only_in_where_step_logs_go(variant):
+    """The same instance as its base (no drift), but for an S3 compute log manager whose bucket
+    and AWS settings reach the webserver (reads), the daemon, and every run container (writes)."""
+    s3, base = _yaml(DAGSTER / variant), _yaml(DAGSTER / S3_LOG_VARIANTS[variant])
+    logs = s3.pop("compute_logs")
+    base.pop("compute_logs")
+    forwarded = s3["run_launcher"]["config"]["env_vars"]
+    added = [name for name in forwarded if name not in base["run_launcher"]["config"]["env_vars"]]
+    s3["run_launcher"]["config"]["env_vars"] = [name for name in forwarded if name not in added]
+    assert s3 == base
+    assert (logs["module"], logs["class"]) == ("dagster_aws.s3.compute_log_manager", "S3ComputeLogManager")
+    bucket = logs["config"]["bucket"]["env"]
+    assert set(added) == {bucket, "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL"}
+    services = _compose()["services"]
+    for service in ("webserver", "daemon"):
+        assert set(added) <= set(services[service]["environment"]), service
+    assert "dagster-aws" in (DOCKER / "Dockerfile.dagster").read_text(), "the webserver reads the logs"
+    assert re.search(r"^dagster-aws==", (DOCKER / "requirements.lock").read_text(), re.M), "runs upload them"
+    assert variant in _env_example()["NOLA_DAGSTER_YAML"] or variant in (DEPLOY / ".env.example").read_text()
+
+
+def test_a_step_log_of_the_s3_log_variant_lands_in_the_bucket(s3_server, monkeypatch, tmp_path):
+    """The variant's compute_logs block on a real instance, an S3 server on localhost (moto) as
+    the bucket: what a step prints is uploaded under the prefix and reads back."""
+    import boto3
+    from dagster import job, op
+    from dagster._core.test_utils import instance_for_test
+
+    bucket = s3_server.new_bucket()
+    monkeypatch.setenv("NOLA_COMPUTE_LOG_BUCKET", bucket)
+    logs = _yaml(DAGSTER / "dagster.s3-logs.yaml")["compute_logs"]
+
+    @op
+    def tune():
+        print("rank 0: prompt tuning epoch 1/2")
+
+    @job
+    def tuning():
+        tune()
+
+    with instance_for_test(overrides={"compute_logs": logs}, temp_dir=str(tmp_path)) as instance:
+        assert type(instance.compute_log_manager).__name__ == "S3ComputeLogManager"
+        assert tuning.execute_in_process(instance=instance).success
+    client = boto3.client("s3", endpoint_url=s3_server.endpoint)
+    keys = [item["Key"] for item in client.list_objects_v2(Bucket=bucket).get("Contents", [])]
+    assert keys and all(key.startswith(logs["config"]["prefix"] + "/") for key in keys), keys
+    printed = [key for key in keys if key.endswith(".out")]
+    assert any(b"prompt tuning epoch 1/2" in client.get_object(Bucket=bucket, Key=key)["Body"].read()
+               for key in printed), printed
 
 
 def test_secrets_file_is_ignored_and_not_committed():
@@ -495,7 +559,7 @@ def test_helm_values_code_location_volumes_security_and_instance_settings():
     assert security.run_as_non_root and security.run_as_user == 10001  # the image's USER
     _k8s("V1SecurityContext", deployment["securityContext"])
     _k8s("V1ResourceRequirements", deployment["resources"])
-    assert deployment["envSecrets"] == [{"name": "nola-secrets"}]
+    assert deployment["envSecrets"] == [{"name": "nola-secrets"}, {"name": "nola-log-storage"}]
     daemon = values["dagsterDaemon"]
     assert daemon["runCoordinator"]["type"] == "QueuedRunCoordinator"
     assert daemon["runMonitoring"]["enabled"] and daemon["runRetries"]["enabled"]
@@ -519,6 +583,45 @@ def test_kubernetes_manifests_parse_and_agree_with_the_values():
     assert secret.name == values["global"]["postgresqlSecretName"] and secret.key == "postgresql-password"
     assert env["POSTGRES_USER"].value == values["postgresql"]["postgresqlUsername"]
     assert env["POSTGRES_DB"].value == values["postgresql"]["postgresqlDatabase"]
+
+
+# The chart's computeLogManager schema (dagster-io/dagster helm/dagster/schema/schema/charts/dagster/
+# subschema/compute_log_manager.py): type -> (its config key, required fields, every field).
+CHART_COMPUTE_LOG_MANAGERS = {
+    "S3ComputeLogManager": ("s3ComputeLogManager", {"bucket"}, {
+        "bucket", "localDir", "prefix", "useSsl", "verify", "verifyCertPath", "endpointUrl", "skipEmptyFiles",
+        "uploadInterval", "uploadExtraArgs", "showUrlOnly", "region"}),
+    "GCSComputeLogManager": ("gcsComputeLogManager", {"bucket"}, {
+        "bucket", "localDir", "prefix", "jsonCredentialsEnvvar", "uploadInterval"}),
+}
+
+
+def test_helm_compute_logs_go_to_object_storage_that_run_pods_write_and_the_webserver_reads():
+    """Step and rank logs outlive the run pod and show in the UI: an object-storage compute log
+    manager the chart accepts, whose config (as the chart renders it, snake_case) the manager's own
+    schema accepts; run pods carry its library (the image lock) and, with the webserver, its
+    credentials; the guide creates the secret and fills in the bucket."""
+    from dagster._config import process_config
+    from dagster_aws.s3.compute_log_manager import S3ComputeLogManager
+
+    values = _yaml(K8S / "values.yaml")
+    manager = values["computeLogManager"]
+    key, required, allowed = CHART_COMPUTE_LOG_MANAGERS[manager["type"]]
+    assert set(manager["config"]) == {key}
+    fields = manager["config"][key]
+    assert required <= set(fields) <= allowed, sorted(set(fields) - allowed)
+    assert manager["type"] == "S3ComputeLogManager"
+    config = {re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower(): value for name, value in fields.items()}
+    processed = process_config(S3ComputeLogManager.config_type(), config)
+    assert processed.success, processed.errors
+    S3ComputeLogManager(**processed.value)  # builds its client; uploads nothing
+    assert re.search(r"^dagster-aws==", (DOCKER / "requirements.lock").read_text(), re.M), "run pods upload the logs"
+    secret = {"name": "nola-log-storage"}
+    deployment = values["dagster-user-deployments"]["deployments"][0]
+    assert secret in deployment["envSecrets"] and deployment["includeConfigInLaunchedRuns"]["enabled"]
+    assert secret in values["dagsterWebserver"]["envSecrets"]
+    guide = (K8S / "README.md").read_text()
+    assert "create secret generic nola-log-storage" in guide  # its sed fills in the bucket: the guide test below
 
 
 def check_gpu_assets_request_a_gpu_pod(assets_defs):
@@ -550,13 +653,16 @@ def test_the_kubernetes_guide_fills_in_image_and_profile(tmp_path):
     guide = (K8S / "README.md").read_text()
     command = re.search(r"sed -e .*?> nola-values\.yaml", guide, re.S).group(0)
     out = tmp_path / "nola-values.yaml"
-    script = f"REGISTRY=registry.example/team TAG=abc1234\n{command.replace('nola-values.yaml', str(out))}\n"
+    script = (f"REGISTRY=registry.example/team TAG=abc1234 LOG_BUCKET=team-logs\n"
+              f"{command.replace('nola-values.yaml', str(out))}\n")
     subprocess.run(["bash", "-euc", script], cwd=ROOT, check=True, timeout=30)
     values = _yaml(out)
     deployment = values["dagster-user-deployments"]["deployments"][0]
     assert deployment["image"]["repository"] == "registry.example/team/nola-user-code"
     assert deployment["image"]["tag"] == "abc1234"
     assert {"name": "NOLA_MODEL_PROFILE", "value": "tiny"} in deployment["env"]
+    assert values["computeLogManager"]["config"]["s3ComputeLogManager"]["bucket"] == "team-logs"
     original = _yaml(K8S / "values.yaml")
     original["dagster-user-deployments"]["deployments"][0].update(image=deployment["image"], env=deployment["env"])
+    original["computeLogManager"]["config"]["s3ComputeLogManager"]["bucket"] = "team-logs"
     assert values == original, "the substitutions touched nothing else"

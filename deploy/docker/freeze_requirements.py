@@ -27,7 +27,7 @@ from packaging.utils import canonicalize_name
 
 LOCK = Path(__file__).with_name("requirements.lock")
 ROOTS = ("nola",)
-ROOT_EXTRAS = {"nola": {"deploy"}}
+ROOT_EXTRAS = {"nola": {"dagster", "deploy"}}  # the asset graph (Dagster, Postgres storage) and the launchers
 # Installed from the PyTorch index (or pulled in by torch itself): never pinned from PyPI here.
 SEPARATE = re.compile(r"^(torch|torchvision|triton|nvidia-.*|cuda-.*)$")
 TARGET_ENV = {
