@@ -32,10 +32,11 @@ def _records(folder: Path, paths):
 def features_at(model, root: Path, records, precision: str):
     import torch
 
-    from nola_core.features import FeatureConfig
     from nola_core.data.loading import image_features
+    from nola_core.features import FeatureConfig
+    from nola_core.runtime import ComputeSettings
 
-    config = FeatureConfig(batch_size=16, num_workers=0, precision=precision)
+    config = FeatureConfig(batch_size=16, compute=ComputeSettings(num_workers=0, precision=precision))
     return image_features(model, root, records, config, "cpu").features.to(torch.float32)
 
 

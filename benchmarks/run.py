@@ -231,9 +231,10 @@ def _feature_config(options, compile_everything: bool = False):
     import dataclasses
 
     from nola_core.features import FeatureConfig
+    from nola_core.runtime import ComputeSettings
 
-    config = FeatureConfig(batch_size=options.batch_size, num_workers=options.workers, precision=options.precision,
-                           compile=options.compile)
+    config = FeatureConfig(batch_size=options.batch_size, compile=options.compile,
+                           compute=ComputeSettings(num_workers=options.workers, precision=options.precision))
     return dataclasses.replace(config, compile_min_images=0) if compile_everything else config
 
 
@@ -305,6 +306,7 @@ def _training(options, size: Size, device, variant: str) -> dict:
     from nola_core.alignment import alignment_network
     from nola_core.data import MultiView
     from nola_core.methods.nola import build_prompt_classifier, dino_pseudo_labeller, tuning_views
+    from nola_core.runtime import ComputeSettings
     from nola_core.tuning import TuningConfig, train_prompts
 
     _, clip, dino = _models(size, device)
@@ -315,11 +317,12 @@ def _training(options, size: Size, device, variant: str) -> dict:
     views = tuning_views(clip, dino)
     labeller = dino_pseudo_labeller(dino, dl_network, device)
     if variant == "naive":  # fp32, MHA's own path, no pre-cast, full decodes in the main process
-        config = TuningConfig(precision="fp32", fused_attention=False, precast_weights=False, num_workers=0)
+        config = TuningConfig(compute=ComputeSettings(precision="fp32", fused_attention=False, precast_weights=False,
+                                                      num_workers=0))
         views = MultiView(views.transforms)
     else:
-        config = TuningConfig(precision=options.precision, num_workers=options.workers,
-                              fixed_pseudo_labels=variant == "fixed")
+        config = TuningConfig(fixed_pseudo_labels=variant == "fixed",
+                              compute=ComputeSettings(precision=options.precision, num_workers=options.workers))
     config = dataclasses.replace(config, epochs=1, batch_size=NAIVE_BATCH, micro_batch_size=NAIVE_BATCH)
 
     def run(subset):
@@ -359,7 +362,8 @@ def phase_end_to_end(options, size: Size, device) -> dict:
 
     config = NolaConfig(models=ModelConfig.from_profile("tiny"), features=_feature_config(options),
                         device=str(device))
-    config = dataclasses.replace(config, tuning=dataclasses.replace(config.tuning, num_workers=options.workers))
+    compute = dataclasses.replace(config.tuning.compute, num_workers=options.workers)
+    config = dataclasses.replace(config, tuning=dataclasses.replace(config.tuning, compute=compute))
     if size.end_to_end_epochs is not None:
         alignment_epochs, tuning_epochs = size.end_to_end_epochs
         config = dataclasses.replace(config, alignment=dataclasses.replace(config.alignment, epochs=alignment_epochs),

@@ -184,5 +184,5 @@ def tuned_classifier_of(prompt_tuned_encoder: ArtifactRef, clip: ClipModel, cde:
                         device: torch.device) -> PromptTunedClassifier:
     """The classifier a `prompt_tuned_encoder` artifact holds, on `clip` (the CLIP it was tuned on)."""
     ref = prompt_tuned_encoder
-    return load_tuned_classifier(clip, cde, TuningConfig(**ref.facts["tuning"]), ref.file(TRAINABLE_FILE), device,
-                                 trained_on=ref.key["clip"])
+    return load_tuned_classifier(clip, cde, TuningConfig.from_dict(ref.facts["tuning"]), ref.file(TRAINABLE_FILE),
+                                 device, trained_on=ref.key["clip"])

@@ -25,7 +25,7 @@ from nola_core.features import FeatureConfig
 from nola_core.llm import DEFAULT_PROMPT_SET, CleanRules
 from nola_core.models import ClipModel, DinoModel, ModelConfig, load_clip, load_dino
 from nola_core.methods.nola import nola_tuning_config
-from nola_core.runtime import resolve_device
+from nola_core.runtime import ComputeSettings, resolve_device
 from nola_core.storage import DEFAULT_CACHE_DIR, is_remote, local_root, open_storage
 from nola_core.tuning import TuningConfig
 
@@ -99,11 +99,11 @@ class ComputeResource(EnvSettings):
 
     device: Optional[str] = env_field("device", "auto | cpu | cuda | cuda:N", DEFAULT_DEVICE)
     precision: Optional[str] = env_field(
-        "precision", "auto | fp32 | bf16 | fp16", _FEATURES.precision,
+        "precision", "auto | fp32 | bf16 | fp16", _FEATURES.compute.precision,
         "auto = bf16 on CUDA and, for feature extraction, on CPUs with native bf16; fp32 otherwise")
     batch_size: Optional[int] = env_field("batch_size", "feature-extraction batch", _FEATURES.batch_size)
-    num_workers: Optional[int] = env_field("num_workers", "data-loader worker processes", _FEATURES.num_workers,
-                                           "on the CPU at most a quarter of the cores")
+    num_workers: Optional[int] = env_field("num_workers", "data-loader worker processes",
+                                           _FEATURES.compute.num_workers, "on the CPU at most a quarter of the cores")
     nproc_per_node: Optional[int] = env_field(
         "nproc_per_node", "processes for feature extraction and prompt tuning (DDP), one per GPU, or gloo processes "
         "on the CPU", 1, "1 = in the run worker; ignored under torchrun")
@@ -141,14 +141,13 @@ class ComputeResource(EnvSettings):
         return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
     def feature_config(self) -> FeatureConfig:
-        return dataclasses.replace(
-            FeatureConfig(),
-            **_overrides(self, {"batch_size": "batch_size", "num_workers": "num_workers", "precision": "precision"}),
-        )
+        return dataclasses.replace(FeatureConfig(), **_overrides(self, {"batch_size": "batch_size"}),
+                                   **self.loader_overrides())
 
     def loader_overrides(self) -> dict[str, Any]:
-        """The settings prompt tuning shares with feature extraction."""
-        return _overrides(self, {"num_workers": "num_workers", "precision": "precision"})
+        """The settings prompt tuning (and LatteCLIP) share with feature extraction: `compute`."""
+        settings = _overrides(self, {"num_workers": "num_workers", "precision": "precision"})
+        return {"compute": ComputeSettings(**settings)}
 
 
 class ModelsResource(EnvSettings):

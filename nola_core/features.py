@@ -23,7 +23,7 @@ import logging
 import math
 import struct
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader
 
 from nola_core.acceleration import reduced_precision, resolve_precision
 from nola_core.data import ImageRecord, ManifestImageDataset, collate_skipping_failures
-from nola_core.runtime import atomic_output, cpu_thread_budget, loader_workers, resolve_device
+from nola_core.runtime import ComputeSettings, atomic_output, cpu_thread_budget, loader_workers, resolve_device
 from nola_core.storage import DEFAULT_CACHE_DIR, fetch_cached, is_remote
 
 logger = logging.getLogger(__name__)
@@ -63,18 +63,15 @@ MERGE_CHUNK_BYTES = 4 * 2**20
 class FeatureConfig:
     """How features are computed; none of these fields changes which images get features.
 
-    `precision`: auto = bf16 autocast on CUDA and on a CPU with native bf16 (AVX-512 BF16 / AMX:
-    3-6x faster, features within the measured agreement bound of fp32,
+    `compute` (`runtime.ComputeSettings`, shared with prompt tuning): loader workers, precision
+    and speed-ups. Its `precision` auto = bf16 autocast on CUDA and on a CPU with native bf16
+    (AVX-512 BF16 / AMX: 3-6x faster, features within the measured agreement bound of fp32,
     `acceleration.resolve_precision`), fp32 on other CPUs; "fp32" forces fp32 everywhere
-    (env NOLA_PRECISION=fp32). `fused_attention` and `precast_weights` are the
-    autocast-equivalent speed-ups of `nola_core.acceleration`, used when the module is known.
+    (env NOLA_PRECISION=fp32). `fused_attention` and `precast_weights` apply when the module is known.
     """
 
     batch_size: int = 128
-    num_workers: int = 2  # on the CPU at most a quarter of the cores (`runtime.loader_workers`)
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16
-    fused_attention: bool = True
-    precast_weights: bool = True
+    compute: ComputeSettings = field(default_factory=ComputeSettings)
     compile: bool = False
     """`torch.compile` the encoder with inductor's weight freezing (prepacked weights, fused
     GELU/casts): 1.4x for the ViT-B/16 forward on the 2-core CPU in bf16, for a one-time ~25 s
@@ -92,7 +89,7 @@ class FeatureConfig:
     def resolved_precision(self, device: torch.device) -> str:
         """The precision extraction runs at on `device` (`auto` resolved): what artifact keys hold
         (with the backend named when it is not torch, since its numbers differ)."""
-        precision = resolve_precision(device, self.precision, extraction=True)
+        precision = resolve_precision(device, self.compute.precision, extraction=True)
         return precision if self.backend == "torch" else f"{self.backend}-{precision}"
 
 
@@ -124,7 +121,7 @@ def _loader_workers(config: FeatureConfig, num_records: int, device: torch.devic
     """Workers only pay when one batch can be decoded while another is encoded (and, on the CPU,
     when there are cores to spare: `runtime.loader_workers`)."""
     batches = -(-num_records // max(config.batch_size, 1))
-    return max(0, min(loader_workers(device, config.num_workers), batches - 1))
+    return max(0, min(loader_workers(device, config.compute.num_workers), batches - 1))
 
 
 @torch.inference_mode()
@@ -171,12 +168,12 @@ def extract_features(
     with contextlib.ExitStack() as stack:
         writer = stack.enter_context(FeatureTableWriter(output, dtype)) if output is not None else None
         stack.enter_context(cpu_thread_budget(device, workers))
-        precision = resolve_precision(device, config.precision, extraction=True)
+        precision = resolve_precision(device, config.compute.precision, extraction=True)
         if config.backend != "torch":
             run = _RuntimeEncoder(encode, module, config.backend, precision, device)
         else:
-            stack.enter_context(reduced_precision(module, device, precision, config.fused_attention,
-                                                  config.precast_weights))
+            stack.enter_context(reduced_precision(module, device, precision, config.compute.fused_attention,
+                                                  config.compute.precast_weights))
             wanted = config.compile and len(records) >= config.compile_min_images
             run = _compiled(encode, module, stack) if wanted else encode
         for images, indices, batch_failed in loader:

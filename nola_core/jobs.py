@@ -34,6 +34,7 @@ from nola_core.distributed import (
 from nola_core.features import FeatureConfig, load_feature_table
 from nola_core.methods.nola import apply_wiseft, tune_prompts
 from nola_core.models import ModelConfig, load_clip, load_dino
+from nola_core.runtime import ComputeSettings
 from nola_core.tuning import EpochStats, TuningConfig
 
 logger = logging.getLogger(__name__)
@@ -123,8 +124,8 @@ def _features_command(options: argparse.Namespace) -> None:
         spec, manifest, labeled = load_dataset(options.dataset)
         records = evaluation_records(manifest, labeled)
         models = ModelConfig.from_profile(options.profile)
-        config = FeatureConfig(batch_size=options.batch_size, num_workers=options.num_workers,
-                               precision=options.precision)
+        config = FeatureConfig(batch_size=options.batch_size,
+                               compute=ComputeSettings(num_workers=options.num_workers, precision=options.precision))
         for name in ("clip", "dino"):
             output = Path(options.out) / f"{name}_features.safetensors"
             image_features_stage(context, ImageFeaturesJob(models, name, spec.root, records, config, output))
@@ -145,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     features.add_argument("--device", default="auto")
     features.add_argument("--precision", default="auto")
     features.add_argument("--batch-size", type=int, default=FeatureConfig.batch_size)
-    features.add_argument("--num-workers", type=int, default=FeatureConfig.num_workers)
+    features.add_argument("--num-workers", type=int, default=ComputeSettings.num_workers)
     options = parser.parse_args(argv)
     if options.command == "features":
         _features_command(options)

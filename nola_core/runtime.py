@@ -6,6 +6,7 @@ import contextlib
 import os
 import random
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -26,6 +27,23 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         if resolved.index is not None and resolved.index >= torch.cuda.device_count():
             raise RuntimeError(f"device {device!r} requested but only {torch.cuda.device_count()} GPU(s) exist")
     return resolved
+
+
+@dataclass(frozen=True)
+class ComputeSettings:
+    """How a loop loads images and runs its forwards, shared by feature extraction
+    (`FeatureConfig.compute`), prompt tuning (`TuningConfig.compute`) and LatteCLIP
+    (`LatteCLIPConfig.compute`, which reads `num_workers` and `precision` only). None of these
+    changes which images are used or what is trained, only speed and float rounding.
+
+    `precision`: auto | fp32 | bf16 | fp16 (`acceleration.resolve_precision`); `fused_attention`
+    and `precast_weights`: the autocast-equivalent speed-ups of `nola_core.acceleration`.
+    """
+
+    num_workers: int = 2  # on the CPU at most a quarter of the cores (`loader_workers`)
+    precision: str = "auto"
+    fused_attention: bool = True
+    precast_weights: bool = True
 
 
 CPU_THREADS_ENV = "NOLA_CPU_THREADS"

@@ -23,9 +23,9 @@ import itertools
 import json
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +37,14 @@ from nola_core.acceleration import compute_dtype, fused_attention, precast_weigh
 from nola_core.data import ImageRecord, ManifestImageDataset, MultiView, collate_skipping_failures
 from nola_core.distributed import DistributedContext
 from nola_core.models.vpt import PromptTunedClassifier
-from nola_core.runtime import atomic_output, autocast_context, cpu_thread_budget, loader_workers, resolve_device
+from nola_core.runtime import (
+    ComputeSettings,
+    atomic_output,
+    autocast_context,
+    cpu_thread_budget,
+    loader_workers,
+    resolve_device,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +67,9 @@ class TuningConfig:
     randomness), so every image gets the same label at every step; NoLA's recipe therefore sets
     it (`methods.nola.nola_tuning_config`). False (this dataclass's default, and LaFTer's) runs the
     labeller on a fresh weak view (`MultiView`'s first transform) of every image at every step.
-    `fused_attention` / `precast_weights` only change speed (`nola_core.acceleration`).
+    `compute` (`runtime.ComputeSettings`, shared with feature extraction): loader workers,
+    precision, and `fused_attention` / `precast_weights`, which only change speed
+    (`nola_core.acceleration`).
 
     `wiseft_alpha`: the WiSE-FT post-step after training (`methods.nola.apply_wiseft`): mix the
     untuned and tuned trainable tensors with this weight on the tuned ones (0 = untuned,
@@ -82,13 +91,23 @@ class TuningConfig:
     head_input: str = "projected"  # projected | normalized
     head_logit_scale: float = 1.0
     lr_schedule: str = "constant"  # constant (the reference's MultiStepLR without milestones) | cosine
-    num_workers: int = 2  # on the CPU at most a quarter of the cores (`runtime.loader_workers`)
-    precision: str = "auto"
     seed: int = 0
     fixed_pseudo_labels: bool = False
-    fused_attention: bool = True
-    precast_weights: bool = True
     wiseft_alpha: float | None = None
+    compute: ComputeSettings = field(default_factory=ComputeSettings)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "TuningConfig":
+        """The config `dataclasses.asdict` gave (what artifact facts hold), also from the flat
+        layout written before `compute` was nested (num_workers, precision, ... at the top)."""
+        values = dict(values)
+        compute = dict(values.pop("compute", None) or {})
+        for name in ComputeSettings.__dataclass_fields__:
+            if name in values:
+                compute.setdefault(name, values.pop(name))
+        if isinstance(values.get("no_decay_names"), list):
+            values["no_decay_names"] = tuple(values["no_decay_names"])
+        return cls(**values, compute=ComputeSettings(**compute))
 
 
 @dataclass
@@ -212,7 +231,7 @@ def train_prompts(
         logger.info("prompt tuning: %d images, %d process(es) x micro-batch %d x %d accumulation, lr %.2e, "
                     "%d epochs, %s pseudo-labels, precision %s", len(dataset), world, micro, accumulation, lr,
                     config.epochs, "fixed" if fixed_labels is not None else "per-view",
-                    resolve_precision(device, config.precision))
+                    resolve_precision(device, config.compute.precision))
     history: list[EpochStats] = []
     fingerprint = _resume_fingerprint(records, config, fixed_labels)
     start = 0
@@ -220,7 +239,7 @@ def train_prompts(
         start, history = _load_resume_state(Path(resume_dir), fingerprint, classifier, optimizer, scheduler)
         if start and rank == 0:
             logger.info("prompt tuning: resuming after epoch %d/%d from %s", start, config.epochs, resume_dir)
-    workers = loader_workers(device, config.num_workers)
+    workers = loader_workers(device, config.compute.num_workers)
     epochs = range(start, config.epochs)
     # The plans are made lazily, once each, for the loop and the loader; the loader runs ahead of the
     # loop by its prefetch only, so `tee` holds no more than the plans between the two.
@@ -248,10 +267,10 @@ def train_prompts(
 def _fast_modules(modules: Sequence[nn.Module], device: torch.device, config: TuningConfig):
     with contextlib.ExitStack() as stack:
         for module in modules:
-            if config.fused_attention:
+            if config.compute.fused_attention:
                 stack.enter_context(fused_attention(module))
-            if config.precast_weights:
-                stack.enter_context(precast_weights(module, compute_dtype(device, config.precision)))
+            if config.compute.precast_weights:
+                stack.enter_context(precast_weights(module, compute_dtype(device, config.compute.precision)))
         yield
 
 
@@ -299,11 +318,11 @@ def _train_epoch(model, classifier, batches: Iterator, plan, pseudo_labeller, fi
                     targets = fixed_labels[indices.to(device)]
                 else:
                     weak = views_batch[0].to(device, non_blocking=True)
-                    with torch.inference_mode(), autocast_context(device, config.precision):
+                    with torch.inference_mode(), autocast_context(device, config.compute.precision):
                         targets = pseudo_labeller(weak).long()
                     targets = targets.clone()  # inference tensors cannot enter autograd
                 last_input = strong
-                with autocast_context(device, config.precision):
+                with autocast_context(device, config.compute.precision):
                     logits = model(strong)
                 losses = F.cross_entropy(logits.float(), targets, label_smoothing=config.label_smoothing,
                                          reduction="none")
@@ -329,7 +348,7 @@ def _join_sync_with_zeros(model, last_input, device, config: TuningConfig) -> No
     """A zero-gradient backward, so DDP's all-reduce of this step finds every rank."""
     if last_input is None:
         raise RuntimeError("a process had no readable image before a gradient sync; use fewer processes")
-    with autocast_context(device, config.precision):
+    with autocast_context(device, config.compute.precision):
         (model(last_input[:1]).float().sum() * 0.0).backward()
 
 
@@ -366,7 +385,9 @@ def _resume_fingerprint(records: Sequence[ImageRecord], config: TuningConfig,
     it, and every saved tensor is the same on all ranks, so a run killed under N processes
     resumes under M.
     """
-    trained_on = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("num_workers", "wiseft_alpha")}
+    # The flat layout of before `compute` was nested: the same digest, so saved states still resume.
+    flat = {**dataclasses.asdict(config), **dataclasses.asdict(config.compute)}
+    trained_on = {k: v for k, v in flat.items() if k not in ("compute", "num_workers", "wiseft_alpha")}
     digest = hashlib.sha256(json.dumps(trained_on, sort_keys=True, default=str).encode())
     for record in records:
         digest.update(f"\0{record.image_id}\0{record.path}".encode())

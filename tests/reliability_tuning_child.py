@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from nola_core.data import MultiView, build_manifest, load_dataset_spec, strong_transform, weak_transform
 from nola_core.demo import demo_dataset_path
 from nola_core.models import ModelConfig, PromptTunedClassifier, load_clip
+from nola_core.runtime import ComputeSettings
 from nola_core.text import cde_classifier, get_templates
 from nola_core.tuning import TuningConfig, train_prompts
 
@@ -33,7 +34,8 @@ def main() -> None:
     cde = cde_classifier(clip, spec.classes, get_templates("generic"), {c: [f"a {c} on white."] for c in spec.classes})
     classifier = PromptTunedClassifier(copy.deepcopy(clip.visual), cde, num_prompts=4)
     views = MultiView((weak_transform(clip.preprocess), strong_transform(clip.preprocess)))
-    config = TuningConfig(epochs=EPOCHS, batch_size=16, micro_batch_size=16, num_workers=0, lr=1e-2, seed=5)
+    config = TuningConfig(epochs=EPOCHS, batch_size=16, micro_batch_size=16, lr=1e-2, seed=5,
+                          compute=ComputeSettings(num_workers=0))
     ran = []
 
     def progress(stats):

@@ -51,7 +51,8 @@ def test_resource_help_names_each_variable_and_the_core_default():
     into the text could drift from the value the code takes."""
     from nola_core.alignment import AlignmentConfig
     from nola_core.features import FeatureConfig
-    from nola_core.pipeline import nola_tuning_config
+    from nola_core.methods.nola import nola_tuning_config
+    from nola_core.runtime import ComputeSettings
 
     from nola_assets import resources
 
@@ -59,8 +60,9 @@ def test_resource_help_names_each_variable_and_the_core_default():
                      resources.DescriptionsResource, resources.DatasetsResource):
         for name, field in resource.model_fields.items():
             assert f"env {resources.env_name(name)}" in field.description, (resource.__name__, name)
-    expected = [(resources.ComputeResource, field, getattr(FeatureConfig(), field))
-                for field in ("batch_size", "num_workers", "precision")]
+    expected = [(resources.ComputeResource, "batch_size", FeatureConfig().batch_size)]
+    expected += [(resources.ComputeResource, field, getattr(ComputeSettings(), field))
+                 for field in ("num_workers", "precision")]
     expected += [(resources.MethodResource, field, getattr(AlignmentConfig(), core))
                  for field, core in resources._ALIGNMENT_FIELDS.items()]
     expected += [(resources.MethodResource, field, getattr(nola_tuning_config(), core))

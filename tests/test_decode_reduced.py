@@ -22,6 +22,7 @@ from PIL import Image
 from nola_core.data import CLIP_MEAN, CLIP_STD, ImageRecord, Preprocess, eval_transform, load_rgb
 from nola_core.features import FeatureConfig, extract_features
 from nola_core.models import ModelConfig, load_dino
+from nola_core.runtime import ComputeSettings
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.images import _sources, make_image  # noqa: E402
@@ -76,7 +77,8 @@ def test_feature_extraction_decodes_reduced_only_when_told_the_resize_size(tmp_p
         data = _jpeg(800, seed=seed)
         (tmp_path / f"{seed}.jpg").write_bytes(data)
         records.append(ImageRecord(hashlib.sha256(data).hexdigest(), f"{seed}.jpg"))
-    transform, config = eval_transform(dino.preprocess), FeatureConfig(batch_size=3, num_workers=0)
+    transform, config = eval_transform(dino.preprocess), FeatureConfig(batch_size=3,
+                                                                       compute=ComputeSettings(num_workers=0))
     full = extract_features(dino.encode_image, tmp_path, records, transform, config, "cpu", dtype=torch.float32)
     reduced = extract_features(dino.encode_image, tmp_path, records, transform, config, "cpu", dtype=torch.float32,
                                decode_min_side=dino.preprocess.resize_size)

@@ -23,6 +23,7 @@ from nola_core.distributed import (
 )
 from nola_core.features import FeatureConfig, extract_features, load_feature_table
 from nola_core.models import ModelConfig, PromptTunedClassifier, load_clip, load_dino
+from nola_core.runtime import ComputeSettings
 from nola_core.tuning import TuningConfig, epoch_plan, train_prompts
 
 FEATURE_TOLERANCE = 2e-3
@@ -39,12 +40,14 @@ def _features_and_tuning(context: DistributedContext, root, records, cde, output
     tiny = ModelConfig.from_profile("tiny")
     dino = load_dino(tiny)
     table = extract_features_distributed(dino.encode_image, root, records, eval_transform(dino.preprocess),
-                                         FeatureConfig(batch_size=4, num_workers=0), context, output,
+                                         FeatureConfig(batch_size=4,
+                                                       compute=ComputeSettings(num_workers=0)), context, output,
                                          module=dino.model)
     clip = load_clip(tiny)
     classifier = PromptTunedClassifier(copy.deepcopy(clip.visual), cde, num_prompts=4)
     views = MultiView((weak_transform(clip.preprocess), strong_transform(clip.preprocess)))
-    config = TuningConfig(epochs=2, batch_size=8, micro_batch_size=2, num_workers=0, lr=1e-2, seed=5)
+    config = TuningConfig(epochs=2, batch_size=8, micro_batch_size=2, lr=1e-2, seed=5,
+                          compute=ComputeSettings(num_workers=0))
     history = train_prompts(classifier, root, records, views, _first_pixel_labels, config, context.device,
                             distributed=context)
     return table, classifier.trainable_state_dict(), [(s.images, s.loss) for s in history]
@@ -93,7 +96,7 @@ def test_shards_and_step_plans_partition_the_data():
 def test_single_process_extraction_equals_plain_extraction(inputs, tmp_path):
     root, records, _ = inputs
     dino = load_dino(ModelConfig.from_profile("tiny"))
-    config = FeatureConfig(batch_size=8, num_workers=0)
+    config = FeatureConfig(batch_size=8, compute=ComputeSettings(num_workers=0))
     plain = extract_features(dino.encode_image, root, records[:6], eval_transform(dino.preprocess), config, "cpu")
     same = extract_features_distributed(dino.encode_image, root, records[:6], eval_transform(dino.preprocess),
                                         config, init_distributed("cpu"), tmp_path / "features.safetensors")
@@ -104,7 +107,8 @@ def test_single_process_extraction_equals_plain_extraction(inputs, tmp_path):
 def _features_only(context: DistributedContext, root, records, output):
     dino = load_dino(ModelConfig.from_profile("tiny"))
     return extract_features_distributed(dino.encode_image, root, records, eval_transform(dino.preprocess),
-                                        FeatureConfig(batch_size=3, num_workers=0), context, output,
+                                        FeatureConfig(batch_size=3,
+                                                      compute=ComputeSettings(num_workers=0)), context, output,
                                         module=dino.model).failed
 
 

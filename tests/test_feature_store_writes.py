@@ -33,6 +33,7 @@ from nola_core.features import (
     update_feature_table,
     write_feature_table,
 )
+from nola_core.runtime import ComputeSettings
 
 IMAGES, DIM, BATCH = 512, 65536, 16
 TABLE_BYTES = IMAGES * DIM * 2
@@ -63,7 +64,8 @@ def _records(folder: Path) -> list[ImageRecord]:
 def _extract(folder: Path, records, output=None) -> FeatureTable:
     return extract_features(_wide_encoder, folder, records,
                             transforms.Compose([transforms.Resize((8, 8)), transforms.ToTensor()]),
-                            FeatureConfig(batch_size=BATCH, num_workers=0), "cpu", output=output)
+                            FeatureConfig(batch_size=BATCH,
+                                          compute=ComputeSettings(num_workers=0)), "cpu", output=output)
 
 
 def measure(folder: str) -> dict:

@@ -8,6 +8,7 @@ from nola_core.data import build_manifest, eval_transform, load_dataset_spec
 from nola_core.demo import demo_dataset_path
 from nola_core.features import FeatureConfig, extract_features, load_feature_table, save_feature_table
 from nola_core.models import ModelConfig, load_dino
+from nola_core.runtime import ComputeSettings
 
 
 def test_features_are_float16_in_manifest_order_and_skip_vanished_files(tmp_path):
@@ -22,14 +23,16 @@ def test_features_are_float16_in_manifest_order_and_skip_vanished_files(tmp_path
     transform = eval_transform(dino.preprocess)
 
     table = extract_features(dino.encode_image, root, records, transform,
-                             FeatureConfig(batch_size=6, num_workers=2, precision="fp32"), device="cpu")
+                             FeatureConfig(batch_size=6,
+                                           compute=ComputeSettings(num_workers=2, precision="fp32")), device="cpu")
     assert table.features.dtype == torch.float16
     assert table.features.shape == (18, dino.feature_dim)
     assert set(table.failed) == {records[3].image_id, records[7].image_id}
     assert list(table.ids) == [r.image_id for i, r in enumerate(records) if i not in (3, 7)]
 
     single = extract_features(dino.encode_image, root, records, transform,
-                              FeatureConfig(batch_size=20, num_workers=0, precision="fp32"), device="cpu")
+                              FeatureConfig(batch_size=20,
+                                            compute=ComputeSettings(num_workers=0, precision="fp32")), device="cpu")
     assert single.ids == table.ids
     assert torch.allclose(single.features.float(), table.features.float(), atol=1e-3)
     with torch.no_grad():

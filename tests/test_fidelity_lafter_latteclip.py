@@ -30,6 +30,7 @@ from nola_core.methods import latteclip as latteclip_module
 from nola_core.methods.lafter import build_lafter_classifier
 from nola_core.methods.latteclip import latteclip_parameter_groups, text_bank
 from nola_core.models import ModelConfig, load_clip
+from nola_core.runtime import ComputeSettings
 from nola_core.tuning import TuningConfig
 from test_methods import (StrongView, ToyPromptClassifier, WeakView, identity_encoder_and_batches, orthogonal_clusters,
                           write_feature_images)
@@ -72,7 +73,7 @@ def lafter_frozen_labeller_check(tmp_path) -> dict[str, float]:
         return real_train_prompts(classifier_, root, records_, views, label, *args, **kwargs)
 
     config = TuningConfig(epochs=8, batch_size=30, micro_batch_size=30, reference_batch_size=30, lr=1e-2,
-                          weight_decay=0.0, num_workers=0, seed=0)
+                          weight_decay=0.0, seed=0, compute=ComputeSettings(num_workers=0))
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(lafter_module, "train_prompts", recording)
         tune_lafter(classifier, MultiView((WeakView(), StrongView(0.15))), tmp_path, records, config, "cpu")
@@ -237,8 +238,8 @@ def latteclip_loop_check(config: LatteCLIPConfig | None = None, steps: int = REF
     """
     features, labels, ids, table, texts, class_texts, target = latteclip_loop_world()
     config = config or LatteCLIPConfig()
-    config = dataclasses.replace(config, batch_size=32, max_iterations=steps, max_epochs=steps, num_workers=0,
-                                 precision="fp32")
+    config = dataclasses.replace(config, batch_size=32, max_iterations=steps, max_epochs=steps,
+                                 compute=ComputeSettings(num_workers=0, precision="fp32"))
     encoder, batches = identity_encoder_and_batches(features, config.batch_size, bias=False)
     bank = text_bank(ids, texts, [f"c{c}" for c in range(len(class_texts))], config.class_template)
     prototypes, history = latteclip_module.train_latteclip_loop(

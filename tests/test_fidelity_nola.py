@@ -29,6 +29,7 @@ from nola_core.export import export_classifier, load_classifier
 from nola_core.models import ModelConfig, load_clip
 from nola_core.methods.nola import build_prompt_classifier, tuning_views
 from nola_core.predictions import tuned_head_probabilities
+from nola_core.runtime import ComputeSettings
 from nola_core.tuning import TuningConfig, train_prompts
 
 CLIP_224 = Preprocess(224, CLIP_MEAN, CLIP_STD)
@@ -197,7 +198,7 @@ def test_no_weight_decay_on_biases_and_a_constant_learning_rate(tiny, monkeypatc
     classifier = build_prompt_classifier(clip, cde, TuningConfig(num_prompts=2))
     names = {id(p): name for name, p in classifier.named_parameters()}
     config = TuningConfig(num_prompts=2, epochs=2, batch_size=4, micro_batch_size=4, reference_batch_size=4,
-                          num_workers=0)
+                          compute=ComputeSettings(num_workers=0))
     views = MultiView((strong_transform(clip.preprocess), strong_transform(clip.preprocess)))
     train_prompts(classifier, spec.root, records, views, lambda weak: torch.zeros(len(weak), dtype=torch.long),
                   config, device="cpu")

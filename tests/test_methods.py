@@ -55,6 +55,7 @@ from nola_core.methods import (
 from nola_core.methods.latteclip import latteclip_step, text_bank
 from nola_core.methods.nola import cde_pseudo_labels, dino_pseudo_labeller, selection_pseudo_labels
 from nola_core.predictions import predicted_classes
+from nola_core.runtime import ComputeSettings
 from nola_core.tuning import TuningConfig, train_prompts
 
 # --- synthetic images whose pixels are the features -------------------------------------------
@@ -247,7 +248,7 @@ def test_lafter_prompt_tuning_improves_on_its_text_classifier_labels(tmp_path):
     classifier = ToyPromptClassifier(dim, weight, logit_scale=1.0)
     classifier.encoder.visual.requires_grad_(False)
     config = TuningConfig(epochs=12, batch_size=50, micro_batch_size=50, reference_batch_size=50, lr=1e-2,
-                          weight_decay=0.0, num_workers=0, seed=0)
+                          weight_decay=0.0, seed=0, compute=ComputeSettings(num_workers=0))
     history = tune_lafter(classifier, MultiView((WeakView(), StrongView(0.15))), tmp_path, records, config, "cpu")
     with torch.no_grad():
         tuned = accuracy(classifier(features), labels)
@@ -310,7 +311,7 @@ def test_nola_stages_improve_on_the_cde_labels_they_start_from(tmp_path):
 
     classifier = ToyPromptClassifier(dim, cde, logit_scale=100.0, columns=slice(0, 12))
     config = TuningConfig(epochs=6, batch_size=40, micro_batch_size=40, reference_batch_size=40, lr=1e-2,
-                          weight_decay=0.0, num_workers=0)
+                          weight_decay=0.0, compute=ComputeSettings(num_workers=0))
     torch.manual_seed(0)
     train_prompts(classifier, tmp_path, records, MultiView((WeakView(), StrongView(0.1))),
                   dino_pseudo_labeller(ToyDino(), dl_network, "cpu"), config, "cpu")

@@ -24,15 +24,18 @@ from nola_core.methods import (
 )
 from nola_core.models import ModelConfig
 from nola_core.methods.nola import NolaConfig
+from nola_core.runtime import ComputeSettings
 from nola_core.tuning import TuningConfig
 
 FAST = ComparisonConfig(
     models=ModelConfig.from_profile("tiny"),
-    features=FeatureConfig(num_workers=0),
+    features=FeatureConfig(compute=ComputeSettings(num_workers=0)),
     lafter=LaFTerConfig(text=TextClassifierConfig(iterations=50),
-                        tuning=TuningConfig(num_prompts=50, epochs=1, micro_batch_size=32, num_workers=0)),
-    latteclip=LatteCLIPConfig(batch_size=32, max_iterations=3, lr=1e-5, num_workers=0),
-    nola=NolaConfig(alignment=AlignmentConfig(epochs=3), tuning=TuningConfig(epochs=1, num_workers=0)),
+                        tuning=TuningConfig(num_prompts=50, epochs=1, micro_batch_size=32,
+                                            compute=ComputeSettings(num_workers=0))),
+    latteclip=LatteCLIPConfig(batch_size=32, max_iterations=3, lr=1e-5, compute=ComputeSettings(num_workers=0)),
+    nola=NolaConfig(alignment=AlignmentConfig(epochs=3), tuning=TuningConfig(epochs=1,
+                                                                             compute=ComputeSettings(num_workers=0))),
     device="cpu",
 )
 

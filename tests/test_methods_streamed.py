@@ -44,6 +44,7 @@ from nola_core.methods import (
 from nola_core.models import ModelConfig, load_clip
 from nola_core.data.loading import image_features
 from nola_core.predictions import cosine_probabilities, tuned_head_probabilities
+from nola_core.runtime import ComputeSettings
 from nola_core.tuning import TuningConfig
 from test_stage_predictions import reindex_rows
 
@@ -120,7 +121,7 @@ def test_lafter_and_latteclip_stages_match_the_full_probability_matrices(tmp_pat
     CLIP table (its row scores a zero embedding: every class ties, as before)."""
     spec = load_dataset_spec(demo_dataset_path())
     records = list(build_manifest(spec, "unlabeled").records[:24])
-    features = FeatureConfig(batch_size=8, num_workers=0)
+    features = FeatureConfig(batch_size=8, compute=ComputeSettings(num_workers=0))
     clip = load_clip(ModelConfig.from_profile("tiny"), "cpu")
     clip_table = image_features(clip, spec.root, records, features, "cpu", output=tmp_path / "clip.safetensors")
     assert clip_table.features.dtype == torch.float16 and clip_table.ids == tuple(r.image_id for r in records)
@@ -129,7 +130,8 @@ def test_lafter_and_latteclip_stages_match_the_full_probability_matrices(tmp_pat
     classes = len(spec.classes)
 
     config = LaFTerConfig(text=TextClassifierConfig(iterations=20),
-                          tuning=TuningConfig(num_prompts=2, epochs=1, batch_size=8, micro_batch_size=8, num_workers=0))
+                          tuning=TuningConfig(num_prompts=2, epochs=1, batch_size=8, micro_batch_size=8,
+                                              compute=ComputeSettings(num_workers=0)))
     text_set = lafter_text_set(clip, spec.classes, spec.templates, dict.fromkeys(spec.classes, ()), "cpu")
     lafter = run_lafter(clip, text_set, classes, spec.root, train, evaluated, clip_table, config, features, "cpu",
                         chunk_size=7, tuned_output=tmp_path / "lafter.safetensors")
@@ -144,7 +146,8 @@ def test_lafter_and_latteclip_stages_match_the_full_probability_matrices(tmp_pat
     assert tuned.probabilities.confidence[-1] == pytest.approx(1 / classes)
 
     latte = run_latteclip(clip, spec.classes, spec.root, train, evaluated, clip_table, LatteTexts(),
-                          LatteCLIPConfig(batch_size=8, max_iterations=2, lr=1e-5, num_workers=0), features, "cpu",
+                          LatteCLIPConfig(batch_size=8, max_iterations=2, lr=1e-5,
+                                          compute=ComputeSettings(num_workers=0)), features, "cpu",
                           chunk_size=7, tuned_output=tmp_path / "latteclip.safetensors")
     zero_shot, final = latte.stages
     full_zero_shot = cosine_probabilities(clip_table.features,
@@ -176,7 +179,7 @@ def test_latteclip_loader_workers_and_threads_follow_the_cpu_budget(monkeypatch)
     monkeypatch.delenv(runtime.CPU_THREADS_ENV, raising=False)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     monkeypatch.setattr(latteclip, "DataLoader", RecordingLoader)
-    config = LatteCLIPConfig(batch_size=4, max_iterations=1, num_workers=2)
+    config = LatteCLIPConfig(batch_size=4, max_iterations=1, compute=ComputeSettings(num_workers=2))
     labels = torch.zeros(len(records), dtype=torch.long)
     before = torch.get_num_threads()
     torch.set_num_threads(8)

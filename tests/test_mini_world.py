@@ -20,6 +20,7 @@ from nola_core.models import ModelConfig, load_clip, load_dino
 from nola_core.models.loading import CheckpointHashError
 from nola_core.models.registry import MINI_WEIGHTS_DIR
 from nola_core.methods.nola import NolaConfig, nola_tuning_config, run_nola
+from nola_core.runtime import ComputeSettings
 from nola_core.stage_names import CDE_STAGE, NOLA_TUNED_STAGE, ZERO_SHOT_STAGE
 
 MINI = ModelConfig.from_profile("mini")
@@ -34,7 +35,7 @@ GAP = 0.15
 CI_CONFIG = NolaConfig(
     models=MINI,
     alignment=AlignmentConfig(epochs=50),
-    tuning=nola_tuning_config(epochs=5, num_workers=0),
+    tuning=nola_tuning_config(epochs=5, compute=ComputeSettings(num_workers=0)),
     device="cpu",
 )
 DL_MARGIN = -0.237

@@ -20,6 +20,7 @@ from nola_core.acceleration import cpu_supports_bf16, fused_attention, precast_w
 from nola_core.data import ImageRecord, eval_transform
 from nola_core.features import FeatureConfig, extract_features
 from nola_core.models import ModelConfig, load_clip, load_dino
+from nola_core.runtime import ComputeSettings
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.images import write_images  # noqa: E402
@@ -49,7 +50,8 @@ def test_bf16_features_match_fp32_on_the_real_architectures(images, which):
     tower = model.visual if which == "clip" else model.model
     features = {
         precision: extract_features(model.encode_image, folder, records, eval_transform(model.preprocess),
-                                    FeatureConfig(batch_size=8, num_workers=0, precision=precision), "cpu",
+                                    FeatureConfig(batch_size=8,
+                                                  compute=ComputeSettings(num_workers=0, precision=precision)), "cpu",
                                     dtype=torch.float32, module=tower).features
         for precision in ("fp32", "bf16")
     }

@@ -19,6 +19,7 @@ from nola_core.demo import MINI_DEMO_DATASET, bundled_dataset_path
 from nola_core.features import FeatureConfig
 from nola_core.models import ModelConfig, load_clip, load_dino
 from nola_core.data.loading import image_features, load_dataset
+from nola_core.runtime import ComputeSettings
 from nola_core.text.classifiers import zero_shot_classifier
 from nola_core.text.templates import get_templates
 
@@ -35,7 +36,7 @@ def mini_domain():
 
 
 def _features(model, root, records, precision):
-    config = FeatureConfig(batch_size=64, num_workers=0, precision=precision)
+    config = FeatureConfig(batch_size=64, compute=ComputeSettings(num_workers=0, precision=precision))
     return image_features(model, root, records, config, CPU).features.float()
 
 
@@ -45,7 +46,8 @@ def test_auto_resolves_to_bf16_only_for_extraction_on_a_native_bf16_cpu(monkeypa
     assert resolve_precision(CPU, "auto", extraction=True) == ("bf16" if native else "fp32")
     assert FeatureConfig().resolved_precision(CPU) == ("bf16" if native else "fp32")  # what artifact keys hold
     assert resolve_precision(CPU, "auto") == "fp32"  # training: unchanged
-    assert FeatureConfig(precision="fp32").resolved_precision(CPU) == "fp32"  # one setting away
+    fp32 = FeatureConfig(compute=ComputeSettings(precision="fp32"))
+    assert fp32.resolved_precision(CPU) == "fp32"  # one setting away
     assert resolve_precision(torch.device("cuda"), "auto", extraction=True) == "bf16"
 
 
@@ -90,7 +92,7 @@ def test_peer_backends_stay_within_the_bound(mini_domain, backend, precision):
     spec, records = mini_domain
     clip = load_clip(ModelConfig.from_profile("mini"))
     full = _features(clip, spec.root, records[:32], "fp32")
-    config = FeatureConfig(batch_size=16, num_workers=0, precision=precision, backend=backend)
+    config = FeatureConfig(batch_size=16, backend=backend, compute=ComputeSettings(num_workers=0, precision=precision))
     table = image_features(clip, spec.root, records[:32], config, CPU)
     cosine = F.cosine_similarity(full, table.features.float())
     assert cosine.min() >= BF16_FEATURE_MIN_COSINE and cosine.mean() >= BF16_FEATURE_MEAN_COSINE

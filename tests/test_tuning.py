@@ -19,6 +19,7 @@ from nola_core.alignment import alignment_network
 from nola_core.data import MultiView, build_manifest, eval_transform, load_dataset_spec, load_rgb, strong_transform, weak_transform
 from nola_core.demo import demo_dataset_path
 from nola_core.models import ModelConfig, PromptTunedClassifier, load_clip, load_dino
+from nola_core.runtime import ComputeSettings
 from nola_core.text import cde_classifier, get_templates
 from nola_core.tuning import TuningConfig, load_trainable, save_trainable, train_prompts
 
@@ -61,7 +62,8 @@ def tune_tiny(setup, images: int, epochs: int):
     classifier = _classifier(clip, cde)
     before = copy.deepcopy(classifier)
     views = MultiView((weak_transform(clip.preprocess), strong_transform(clip.preprocess)))
-    config = TuningConfig(epochs=epochs, batch_size=64, micro_batch_size=16, num_workers=0, lr=1e-2)
+    config = TuningConfig(epochs=epochs, batch_size=64, micro_batch_size=16, lr=1e-2,
+                          compute=ComputeSettings(num_workers=0))
     history = train_prompts(classifier, spec.root, manifest.records[:images], views,
                             _first_pixel_labeller(len(spec.classes)), config, device="cpu")
     return before, classifier, history
@@ -124,8 +126,8 @@ def check_tuning_follows_the_labeller(setup, images: int = 16):
         untuned = classifier.eval()(batch).argmax(-1)
     target = int(torch.bincount(untuned, minlength=len(spec.classes)).argmin())
     views = MultiView((weak_transform(clip.preprocess), strong_transform(clip.preprocess)))
-    config = TuningConfig(epochs=1, batch_size=images, micro_batch_size=images, reference_batch_size=images,
-                          num_workers=0, lr=1e-2)
+    config = TuningConfig(epochs=1, batch_size=images, micro_batch_size=images, reference_batch_size=images, lr=1e-2,
+                          compute=ComputeSettings(num_workers=0))
     train_prompts(classifier, spec.root, manifest.records[:images], views,
                   lambda weak: torch.full((len(weak),), target), config, device="cpu")
     with torch.no_grad():
@@ -173,7 +175,7 @@ def check_nola_labeller_sees_weak_views(clip, dino, spec, records, tolerance=1e-
     recorder = RecordingDino(dino)
     network = alignment_network(dino.feature_dim, len(spec.classes), hidden_dim=8)
     config = TuningConfig(num_prompts=2, epochs=1, batch_size=len(records), micro_batch_size=len(records),
-                          num_workers=0)
+                          compute=ComputeSettings(num_workers=0))
     tune_prompts(clip, recorder, network, torch.eye(len(spec.classes), clip.embed_dim), spec.root, records, config,
                  "cpu")
     received = torch.cat(recorder.inputs)
@@ -192,7 +194,7 @@ def test_nola_pseudo_labeller_is_fed_the_weak_view(setup):
 def test_same_seed_gives_identical_tuning(setup):
     clip, spec, manifest, cde = setup
     views = MultiView((weak_transform(clip.preprocess), strong_transform(clip.preprocess)))
-    config = TuningConfig(epochs=1, batch_size=32, micro_batch_size=16, num_workers=2, seed=3)
+    config = TuningConfig(epochs=1, batch_size=32, micro_batch_size=16, seed=3, compute=ComputeSettings(num_workers=2))
     results = []
     for _ in range(2):
         classifier = _classifier(clip, cde)
@@ -236,7 +238,8 @@ def test_every_optimizer_step_takes_batch_size_images_whatever_the_micro_batch(s
 
     real_plan = tuning.epoch_plan
     monkeypatch.setattr(tuning, "epoch_plan", recorded_plan)
-    config = TuningConfig(epochs=1, batch_size=10, micro_batch_size=4, reference_batch_size=10, num_workers=0)
+    config = TuningConfig(epochs=1, batch_size=10, micro_batch_size=4, reference_batch_size=10,
+                          compute=ComputeSettings(num_workers=0))
     views = MultiView((weak_transform(clip.preprocess), strong_transform(clip.preprocess)))
     train_prompts(_classifier(clip, cde), spec.root, manifest.records[:20], views,
                   _first_pixel_labeller(len(spec.classes)), config, device="cpu")

@@ -18,6 +18,7 @@ from nola_core.data import MultiView, build_manifest, load_dataset_spec, strong_
 from nola_core.demo import demo_dataset_path
 from nola_core.distributed import SINGLE_PROCESS, launch
 from nola_core.models import ModelConfig, PromptTunedClassifier, load_clip
+from nola_core.runtime import ComputeSettings
 from nola_core.tuning import TuningConfig, train_prompts
 
 TRAINED_TOLERANCE = 1e-5  # two processes sum gradients in another order (test_distributed.py)
@@ -103,7 +104,8 @@ def eight_cpus(monkeypatch):
 
 def _config(num_workers: int, epochs: int = 3) -> TuningConfig:
     # 12 images, steps of 8 in micro-batches of 4: 3 micro-batches per epoch, one step uneven.
-    return TuningConfig(epochs=epochs, batch_size=8, micro_batch_size=4, num_workers=num_workers, lr=1e-2, seed=7)
+    return TuningConfig(epochs=epochs, batch_size=8, micro_batch_size=4, lr=1e-2, seed=7,
+                        compute=ComputeSettings(num_workers=num_workers))
 
 
 def _assert_same_run(run: Run, reference: Run):

@@ -71,7 +71,7 @@ from nola_core.features import FeatureConfig, FeatureTable, extract_features
 from nola_core.methods.common import MethodRun, PseudoLabels, StageOutput, seeded
 from nola_core.models import ClipModel
 from nola_core.predictions import PREDICTION_CHUNK_SIZE, TopClasses, cosine_top_classes
-from nola_core.runtime import autocast_context, cpu_thread_budget, loader_workers, resolve_device
+from nola_core.runtime import ComputeSettings, autocast_context, cpu_thread_budget, loader_workers, resolve_device
 from nola_core.stage_names import LATTECLIP_FINAL_STAGE, LATTECLIP_ZERO_SHOT_STAGE
 from nola_core.text import zero_shot_classifier
 
@@ -118,8 +118,7 @@ class LatteCLIPConfig:
     train_text_encoder: bool = True
     logit_scale: float | None = None  # None: the model's own exp(logit_scale), fixed
     group_size: int = 4
-    num_workers: int = 2
-    precision: str = "auto"
+    compute: ComputeSettings = field(default_factory=ComputeSettings)  # num_workers and precision are read
     seed: int = 0
 
     def with_seed(self, seed: int) -> "LatteCLIPConfig":
@@ -457,7 +456,7 @@ def train_latteclip_loop(
             failed += len(batch_failed)
             if inputs is None or len(indices) < 2:  # a contrastive loss needs two pairs
                 continue
-            with autocast_context(device, config.precision):
+            with autocast_context(device, config.compute.precision):
                 image_embeddings = encode_images(inputs.to(device, non_blocking=True))
                 loss, prototypes, stats = latteclip_step(
                     image_embeddings, encode_texts, bank, indices, zero_shot_labels, prototypes, config, logit_scale,
@@ -575,7 +574,7 @@ def tune_latteclip(
                                                                          TRAIN_CROP_SCALE))  # reduced
     batch_size = max(2, min(config.batch_size, len(dataset)))
     generator = torch.Generator().manual_seed(config.seed)
-    workers = loader_workers(device, config.num_workers)
+    workers = loader_workers(device, config.compute.num_workers)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator,
                         num_workers=workers, collate_fn=collate_skipping_failures,
                         pin_memory=device.type == "cuda", drop_last=len(dataset) > batch_size,

@@ -34,6 +34,7 @@ from nola_core.methods.latteclip import LatteCLIPConfig
 from nola_core.mini.domains import SHIFTS, SOURCE, write_domain
 from nola_core.mini.fashion import FASHION_MNIST_DIR, load_split
 from nola_core.models import ModelConfig
+from nola_core.runtime import ComputeSettings
 from nola_core.pipeline import NolaConfig, nola_tuning_config
 
 REPO_DOCS = Path(__file__).resolve().parents[2] / "docs"
@@ -137,13 +138,14 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     dirs = _domain_dirs(args.domains_dir, args.per_class, args.held_out_per_class)
     models = ModelConfig.from_profile("mini")
-    features = FeatureConfig(num_workers=0)
+    in_process = ComputeSettings(num_workers=0)
+    features = FeatureConfig(compute=in_process)
     nola = NolaConfig(alignment=AlignmentConfig(epochs=args.alignment_epochs),
-                      tuning=nola_tuning_config(epochs=args.tuning_epochs, num_workers=0))
+                      tuning=nola_tuning_config(epochs=args.tuning_epochs, compute=in_process))
     lafter_default = LaFTerConfig()
     lafter = dataclasses.replace(lafter_default, tuning=dataclasses.replace(
-        lafter_default.tuning, epochs=args.tuning_epochs, num_workers=0))
-    latte = LatteCLIPConfig(max_epochs=args.latteclip_epochs, num_workers=0)
+        lafter_default.tuning, epochs=args.tuning_epochs, compute=in_process))
+    latte = LatteCLIPConfig(max_epochs=args.latteclip_epochs, compute=in_process)
     source = compare_methods(dirs[SOURCE], ComparisonConfig(methods=("zero-shot",), models=models,
                                                             features=features, device="cpu"))
     source_row = _rows(source.evaluation, SOURCE)[0]
