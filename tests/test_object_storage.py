@@ -130,3 +130,24 @@ def _mapped_from(tensor: torch.Tensor, path) -> bool:
         if len(fields) >= 6 and fields[5] == str(path) and start <= address < end:
             return True
     return False
+
+
+def test_mirror_follows_versions_and_reads_nothing_when_unchanged(s3_server, tmp_path):
+    bucket = s3_server.new_bucket()
+    data = open_storage(f"s3://{bucket}/data")
+    data.put("ds/dataset.yaml", b"name: ds\n")
+    data.put("ds/unlabeled/a.png", b"aaaa")
+    data.put("ds/unlabeled/b.png", b"bbbb")
+    local = data.mirror("ds", tmp_path / "ds")
+    assert (local / "unlabeled/a.png").read_bytes() == b"aaaa"
+
+    mark = len(s3_server.requests)
+    data.mirror("ds", local)
+    assert [r.method for r in s3_server.since(mark, bucket)] == ["GET"]  # one listing, no object read
+
+    data.put("ds/unlabeled/a.png", b"AAAA")  # same size, new bytes
+    data.fs.rm_file(data.path("ds/unlabeled/b.png"))
+    mark = len(s3_server.requests)
+    data.mirror("ds", local)
+    assert [r.key for r in s3_server.since(mark, bucket) if r.reads_object] == ["data/ds/unlabeled/a.png"]
+    assert (local / "unlabeled/a.png").read_bytes() == b"AAAA" and not (local / "unlabeled/b.png").exists()
