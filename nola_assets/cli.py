@@ -148,8 +148,7 @@ def _materialize(paths: list[Path], args: argparse.Namespace, copy: bool, launch
     from dagster import AssetKey
 
     from nola_core.data import DatasetSpecError
-    from nola_core.eval import format_stage_table, split_counts
-    from nola_core.pipeline import RANDOM_MODEL_NOTE
+    from nola_core.eval import RANDOM_MODEL_NOTE, format_stage_table, split_counts
     from nola_core.progress import terminal_progress
 
     from nola_assets.artifacts import ArtifactStore

@@ -11,7 +11,7 @@ from nola_core.cli import main
 from nola_core.data import DatasetSpecError, load_dataset_spec
 from nola_core.data.init import check_classes, init_dataset, parse_classes
 from nola_core.demo import demo_dataset_path
-from nola_core.pipeline import load_dataset
+from nola_core.data.loading import load_dataset
 
 CLASSES = "t-shirt, trouser, sneaker, bag"
 PER_CLASS = 3

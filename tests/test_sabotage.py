@@ -38,7 +38,7 @@ import test_methods
 import test_methods_real
 import test_reliability
 import test_tuning
-from nola_core import alignment, export, features, pipeline, runtime, tuning
+from nola_core import alignment, export, features, runtime, tuning
 from nola_core import eval as evaluation
 from nola_core.data import MultiView, known_labels, strong_transform, transforms
 from nola_core.llm import describe
@@ -219,7 +219,7 @@ def _checkpoint_in_bf16(monkeypatch):
 
 
 def _labeller_fed_the_strong_view(monkeypatch):
-    monkeypatch.setattr(pipeline, "tuning_views",
+    monkeypatch.setattr(nola, "tuning_views",
                         lambda clip, dino: MultiView((strong_transform(dino.preprocess), strong_transform(clip.preprocess))))
 
 

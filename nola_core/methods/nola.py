@@ -74,8 +74,6 @@ from nola_core.tuning import EpochStats, TuningConfig, train_prompts
 logger = logging.getLogger(__name__)
 
 METHOD = "nola"
-# Transitional, until nola_assets imports these from nola_core.stage_names (then removed).
-SELECTION_STAGE, DL_STAGE, TEMPLATES_STAGE = NOLA_SELECTION_STAGE, NOLA_DL_STAGE, NOLA_TEMPLATES_STAGE
 
 
 def nola_tuning_config(**overrides) -> TuningConfig:

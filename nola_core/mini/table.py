@@ -35,7 +35,7 @@ from nola_core.mini.domains import SHIFTS, SOURCE, write_domain
 from nola_core.mini.fashion import FASHION_MNIST_DIR, load_split
 from nola_core.models import ModelConfig
 from nola_core.runtime import ComputeSettings
-from nola_core.pipeline import NolaConfig, nola_tuning_config
+from nola_core.methods.nola import NolaConfig, nola_tuning_config
 
 REPO_DOCS = Path(__file__).resolve().parents[2] / "docs"
 ROWS = (  # (method, stage) in table order; the DL network is NoLA's alignment stage
