@@ -179,6 +179,14 @@ class ArtifactStore(EnvSettings):
             return None
         return self.ref_at(asset, dataset, pointer["digest"])
 
+    def has_ref(self, asset: str, dataset: str) -> bool:
+        """Whether `asset` was ever materialized for `dataset` (its `refs/` pointer exists); reads and
+        downloads nothing, for the sensor."""
+        remote = self.remote()
+        if remote is None:
+            return self.ref_path(asset, dataset).is_file()
+        return remote.exists(f"{REFS_FOLDER}/{check_dataset_name(dataset)}/{asset}.json")
+
     def _upload(self, remote: Storage, ref: ArtifactRef) -> None:
         """A new artifact's files (temporaries and hidden names left out), then its ref.json; nothing
         when the store already holds the finished artifact."""

@@ -126,7 +126,7 @@ def build_unlabeled_images_sensor(name: str = "unlabeled_images_sensor", clock: 
                 continue
             entry["changes"] += 1
             entry["requested"] = state
-            has_manifest = artifacts.load_ref("dataset_manifest", name) is not None
+            has_manifest = artifacts.has_ref("dataset_manifest", name)
             requests.append(RunRequest(
                 run_key=f"{name}:{entry['changes']}:{state[:12]}",
                 partition_key=name,

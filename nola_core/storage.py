@@ -166,7 +166,9 @@ def local_root(location: str | os.PathLike, cache_dir: str | os.PathLike) -> Pat
     """The local folder a root is read and written through: the folder itself, or for a URL its
     copy in the cache (`cache_path`)."""
     location = os.fspath(location)
-    return (cache_path(location, cache_dir) if is_remote(location) else Path(fsspec.url_to_fs(location)[1])).resolve()
+    if is_remote(location):
+        return cache_path(location, cache_dir).resolve()
+    return Path(fsspec.url_to_fs(location)[1] if "://" in location else location).resolve()  # a plain path as it is
 
 
 def cache_path(url: str, cache_dir: str | os.PathLike) -> Path:
