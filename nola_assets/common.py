@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
@@ -13,12 +14,13 @@ from dagster import AssetExecutionContext, DataVersion, MaterializeResult, Metad
 
 from nola_core.checkpoints import load_alignment_network, load_tuned_classifier
 from nola_core.data import REDUCED_JPEG_DECODE
-from nola_core.distributed import init_distributed, launch
+from nola_core.distributed import launch
 from nola_core.models import ClipModel, ModelConfig, PromptTunedClassifier
 from nola_core.progress import progress_callback
 from nola_core.tuning import TuningConfig
 
 from nola_assets.artifacts import ArtifactRef, ArtifactStore
+from nola_assets.cluster import on_nodes
 from nola_assets.partitions import datasets_partitions
 from nola_assets.resources import ComputeResource
 
@@ -87,17 +89,20 @@ def image_progress(context: AssetExecutionContext, what: str) -> Callable[[int, 
 
 
 def on_processes(context: AssetExecutionContext, compute: ComputeResource, items: int, stage: Callable, job: Any,
-                  progress: Callable | None = None) -> Any:
+                 progress: Callable | None = None, workdir: Path | None = None) -> Any:
     """`stage(distributed context, job, progress)` on `compute`'s processes; rank 0's result.
 
     One process (the default, or fewer `items` than processes): here, with live `progress`.
     `nproc_per_node` N > 1: `nola_core.distributed.launch` spawns N processes (one GPU each, or
     gloo on the CPU) that load their models from the configs in `job` (`nola_core.jobs`); each
-    logs its own lines to stderr (the step's compute log). A run worker started by torchrun is
-    already one rank of a group: the stage joins that group here and nothing is spawned.
+    logs its own lines to stderr (the step's compute log). `nodes` > 1: a Kubeflow PyTorchJob of
+    that many pods, `nproc_per_node` processes each, launched through Dagster Pipes
+    (`nola_assets.cluster`), its files in `workdir` (a folder of the artifact being made).
     """
-    if compute.launched_by_torchrun():
-        return stage(init_distributed(compute.rank_device()), job, progress)
+    if compute.node_count() > 1:
+        if workdir is None:
+            raise ValueError(f"{stage.__name__}: nodes > 1 needs a workdir on the shared artifact store")
+        return on_nodes(context, compute, stage, job, workdir)
     processes = min(compute.processes(), items)
     if processes == 1:
         return launch(stage, 1, job, progress, device=compute.torch_device())

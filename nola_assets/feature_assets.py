@@ -5,6 +5,7 @@
 """
 
 import time
+from pathlib import Path
 
 import torch
 from dagster import AssetExecutionContext, MaterializeResult, MetadataValue
@@ -68,7 +69,7 @@ def _feature_asset(
         context.log.info(f"{which.upper()} features for {len(todo)} image(s) on {device}")
         on_processes(context, compute, len(todo), image_features_stage,
                       ImageFeaturesJob(config, which, spec.root, tuple(todo), feature_config, fresh),
-                      progress=image_progress(context, f"{which} features"))
+                      progress=image_progress(context, f"{which} features"), workdir=Path(ref.path))
         return load_feature_table(fresh, mmap=True)
 
     try:

@@ -106,7 +106,14 @@ class ComputeResource(EnvSettings):
                                            _FEATURES.compute.num_workers, "on the CPU at most a quarter of the cores")
     nproc_per_node: Optional[int] = env_field(
         "nproc_per_node", "processes for feature extraction and prompt tuning (DDP), one per GPU, or gloo processes "
-        "on the CPU", 1, "1 = in the run worker; ignored under torchrun")
+        "on the CPU", 1, "1 = in the run worker; per node with `nodes`")
+    nodes: Optional[int] = env_field(
+        "nodes", "nodes for feature extraction and prompt tuning of one dataset: N > 1 launches a Kubeflow "
+        "PyTorchJob of N pods like the run pod, nproc_per_node processes each, through Dagster Pipes "
+        "(nola_assets/cluster.py)", 1, "1 = this run's pod")
+    node_launcher: Optional[str] = env_field(
+        "node_launcher", "pytorchjob | local: local runs the PyTorchJob's pods as local processes, a stand-in for "
+        "the Training Operator", "pytorchjob")
 
     def torch_device(self) -> torch.device:
         return resolve_device(self.setting("device", DEFAULT_DEVICE))
@@ -132,13 +139,16 @@ class ComputeResource(EnvSettings):
                                  "its own GPU; set the device to auto or cuda")
         return count
 
+    def node_count(self) -> int:
+        """`nodes`, checked: at least 1."""
+        count = self.setting("nodes", 1)
+        if count < 1:
+            raise ValueError(f"nodes={count} (env {env_name('nodes')}): must be at least 1")
+        return count
+
     def rank_device(self) -> str:
         """The device of every process: `cpu` (gloo), else `auto` (NCCL, process r on GPU r)."""
         return "cpu" if self.torch_device().type == "cpu" else "auto"
-
-    def launched_by_torchrun(self) -> bool:
-        """The run worker itself is one rank of a torchrun group (WORLD_SIZE > 1): join it, spawn nothing."""
-        return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
     def feature_config(self) -> FeatureConfig:
         return dataclasses.replace(FeatureConfig(), **_overrides(self, {"batch_size": "batch_size"}),

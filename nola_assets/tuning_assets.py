@@ -7,6 +7,7 @@
 import dataclasses
 import shutil
 import time
+from pathlib import Path
 
 from dagster import AssetExecutionContext, MaterializeResult, MetadataValue
 
@@ -92,7 +93,8 @@ def prompt_tuned_encoder(
     # pre-empted node) resumes after its last saved epoch when the same key is materialized again.
     resume_dir = ref.file(RESUME_DIR)
     job = PromptTuningJob(config, dl_network, cde, spec.root, tuple(records), tuning, resume_dir, fixed_labels)
-    trainable, history = on_processes(context, compute, len(records), prompt_tuning_stage, job, progress=progress)
+    trainable, history = on_processes(context, compute, len(records), prompt_tuning_stage, job, progress=progress,
+                                      workdir=Path(ref.path))
     for stats in history:  # epochs logged elsewhere (a spawned rank 0's compute log, an earlier resumed run)
         if stats.epoch not in logged:
             progress(stats)

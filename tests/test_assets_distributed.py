@@ -91,7 +91,6 @@ def test_two_processes_give_the_features_and_tuned_tensors_of_one(tmp_path):
 
 def test_nproc_per_node_is_read_from_its_variable_and_checked(monkeypatch):
     assert env_name("nproc_per_node") == NPROC_ENV
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert ComputeResource(device="cpu").processes() == 1
     monkeypatch.setenv(NPROC_ENV, "3")
     assert ComputeResource(device="cpu").processes() == 3
@@ -102,9 +101,6 @@ def test_nproc_per_node_is_read_from_its_variable_and_checked(monkeypatch):
     monkeypatch.setenv(NPROC_ENV, "two")
     with pytest.raises(ValueError, match=f"{NPROC_ENV}='two': expected int"):
         ComputeResource(device="cpu").processes()
-    assert not ComputeResource().launched_by_torchrun()
-    monkeypatch.setenv("WORLD_SIZE", "4")
-    assert ComputeResource().launched_by_torchrun()
 
 
 def test_nproc_per_node_on_cuda_is_one_process_per_gpu(monkeypatch):

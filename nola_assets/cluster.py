@@ -1,0 +1,233 @@
+"""One dataset's feature extraction or prompt tuning over several nodes: a Kubeflow Training
+Operator `PyTorchJob` launched from the asset through Dagster Pipes.
+
+With `nodes` N > 1 (ComputeResource, env NOLA_NODES) `on_nodes` does, in the asset's step:
+
+1. writes the stage and its job (`nola_core.jobs`: a frozen, picklable job; models load in each
+   rank from their configs) to a file in the artifact's folder, which every pod mounts;
+2. builds a `PyTorchJob` (`pytorchjob_manifest`): a Master and N-1 Workers, each pod a copy of
+   the run pod's container (image, env, secrets, volumes, GPU request) running
+   `python -m torch.distributed.run --module nola_assets.cluster_rank JOB_FILE`, with
+   `nprocPerNode` processes per pod (`nproc_per_node`). The Training Operator gives each pod
+   PET_NNODES, PET_NODE_RANK, PET_NPROC_PER_NODE (read by torchrun), MASTER_ADDR and MASTER_PORT
+   (passed to torchrun through Kubernetes' `$(VAR)` expansion);
+3. opens a Pipes session (context in the pods' environment, messages through a file next to the
+   job file), creates the PyTorchJob and waits for it (`PipesPyTorchJobClient`). Rank 0 sends its
+   progress as log lines while it runs and a custom message with the result file at the end
+   (`nola_assets.cluster_rank`); every pod's log is copied into the step's compute log when the
+   job ends, whether it succeeded or not;
+4. reads rank 0's result (the trained tensors and epoch statistics; nothing for features, whose
+   table the ranks wrote into the artifact folder) and removes the job's files.
+
+`node_launcher="local"` (env NOLA_NODE_LAUNCHER) runs the same manifest's replicas as local
+processes with the environment the operator would give each pod (`nola_assets.pytorchjob_standin`),
+launched by Dagster's `PipesSubprocessClient`: a machine without a cluster (tests, a workstation)
+runs the whole path but the Kubernetes API calls.
+
+The ranks run the stage functions of `nola_core.jobs` over `nola_core.distributed`'s plumbing,
+as `launch` does on one node, so the result equals one process's up to float summation order
+(tests/test_cluster.py). The job's files live in the artifact's folder: the artifact root must be
+a file system every pod mounts at the same path (deploy/k8s: the `nola-artifacts` volume).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from dagster import (
+    AssetExecutionContext,
+    Failure,
+    PipesClient,
+    PipesClientCompletedInvocation,
+    PipesEnvContextInjector,
+    PipesFileMessageReader,
+    PipesSubprocessClient,
+    open_pipes_session,
+)
+
+from nola_assets.resources import ComputeResource
+
+PYTORCHJOB_GROUP, PYTORCHJOB_VERSION, PYTORCHJOB_PLURAL = "kubeflow.org", "v1", "pytorchjobs"
+PYTORCHJOB_CONTAINER = "pytorch"  # the container the operator sets the rank variables in
+PYTORCHJOB_PORT_NAME, PYTORCHJOB_PORT = "pytorchjob-port", 23456  # the operator's default port name
+JOB_NAME_LABEL = "training.kubeflow.org/job-name"  # the label the operator puts on the job's pods
+RANK_MODULE = "nola_assets.cluster_rank"
+JOB_FILE = "cluster_job.pt"  # {"stage", "job", "device"}: what every rank loads
+RESULT_FILE = "cluster_result.pt"  # rank 0's return value
+MESSAGES_FILE = "cluster_messages.jsonl"  # rank 0's Pipes messages
+JOB_TTL_SECONDS = 86400  # the PyTorchJob (and its pods' logs) stays a day after it ends, as run Jobs do
+SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+_CONTAINER_FIELDS = ("image", "imagePullPolicy", "env", "envFrom", "volumeMounts", "resources", "securityContext",
+                     "workingDir")
+LOCAL_RUN_POD = {"spec": {"containers": [{"name": "run", "image": "local"}]}}
+"""The run pod `node_launcher="local"` copies: the stand-in's processes inherit this one's environment."""
+_POD_FIELDS = ("volumes", "securityContext", "serviceAccountName", "imagePullSecrets", "nodeSelector", "tolerations",
+               "affinity")
+
+
+def rank_command(job_file: Path | str) -> list[str]:
+    """What every pod runs: torchrun (its node count, node rank and processes per node come from
+    the operator's PET_* variables) around `nola_assets.cluster_rank`."""
+    return ["python", "-m", "torch.distributed.run", "--master-addr=$(MASTER_ADDR)", "--master-port=$(MASTER_PORT)",
+            "--module", RANK_MODULE, str(job_file)]
+
+
+def pytorchjob_manifest(name: str, namespace: str, run_pod: Mapping[str, Any], nodes: int, nproc_per_node: int,
+                        command: Sequence[str], env: Mapping[str, str] | None = None,
+                        labels: Mapping[str, str] | None = None) -> dict:
+    """A `kubeflow.org/v1` PyTorchJob of `nodes` pods (one Master, `nodes - 1` Workers), each a copy of
+    `run_pod`'s first container (a pod as the Kubernetes API returns it, camelCase) running `command`
+    with `env` added, `nproc_per_node` processes per pod. Restarts are Dagster's business, as for
+    run Jobs: no pod restarts, no job retries."""
+    if nodes < 1 or nproc_per_node < 1:
+        raise ValueError(f"nodes={nodes}, nproc_per_node={nproc_per_node}: both must be at least 1")
+    source_spec = run_pod["spec"]
+    source = source_spec["containers"][0]
+    container = {key: copy.deepcopy(source[key]) for key in _CONTAINER_FIELDS if source.get(key) is not None}
+    container.update(name=PYTORCHJOB_CONTAINER, command=list(command),
+                     ports=[{"name": PYTORCHJOB_PORT_NAME, "containerPort": PYTORCHJOB_PORT}])
+    added = dict(env or {})
+    container["env"] = [e for e in container.get("env", []) if e["name"] not in added] + [
+        {"name": key, "value": value} for key, value in added.items()]
+    pod_spec = {key: copy.deepcopy(source_spec[key]) for key in _POD_FIELDS if source_spec.get(key) is not None}
+    pod_spec["containers"] = [container]
+    pod_labels = {"app.kubernetes.io/managed-by": "nola", **(labels or {})}
+
+    def replicas(count: int) -> dict:
+        return {"replicas": count, "restartPolicy": "Never",
+                "template": {"metadata": {"labels": dict(pod_labels)}, "spec": copy.deepcopy(pod_spec)}}
+
+    replica_specs = {"Master": replicas(1)}
+    if nodes > 1:
+        replica_specs["Worker"] = replicas(nodes - 1)
+    return {
+        "apiVersion": f"{PYTORCHJOB_GROUP}/{PYTORCHJOB_VERSION}",
+        "kind": "PyTorchJob",
+        "metadata": {"name": name, "namespace": namespace, "labels": pod_labels},
+        "spec": {
+            "nprocPerNode": str(nproc_per_node),
+            "pytorchReplicaSpecs": replica_specs,
+            # Pods are kept (their logs are copied after the end) until the job's TTL removes them.
+            "runPolicy": {"backoffLimit": 0, "cleanPodPolicy": "None", "ttlSecondsAfterFinished": JOB_TTL_SECONDS},
+        },
+    }
+
+
+def job_name(context: AssetExecutionContext) -> str:
+    """A DNS-1035 name (pods and services are named `<it>-master-0`): `nola-<asset>-<run id>`."""
+    asset = re.sub(r"[^a-z0-9]+", "-", context.asset_key.path[-1].lower()).strip("-")
+    return f"nola-{asset[:36]}-{context.run.run_id[:8]}".strip("-")
+
+
+def on_nodes(context: AssetExecutionContext, compute: ComputeResource, stage: Callable, job: Any,
+             workdir: Path) -> Any:
+    """`stage(context, job, progress)` on `compute.node_count()` pods of `compute.processes()`
+    processes each; rank 0's result. `workdir`: a folder of the artifact being made, on the shared
+    artifact store; the job's files there are removed before this returns."""
+    nodes, per_node = compute.node_count(), compute.processes()
+    workdir.mkdir(parents=True, exist_ok=True)
+    job_file, result_file = workdir / JOB_FILE, workdir / RESULT_FILE
+    torch.save({"stage": stage, "job": job, "device": compute.rank_device()}, job_file)
+    launcher = compute.setting("node_launcher", "pytorchjob")
+    context.log.info(f"{stage.__name__}: {nodes} node(s) x {per_node} process(es), launched as a PyTorchJob "
+                     f"({launcher}); rank 0 reports here, every pod's log goes to the compute log")
+    reader = PipesFileMessageReader(str(workdir / MESSAGES_FILE))
+    started = time.perf_counter()
+    try:
+        if launcher == "local":
+            manifest = pytorchjob_manifest(job_name(context), "local", LOCAL_RUN_POD, nodes, per_node,
+                                           rank_command(job_file))
+            manifest_file = workdir / "pytorchjob.json"
+            manifest_file.write_text(json.dumps(manifest, indent=1))
+            invocation = PipesSubprocessClient(context_injector=PipesEnvContextInjector(), message_reader=reader).run(
+                context=context, command=[sys.executable, "-m", "nola_assets.pytorchjob_standin", str(manifest_file)])
+        elif launcher == "pytorchjob":
+            invocation = PipesPyTorchJobClient(message_reader=reader).run(
+                context=context, nodes=nodes, nproc_per_node=per_node, command=rank_command(job_file))
+        else:
+            raise ValueError(f"node_launcher={launcher!r} (env NOLA_NODE_LAUNCHER): expected pytorchjob or local")
+        reported = [m for m in invocation.get_custom_messages() if isinstance(m, dict) and "result_file" in m]
+        if not reported:
+            raise Failure(f"{stage.__name__}: the PyTorchJob ended without rank 0's result message")
+        context.log.info(f"{stage.__name__}: {reported[-1]['world_size']} ranks on {nodes} node(s) in "
+                         f"{time.perf_counter() - started:.1f} s")
+        # Our own file, written by rank 0 of this job into the artifact's folder: full unpickling, as launch() does.
+        return torch.load(reported[-1]["result_file"], weights_only=False)
+    finally:
+        for leftover in (job_file, result_file, workdir / "pytorchjob.json"):
+            leftover.unlink(missing_ok=True)
+
+
+class PipesPyTorchJobClient(PipesClient):
+    """Creates a PyTorchJob inside a Pipes session from the run pod this step runs in, waits for it,
+    copies its pods' logs into the compute log, and deletes it if the step is interrupted.
+
+    Run pods need a service account allowed to create, get and delete `pytorchjobs.kubeflow.org`,
+    and to read their own pod and the job's pods' logs (deploy/k8s/README.md)."""
+
+    def __init__(self, message_reader: PipesFileMessageReader, poll_seconds: float = 10.0):
+        self.message_reader = message_reader
+        self.poll_seconds = poll_seconds
+
+    def run(self, *, context: AssetExecutionContext, nodes: int, nproc_per_node: int,  # type: ignore[override]
+            command: Sequence[str], extras: Mapping[str, Any] | None = None) -> PipesClientCompletedInvocation:
+        import kubernetes
+
+        kubernetes.config.load_incluster_config()
+        core, custom = kubernetes.client.CoreV1Api(), kubernetes.client.CustomObjectsApi()
+        namespace = SERVICE_ACCOUNT_NAMESPACE.read_text().strip()
+        # The run pod's own spec (HOSTNAME is the pod's name): same image, env, secrets, volumes, GPUs.
+        run_pod = core.api_client.sanitize_for_serialization(core.read_namespaced_pod(os.environ["HOSTNAME"], namespace))
+        name = job_name(context)
+        with open_pipes_session(context, PipesEnvContextInjector(), self.message_reader, extras) as session:
+            manifest = pytorchjob_manifest(name, namespace, run_pod, nodes, nproc_per_node, command,
+                                           env=session.get_bootstrap_env_vars(),
+                                           labels={"dagster/run-id": context.run.run_id})
+            custom.create_namespaced_custom_object(PYTORCHJOB_GROUP, PYTORCHJOB_VERSION, namespace,
+                                                   PYTORCHJOB_PLURAL, manifest)
+            context.log.info(f"PyTorchJob {namespace}/{name} created")
+            state = None
+            try:
+                while state is None:
+                    time.sleep(self.poll_seconds)
+                    job = custom.get_namespaced_custom_object(PYTORCHJOB_GROUP, PYTORCHJOB_VERSION, namespace,
+                                                              PYTORCHJOB_PLURAL, name)
+                    state = finished_state(job)
+            except BaseException:  # interrupted (run terminated, time limit): the pods must not run on
+                custom.delete_namespaced_custom_object(PYTORCHJOB_GROUP, PYTORCHJOB_VERSION, namespace,
+                                                       PYTORCHJOB_PLURAL, name, propagation_policy="Foreground")
+                raise
+            finally:
+                _copy_pod_logs(core, namespace, name)
+            if state[0] != "Succeeded":
+                raise Failure(f"PyTorchJob {namespace}/{name} {state[0]}: {state[1]}")
+        return PipesClientCompletedInvocation(session)
+
+
+def _copy_pod_logs(core, namespace: str, name: str) -> None:
+    """Every pod's log of the job into this step's stderr (the compute log), rank by rank."""
+    from kubernetes.client import ApiException
+
+    try:
+        pods = core.list_namespaced_pod(namespace, label_selector=f"{JOB_NAME_LABEL}={name}").items
+        for pod in sorted(pods, key=lambda p: p.metadata.name):
+            log = core.read_namespaced_pod_log(pod.metadata.name, namespace, container=PYTORCHJOB_CONTAINER)
+            sys.stderr.write(f"----- {pod.metadata.name} -----\n{log}\n")
+    except ApiException as error:  # never hide why the job ended
+        sys.stderr.write(f"PyTorchJob {namespace}/{name}: pod logs not read ({error.status} {error.reason})\n")
+
+
+def finished_state(job: Mapping[str, Any]) -> tuple[str, str] | None:
+    """(`Succeeded` | `Failed`, message) once the PyTorchJob's status has that condition true, else None."""
+    for condition in job.get("status", {}).get("conditions", []) or []:
+        if condition.get("type") in ("Succeeded", "Failed") and condition.get("status") == "True":
+            return condition["type"], condition.get("message", "")
+    return None

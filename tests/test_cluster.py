@@ -1,0 +1,222 @@
+"""Many nodes (nola_assets.cluster): the PyTorchJob the asset launches, and the Pipes round trip.
+
+The manifest is checked against the Training Operator's published API models (the
+`kubeflow-training` SDK's `KubeflowOrgV1PyTorchJob`, OpenAPI-generated from the operator's
+types, whose replica templates are the `kubernetes` client's `V1PodTemplateSpec`): every key
+must be a field of its model (camelCase as the API server takes it), nested all the way down,
+and each model is built with client-side validation (required fields).
+
+The round trip: `prompt_tuned_encoder` with `nodes=2` and `node_launcher="local"` writes its job to
+the artifact's folder, builds the PyTorchJob and hands it, through Dagster's
+PipesSubprocessClient, to a local stand-in for the operator that starts the two pods' commands
+(torchrun, one gloo process each, static rendezvous on localhost); rank 0 reports its progress
+and result through Pipes. The tuned tensors match the one-node run's within the tolerance of
+tests/test_assets_distributed.py (1e-5: only the gradient summation order differs).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from dagster import AssetKey, AssetSelection, DagsterInstance, materialize
+
+from assets_helpers import copy_demo, materialize_partition, resources_for_test
+from nola_assets.assets import NOLA_ASSETS
+from nola_assets.cluster import JOB_NAME_LABEL, pytorchjob_manifest, rank_command
+from nola_assets.common import TRAINABLE_FILE
+from nola_assets.partitions import DATASETS
+from nola_assets.pytorchjob_standin import expand, replica_environments
+from nola_assets.resources import ComputeResource
+from nola_assets.tuning_assets import prompt_tuned_encoder
+
+TRAINED_TOLERANCE = 1e-5
+NUM_IMAGES = 11  # odd: the last step splits unevenly over the two ranks
+DATASET = "nodes"
+ROOT = Path(__file__).resolve().parents[1]
+
+RUN_POD = {  # a run pod as the Kubernetes API returns it (camelCase): what the job's pods copy
+    "metadata": {"name": "dagster-run-1234", "namespace": "nola"},
+    "spec": {
+        "containers": [{
+            "name": "dagster", "image": "registry.example/nola-user-code:abc1234", "imagePullPolicy": "IfNotPresent",
+            "args": ["dagster", "api", "execute_run", "{}"],
+            "env": [{"name": "NOLA_MODEL_PROFILE", "value": "paper"},
+                    {"name": "DAGSTER_PG_PASSWORD",
+                     "valueFrom": {"secretKeyRef": {"name": "dagster-postgresql-secret", "key": "postgresql-password"}}}],
+            "envFrom": [{"secretRef": {"name": "nola-secrets"}}],
+            "volumeMounts": [{"name": "nola-artifacts", "mountPath": "/artifacts"}, {"name": "dshm", "mountPath": "/dev/shm"}],
+            "resources": {"requests": {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": "4"},
+                          "limits": {"memory": "32Gi", "nvidia.com/gpu": "4"}},
+            "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+        }],
+        "volumes": [{"name": "nola-artifacts", "persistentVolumeClaim": {"claimName": "nola-artifacts"}},
+                    {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "2Gi"}}],
+        "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "fsGroup": 10001},
+        "serviceAccountName": "dagster",
+        "nodeSelector": {"nvidia.com/gpu.present": "true"},
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        "restartPolicy": "Never",
+        "nodeName": "gpu-node-7",
+    },
+    "status": {"phase": "Running"},
+}
+
+
+def _model_class(type_name: str):
+    from kubeflow.training import models as kubeflow_models
+    from kubernetes import client
+
+    return getattr(kubeflow_models, type_name, None) or getattr(client, type_name)
+
+
+def _strict(type_name: str, value, where: str):
+    """`value` as the OpenAPI type `type_name`: unknown keys and missing required fields raise."""
+    if value is None:
+        return None
+    if type_name.startswith("list["):
+        assert isinstance(value, list), f"{where}: expected a list"
+        return [_strict(type_name[5:-1], item, f"{where}[{i}]") for i, item in enumerate(value)]
+    if type_name.startswith(("dict(", "dict[")):  # dict(str, V) in the kubeflow models, dict[str, V] in kubernetes'
+        assert isinstance(value, dict), f"{where}: expected a mapping"
+        inner = type_name[5:-1].split(",", 1)[1].strip()
+        return {key: _strict(inner, item, f"{where}.{key}") for key, item in value.items()}
+    primitive = {"str": str, "int": int, "bool": bool, "float": (int, float), "object": object}
+    if type_name in primitive:
+        assert isinstance(value, primitive[type_name]), f"{where}: {value!r} is not {type_name}"
+        return value
+    model = _model_class(type_name)
+    assert isinstance(value, dict), f"{where}: expected a {type_name} mapping"
+    fields = {camel: snake for snake, camel in model.attribute_map.items()}
+    unknown = set(value) - set(fields)
+    assert not unknown, f"{where}: {sorted(unknown)} are not fields of {type_name}"
+    return model(**{fields[key]: _strict(model.openapi_types[fields[key]], item, f"{where}.{key}")
+                    for key, item in value.items()})
+
+
+def test_the_pytorchjob_is_a_valid_kubeflow_pytorchjob_of_copies_of_the_run_pod():
+    from kubeflow.training.constants import constants
+
+    manifest = pytorchjob_manifest("nola-prompt-tuned-encoder-1a2b3c4d", "nola", RUN_POD, nodes=3, nproc_per_node=4,
+                                   command=rank_command("/artifacts/x/cluster_job.pt"),
+                                   env={"DAGSTER_PIPES_CONTEXT": "e30=", "NOLA_MODEL_PROFILE": "tiny"})
+    job = _strict(constants.PYTORCHJOB_MODEL, manifest, "PyTorchJob")
+    assert (job.api_version, job.kind) == (constants.API_VERSION, constants.PYTORCHJOB_KIND)
+    specs = job.spec.pytorch_replica_specs
+    assert {name: spec.replicas for name, spec in specs.items()} == {
+        constants.REPLICA_TYPE_MASTER: 1, constants.REPLICA_TYPE_WORKER: 2}
+    assert job.spec.nproc_per_node == "4" and job.spec.run_policy.backoff_limit == 0
+    for spec in specs.values():
+        pod = spec.template.spec
+        [container] = pod.containers
+        assert container.name == constants.PYTORCHJOB_CONTAINER  # where the operator sets the rank variables
+        assert container.image == RUN_POD["spec"]["containers"][0]["image"]
+        assert container.resources.limits["nvidia.com/gpu"] == "4"  # each pod: the run pod's GPUs
+        assert [m.mount_path for m in container.volume_mounts] == ["/artifacts", "/dev/shm"]
+        assert [v.name for v in pod.volumes] == ["nola-artifacts", "dshm"] and pod.service_account_name == "dagster"
+        assert pod.node_name is None and spec.restart_policy == "Never"  # not pinned to the run pod's node
+        env = {e.name: e for e in container.env}
+        assert env["NOLA_MODEL_PROFILE"].value == "tiny" and [e.name for e in container.env].count("NOLA_MODEL_PROFILE") == 1
+        assert env["DAGSTER_PG_PASSWORD"].value_from.secret_key_ref.name == "dagster-postgresql-secret"
+        assert env["DAGSTER_PIPES_CONTEXT"].value == "e30="
+        assert container.command[:3] == ["python", "-m", "torch.distributed.run"]
+        assert container.command[-3:] == ["--module", "nola_assets.cluster_rank", "/artifacts/x/cluster_job.pt"]
+    assert manifest["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "nola"
+    assert JOB_NAME_LABEL == constants.JOB_NAME_LABEL  # how the pods' logs are found
+    assert set(pytorchjob_manifest("n", "ns", RUN_POD, 1, 1, ["x"])["spec"]["pytorchReplicaSpecs"]) == {"Master"}
+
+    broken = pytorchjob_manifest("n", "ns", RUN_POD, 2, 1, ["x"])
+    broken["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]["gpus"] = 4
+    with pytest.raises(AssertionError, match="gpus"):
+        _strict(constants.PYTORCHJOB_MODEL, broken, "PyTorchJob")
+
+
+def test_the_stand_in_gives_each_pod_the_operators_variables_and_expands_the_command():
+    manifest = pytorchjob_manifest("n", "ns", RUN_POD, nodes=3, nproc_per_node=2, command=rank_command("/j.pt"))
+    environments = replica_environments(manifest, master_port=29511)
+    assert [e["PET_NODE_RANK"] for e in environments] == ["0", "1", "2"]
+    assert {(e["PET_NNODES"], e["PET_NPROC_PER_NODE"], e["WORLD_SIZE"], e["MASTER_PORT"]) for e in environments} == {
+        ("3", "2", "6", "29511")}
+    command = [expand(a, environments[1]) for a in manifest["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]
+               ["spec"]["containers"][0]["command"]]
+    assert "--master-addr=127.0.0.1" in command and "--master-port=29511" in command
+    assert expand("$$(MASTER_PORT) $(UNSET)", environments[0]) == "$(MASTER_PORT) $(UNSET)"  # the kubelet's rules
+
+
+def _tuning_resources(data, artifacts, **compute) -> dict:
+    resources = resources_for_test(data, artifacts, tuning_epochs=1, tuning_batch_size=6, micro_batch_size=2,
+                                   tuning_lr=1.0)
+    resources["compute"] = ComputeResource(device="cpu", num_workers=0, **compute)
+    return resources
+
+
+@pytest.mark.slow
+def test_two_nodes_through_pipes_tune_the_encoder_one_node_tunes(tmp_path):
+    unlabeled = copy_demo(tmp_path / "data", DATASET, labeled=False) / "unlabeled"
+    for path in sorted(unlabeled.iterdir())[NUM_IMAGES:]:
+        path.unlink()
+    one = _tuning_resources(tmp_path / "data", tmp_path / "one")
+    materialize_partition(one, AssetSelection.assets(prompt_tuned_encoder).upstream(), DATASET)
+    shutil.copytree(tmp_path / "one", tmp_path / "two")  # the same upstream artifacts
+    two = _tuning_resources(tmp_path / "data", tmp_path / "two", nodes=2, node_launcher="local")
+    store, single = two["artifacts"], one["artifacts"]
+    shutil.rmtree(store.require_ref("prompt_tuned_encoder", DATASET).path)
+    store.ref_path("prompt_tuned_encoder", DATASET).unlink()
+
+    started = time.perf_counter()
+    instance = DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(DATASETS, [DATASET])
+    result = materialize(NOLA_ASSETS, selection=[prompt_tuned_encoder], instance=instance, partition_key=DATASET,
+                         resources=two)
+    print(f"two nodes (local PyTorchJob stand-in) through Pipes: {time.perf_counter() - started:.1f} s")
+    assert result.success
+
+    tuned, reference = (s.require_ref("prompt_tuned_encoder", DATASET) for s in (store, single))
+    assert tuned.digest == reference.digest  # the node count is not in the key
+    ours, theirs = store.read_tensors(tuned, TRAINABLE_FILE), single.read_tensors(reference, TRAINABLE_FILE)
+    assert set(ours) == set(theirs)
+    difference = max((ours[name] - theirs[name]).abs().max().item() for name in ours)
+    print(f"tuned tensors, two nodes vs one: max |difference| {difference:.3g}")
+    assert difference <= TRAINED_TOLERANCE
+    logs = [entry.user_message for entry in instance.all_logs(result.run_id)]
+    assert any("[pipes] external process successfully opened dagster pipes" in m for m in logs)
+    assert any(re.search(r"prompt tuning: 1/1 epochs", m) for m in logs), "rank 0's progress came through Pipes"
+    assert any("2 ranks on 2 node(s)" in m for m in logs), "rank 0's result message came through Pipes"
+    [event] = [e for e in result.get_asset_materialization_events() if e.asset_key == AssetKey("prompt_tuned_encoder")]
+    assert event.materialization.metadata["training_images"].value == NUM_IMAGES
+    files = [sorted(p.name for p in Path(ref.path).iterdir()) for ref in (tuned, reference)]
+    assert files[0] == files[1], "the job's files are gone from the artifact"
+    assert not torch.distributed.is_initialized()  # the ranks ran elsewhere
+
+
+def test_the_rbac_manifest_lets_run_pods_do_what_the_client_calls():
+    """deploy/k8s/pytorchjob-rbac.yaml against the kubernetes models, and the calls of PipesPyTorchJobClient."""
+    documents = {d["kind"]: d for d in yaml.safe_load_all((ROOT / "deploy" / "k8s" / "pytorchjob-rbac.yaml").read_text())}
+    role, binding = _strict("V1Role", documents["Role"], "Role"), _strict("V1RoleBinding", documents["RoleBinding"], "RoleBinding")
+    allowed = {(group, resource, verb) for rule in role.rules for group in rule.api_groups
+               for resource in rule.resources for verb in rule.verbs}
+    source = (ROOT / "nola_assets" / "cluster.py").read_text()
+    calls = {"create_namespaced_custom_object": ("kubeflow.org", "pytorchjobs", "create"),
+             "get_namespaced_custom_object": ("kubeflow.org", "pytorchjobs", "get"),
+             "delete_namespaced_custom_object": ("kubeflow.org", "pytorchjobs", "delete"),
+             "read_namespaced_pod(": ("", "pods", "get"), "list_namespaced_pod(": ("", "pods", "list"),
+             "read_namespaced_pod_log": ("", "pods/log", "get")}
+    assert all(call in source for call in calls), "every API call the client makes is listed here"
+    assert set(calls.values()) == allowed, "exactly what the client calls"
+    assert binding.role_ref.name == role.metadata.name
+    # the chart's user-deployment service account for the release `dagster` (deploy/k8s/README.md)
+    assert [s.name for s in binding.subjects] == ["dagster-dagster-user-deployments"]
+
+
+def test_nodes_is_read_from_its_variable_and_checked(monkeypatch):
+    monkeypatch.delenv("NOLA_NODES", raising=False)
+    assert ComputeResource().node_count() == 1
+    monkeypatch.setenv("NOLA_NODES", "3")
+    assert ComputeResource().node_count() == 3 and ComputeResource(nodes=2).node_count() == 2  # run config wins
+    with pytest.raises(ValueError, match=r"nodes=0 \(env NOLA_NODES\): must be at least 1"):
+        ComputeResource(nodes=0).node_count()
