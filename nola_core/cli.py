@@ -43,9 +43,9 @@ def _add_dagster_commands(subparsers: argparse._SubParsersAction) -> None:
         importlib.import_module(DAGSTER_COMMANDS_MODULE).add_commands(subparsers)
         return
     for name in DAGSTER_COMMANDS:
-        p = subparsers.add_parser(name, add_help=False, help=f"needs Dagster: {DAGSTER_INSTALL}")
-        p.add_argument("arguments", nargs=argparse.REMAINDER)
-        p.set_defaults(handler=functools.partial(_needs_dagster, name))
+        needs = f"needs Dagster: {DAGSTER_INSTALL}"
+        p = subparsers.add_parser(name, help=needs, description=f"`nola {name}` runs the Dagster asset graph: it {needs}.")
+        p.set_defaults(handler=functools.partial(_needs_dagster, name), any_arguments=True)
 
 
 def _needs_dagster(name: str, args: argparse.Namespace) -> int:
@@ -362,7 +362,10 @@ def _weights_download(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not getattr(args, "any_arguments", False):  # a stand-in takes any: it only names the extra
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     return int(args.handler(args) or 0)
 
 

@@ -3,13 +3,15 @@ Dagster commands it adds from nola_assets. The run in an environment without Dag
 test_packaging.py."""
 
 import argparse
+import importlib.util
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from nola_core.artifact_refs import ArtifactRef, ref_path
-from nola_core.cli import DAGSTER_COMMANDS, build_parser, main
+from nola_core.cli import DAGSTER_COMMANDS, DAGSTER_INSTALL, build_parser, main
 from nola_core.data import build_manifest, eval_transform, load_dataset_spec, load_rgb
 from nola_core.demo import demo_dataset_path
 from nola_core.export import EXPORT_ASSET, MANIFEST_NAME, TENSORS_NAME, TUNED_ASSET, export_classifier
@@ -90,3 +92,14 @@ def test_the_dagster_commands_come_from_nola_assets():
     for name in DAGSTER_COMMANDS:
         parsed = parser.parse_args([name, "x"] if name == "run" else [name])
         assert parsed.handler.__module__ == "nola_assets.cli", name
+
+
+def test_without_dagster_its_commands_name_the_extra_whatever_their_arguments(monkeypatch, capsys):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *rest: None if name == "dagster" else real(name, *rest))
+    for argv in (["run", "--profile", "tiny", "photos"], ["demo"], ["dev", "--", "-p", "3001"]):
+        assert main(argv) == 1, argv
+        assert DAGSTER_INSTALL in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:
+        main(["predict", "--no-such-option", "export", "image.png"])
+    assert refused.value.code == 2  # a core command still refuses what it does not know

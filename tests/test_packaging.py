@@ -166,5 +166,5 @@ def test_the_core_alone_runs_nola_predict_without_dagster(wheel, tmp_path):
     path, top = predicted.stdout.strip().split("\t")
     assert path == str(image) and top.startswith("sneaker (1.000)")
 
-    without = run(nola, "run", str(tmp_path))
+    without = run(nola, "run", "--profile", "tiny", str(tmp_path))
     assert without.returncode == 1 and "pip install 'nola[dagster]'" in without.stderr
