@@ -16,7 +16,7 @@ from nola_core.models import ModelConfig
 from nola_core.eval import STAGE_SCHEMA
 from nola_core.methods.nola import NolaConfig, nola_tuning_config, run_nola
 from nola_core.predictions import tuned_head_probabilities
-from nola_core.stage_names import NOLA_TUNED_STAGE
+from nola_core.stage_names import NOLA_TUNED_STAGE, ZERO_SHOT_STAGE
 from nola_assets.artifacts import ArtifactRef
 from nola_assets.assets import NOLA_ASSETS, dino_features
 from nola_assets.common import (
@@ -198,7 +198,7 @@ def test_check_judgements_on_crafted_input(tmp_path, monkeypatch):
     assert not coverage.passed and coverage.severity == AssetCheckSeverity.WARN and "dog" in coverage.description
 
     def evaluation(held_out_n: int, zero_shot: float | None, tuned: float | None) -> pl.DataFrame:
-        return pl.DataFrame({"stage": ["zero-shot (templates)", "NoLA prompt-tuned"], "transductive_n": [0, 0],
+        return pl.DataFrame({"stage": [ZERO_SHOT_STAGE, NOLA_TUNED_STAGE], "transductive_n": [0, 0],
                              "transductive_top1": [None, None], "held_out_n": [held_out_n] * 2,
                              "held_out_top1": [zero_shot, tuned], "random_models": [False, False]})
 

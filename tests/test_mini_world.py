@@ -21,7 +21,7 @@ from nola_core.models.loading import CheckpointHashError
 from nola_core.models.registry import MINI_WEIGHTS_DIR
 from nola_core.methods.nola import NolaConfig, nola_tuning_config, run_nola
 from nola_core.runtime import ComputeSettings
-from nola_core.stage_names import CDE_STAGE, NOLA_TUNED_STAGE, ZERO_SHOT_STAGE
+from nola_core.stage_names import CDE_STAGE, NOLA_DL_STAGE, NOLA_TUNED_STAGE, ZERO_SHOT_STAGE
 
 MINI = ModelConfig.from_profile("mini")
 TOP1 = split_column(TRANSDUCTIVE, "top1")
@@ -42,7 +42,10 @@ DL_MARGIN = -0.237
 """Transductive top-1 gain of the DL network over zero-shot with CI_CONFIG, mean - 3 sd over
 seeds 0-4: measured -0.202 ± 0.012. Negative: the shipped mini DINO is under-trained (its 20-NN
 accuracy on this domain is at chance, docs/mini_world.md), so the DL network loses to zero-shot
-here; the guard still fails when learning breaks (pseudo-labels shuffled: gain about -0.35)."""
+here; the guard still fails when learning breaks (pseudo-labels shuffled: gain about -0.35). It
+does not tell the shipped DINO from an untrained one: a randomly initialised DINO of the same
+architecture scores a gain of -0.113 (seed 0), inside the margin (docs/mini_world.md: the
+shipped DINO learned the textured domain's backgrounds)."""
 NOLA_MARGIN = -0.138
 """The same for the NoLA-tuned model: measured -0.092 ± 0.015 over seeds 0-4."""
 
@@ -96,5 +99,5 @@ def test_dl_network_and_nola_keep_their_measured_standing_against_zero_shot():
     top1 = dict(zip(result.stages["stage"], result.stages[TOP1]))
     zero_shot = top1[ZERO_SHOT_STAGE]
     assert top1[CDE_STAGE] is not None
-    assert top1["DL network (DINO)"] - zero_shot >= DL_MARGIN, top1
+    assert top1[NOLA_DL_STAGE] - zero_shot >= DL_MARGIN, top1
     assert top1[NOLA_TUNED_STAGE] - zero_shot >= NOLA_MARGIN, top1

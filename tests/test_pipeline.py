@@ -13,7 +13,7 @@ from nola_core.models import ModelConfig, load_clip
 from nola_core.data.loading import evaluation_records, load_dataset, tuned_image_features
 from nola_core.methods.nola import NolaConfig, run_nola
 from nola_core.predictions import tuned_head_probabilities
-from nola_core.stage_names import NOLA_TUNED_STAGE
+from nola_core.stage_names import NOLA_SELECTION_STAGE, NOLA_TUNED_STAGE
 from nola_core.tuning import TuningConfig
 
 FAST = NolaConfig(
@@ -64,7 +64,7 @@ def test_nola_end_to_end_on_real_images(demo_copy, folder_labels):
     stages = result.stages
     assert stages["stage"].to_list() == ["top-k pseudo-labels", "zero-shot (templates)", "CDE (descriptions)",
                                          "DL network (DINO)", "NoLA prompt-tuned", "tuned encoder + templates"]
-    scored = stages.filter(pl.col("stage") != "top-k pseudo-labels")
+    scored = stages.filter(pl.col("stage") != NOLA_SELECTION_STAGE)
     assert scored["transductive_n"].to_list() == [120] * 5  # the labelled copies of the unlabeled images
     assert scored["held_out_n"].to_list() == [40] * 5  # labelled images never adapted on
     assert stages["pseudo_label_precision"][0] == pytest.approx(result.selection_report["precision"], abs=1e-9)

@@ -35,13 +35,14 @@ from nola_core.mini.domains import SHIFTS, SOURCE, write_domain
 from nola_core.mini.fashion import FASHION_MNIST_DIR, load_split
 from nola_core.models import ModelConfig
 from nola_core.runtime import ComputeSettings
+from nola_core.stage_names import NOLA_DL_STAGE
 from nola_core.methods.nola import NolaConfig, nola_tuning_config
 
 REPO_DOCS = Path(__file__).resolve().parents[2] / "docs"
 ROWS = (  # (method, stage) in table order; the DL network is NoLA's alignment stage
-    ("zero-shot", None), ("cde", None), ("nola", "DL network (DINO)"), ("lafter", None), ("latteclip", None), ("nola", None),
+    ("zero-shot", None), ("cde", None), ("nola", NOLA_DL_STAGE), ("lafter", None), ("latteclip", None), ("nola", None),
 )
-LABELS = {"zero-shot": "zero-shot", "cde": "CDE", "DL network (DINO)": "DL network", "lafter": "LaFTer",
+LABELS = {"zero-shot": "zero-shot", "cde": "CDE", NOLA_DL_STAGE: "DL network", "lafter": "LaFTer",
           "latteclip": "LatteCLIP (class texts only)", "nola": "NoLA"}
 
 
