@@ -41,6 +41,7 @@ from nola_assets.method_assets import METHOD_ASSETS
 from nola_assets.partitions import DATASETS
 from nola_assets.preflight_asset import preflight
 from nola_assets.run_limits import max_runtime_tags
+from nola_assets.run_pods import run_pod_tags
 from nola_assets.sensors import nola_job
 
 DATA_VERSION_TAG = "dagster/data_version"
@@ -116,7 +117,8 @@ def refresh_requests(instance: DagsterInstance, assets: Sequence[AssetsDefinitio
             selection = [preflight.key, *stale]
             requests.append(RunRequest(run_key=f"{name}:refresh:{stamp}", partition_key=name, asset_selection=selection,
                                        tags={"nola/dataset": name, "nola/stale": str(len(stale)),
-                                             **max_runtime_tags([preflight, *assets], selection)}))
+                                             **max_runtime_tags([preflight, *assets], selection),
+                                             **run_pod_tags([preflight, *assets], selection)}))
     return requests
 
 

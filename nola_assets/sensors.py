@@ -19,7 +19,8 @@ With no cursor entry (first tick, or after a cursor reset) an existing partition
 match the sizes and mtimes its last manifest recorded is taken as done, so `dagster dev` after
 `nola demo` requests nothing until files change. At most one run per partition runs at a time:
 the instance files limit the `dagster/partition` tag per unique value (deploy/README.md). Every
-run carries a `dagster/max_runtime` tag for what it materializes (nola_assets/run_limits.py).
+run carries a `dagster/max_runtime` tag for what it materializes (nola_assets/run_limits.py) and
+a `dagster-k8s/config` tag for its pod: GPUs only if it materializes GPU assets (nola_assets/run_pods.py).
 
 A data root in object storage (`NOLA_DATA_ROOT=s3://bucket/prefix`, `nola_core.storage`) is seen
 through listings alone, never an object read: the dataset folders are one delimited listing (and
@@ -56,6 +57,7 @@ from nola_assets.partitions import DATASETS, datasets_partitions
 from nola_assets.preflight_asset import preflight
 from nola_assets.resources import DatasetsResource
 from nola_assets.run_limits import max_runtime_tags
+from nola_assets.run_pods import run_pod_tags
 
 QUIET_SECONDS = 60.0  # DatasetsResource.sensor_quiet_seconds
 TICK_BUDGET_SECONDS = 20.0  # DatasetsResource.sensor_tick_budget_seconds; Dagster cuts a tick at 60 s
@@ -67,7 +69,8 @@ nola_job = define_asset_job(
     "nola_job",
     selection=AssetSelection.all(),
     description="Every NoLA asset (and its checks) for one dataset partition.",
-    tags=max_runtime_tags(JOB_ASSETS),  # NOLA_MAX_RUNTIME_SECONDS_* read when the code location loads
+    # NOLA_MAX_RUNTIME_SECONDS_* and NOLA_RUN_GPUS read when the code location loads
+    tags={**max_runtime_tags(JOB_ASSETS), **run_pod_tags(JOB_ASSETS)},
 )
 
 # The preflight, then everything downstream of the images: the NoLA stages, the other methods and the export.
@@ -133,7 +136,8 @@ def build_unlabeled_images_sensor(name: str = "unlabeled_images_sensor", clock: 
                 asset_selection=RERUN_ON_NEW_IMAGES if has_manifest else None,
                 tags={"nola/dataset": name, "nola/change": str(entry["changes"]),
                       "nola/images": str(sum(is_image_path(path) for path, _, _ in files)),
-                      **max_runtime_tags(JOB_ASSETS, RERUN_ON_NEW_IMAGES if has_manifest else None)},
+                      **max_runtime_tags(JOB_ASSETS, RERUN_ON_NEW_IMAGES if has_manifest else None),
+                      **run_pod_tags(JOB_ASSETS, RERUN_ON_NEW_IMAGES if has_manifest else None)},
             ))
         context.log.info(
             f"walked {walked} of {len(order)} dataset folder(s) ({files_statted} files) in "

@@ -525,22 +525,20 @@ def _k8s(model_name: str, data: dict):
     return k8s_model_from_dict(model, k8s_snake_case_dict(model, data))
 
 
-def test_helm_values_launch_each_run_as_a_job_on_a_gpu_node():
+def test_helm_values_launch_each_run_as_a_job_asking_for_no_gpu_by_default():
+    """GPUs come from a run's `dagster-k8s/config` tag (nola_assets/run_pods.py, tests/test_run_pods.py)."""
     values = _yaml(K8S / "values.yaml")
     assert values["runLauncher"]["type"] == "K8sRunLauncher"
     run = values["runLauncher"]["config"]["k8sRunLauncher"]["runK8sConfig"]
     container = _k8s("V1Container", {"name": "run", **run["containerConfig"]})
-    assert container.resources.limits["nvidia.com/gpu"] == "1"
-    assert container.resources.requests["nvidia.com/gpu"] == "1"
-    pod = _k8s("V1PodSpec", {"containers": [], **run["podSpecConfig"]})
-    assert pod.node_selector and any(t.key == "nvidia.com/gpu" for t in pod.tolerations)
+    assert "nvidia.com/gpu" not in {**container.resources.limits, **container.resources.requests}
+    assert "podSpecConfig" not in run, "no GPU node selector or toleration for CPU-only runs"
     job = _k8s("V1JobSpec", {"template": {}, **run["jobSpecConfig"]})
     assert job.backoff_limit == 0, "Dagster's run retries, not the Job's, decide on a rerun"
     # The same dict is accepted as a `dagster-k8s/config` tag (how a run or a step adds to it).
     from dagster_k8s.job import UserDefinedDagsterK8sConfig
 
-    UserDefinedDagsterK8sConfig.from_dict({"container_config": run["containerConfig"],
-                                           "pod_spec_config": run["podSpecConfig"]})
+    UserDefinedDagsterK8sConfig.from_dict({"container_config": run["containerConfig"]})
 
 
 def test_helm_values_code_location_volumes_security_and_instance_settings():
