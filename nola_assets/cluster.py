@@ -27,7 +27,9 @@ runs the whole path but the Kubernetes API calls.
 The ranks run the stage functions of `nola_core.jobs` over `nola_core.distributed`'s plumbing,
 as `launch` does on one node, so the result equals one process's up to float summation order
 (tests/test_cluster.py). The job's files live in the artifact's folder: the artifact root must be
-a file system every pod mounts at the same path (deploy/k8s: the `nola-artifacts` volume).
+a file system every pod mounts at the same path (deploy/k8s: the `nola-artifacts` volume). Rank 0's
+Pipes messages are appended to a file there that the run pod tails; on NFS they arrive after the
+client's attribute-cache delay (seconds), which delays progress lines, never the result.
 """
 
 from __future__ import annotations
