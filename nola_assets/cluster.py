@@ -13,10 +13,10 @@ With `nodes` N > 1 (ComputeResource, env NOLA_NODES) `on_nodes` does, in the ass
    (passed to torchrun through Kubernetes' `$(VAR)` expansion);
 3. opens a Pipes session (context in the pods' environment, messages through a file next to the
    job file), creates the PyTorchJob and waits for it (`PipesPyTorchJobClient`). Rank 0 sends its
-   progress as log lines while it runs and a custom message with the result file at the end
-   (`nola_assets.cluster_rank`); every pod's log is copied into the step's compute log when the
-   job ends, whether it succeeded or not;
-4. reads rank 0's result (the trained tensors and epoch statistics; nothing for features, whose
+   progress as log lines while it runs and, at the end, writes its result next to the job file
+   and announces it with a custom message (`nola_assets.cluster_rank`); every pod's log is copied
+   into the step's compute log when the job ends, whether it succeeded or not;
+4. reads rank 0's result file (the trained tensors and epoch statistics; None for features, whose
    table the ranks wrote into the artifact folder) and removes the job's files.
 
 `node_launcher="local"` (env NOLA_NODE_LAUNCHER) runs the same manifest's replicas as local
@@ -29,7 +29,7 @@ as `launch` does on one node, so the result equals one process's up to float sum
 (tests/test_cluster.py). The job's files live in the artifact's folder: the artifact root must be
 a file system every pod mounts at the same path (deploy/k8s: the `nola-artifacts` volume). Rank 0's
 Pipes messages are appended to a file there that the run pod tails; on NFS they arrive after the
-client's attribute-cache delay (seconds), which delays progress lines, never the result.
+client's attribute-cache delay (seconds): progress lines may lag, the result is read from its file.
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ from dagster import (
     open_pipes_session,
 )
 
+from nola_assets.cluster_rank import RESULT_FILE
 from nola_assets.resources import ComputeResource
 
 PYTORCHJOB_GROUP, PYTORCHJOB_VERSION, PYTORCHJOB_PLURAL = "kubeflow.org", "v1", "pytorchjobs"
@@ -63,7 +64,6 @@ PYTORCHJOB_PORT_NAME, PYTORCHJOB_PORT = "pytorchjob-port", 23456  # the operator
 JOB_NAME_LABEL = "training.kubeflow.org/job-name"  # the label the operator puts on the job's pods
 RANK_MODULE = "nola_assets.cluster_rank"
 JOB_FILE = "cluster_job.pt"  # {"stage", "job", "device"}: what every rank loads
-RESULT_FILE = "cluster_result.pt"  # rank 0's return value
 MESSAGES_FILE = "cluster_messages.jsonl"  # rank 0's Pipes messages
 JOB_TTL_SECONDS = 86400  # the PyTorchJob (and its pods' logs) stays a day after it ends, as run Jobs do
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
@@ -156,13 +156,13 @@ def on_nodes(context: AssetExecutionContext, compute: ComputeResource, stage: Ca
                 context=context, nodes=nodes, nproc_per_node=per_node, command=rank_command(job_file))
         else:
             raise ValueError(f"node_launcher={launcher!r} (env NOLA_NODE_LAUNCHER): expected pytorchjob or local")
-        reported = [m for m in invocation.get_custom_messages() if isinstance(m, dict) and "result_file" in m]
-        if not reported:
-            raise Failure(f"{stage.__name__}: the PyTorchJob ended without rank 0's result message")
-        context.log.info(f"{stage.__name__}: {reported[-1]['world_size']} ranks on {nodes} node(s) in "
+        if not result_file.is_file():
+            raise Failure(f"{stage.__name__}: the PyTorchJob ended without rank 0's result {result_file}")
+        reported = [m["world_size"] for m in invocation.get_custom_messages() if isinstance(m, dict) and "world_size" in m]
+        context.log.info(f"{stage.__name__}: {reported[-1] if reported else 'all'} ranks on {nodes} node(s) in "
                          f"{time.perf_counter() - started:.1f} s")
         # Our own file, written by rank 0 of this job into the artifact's folder: full unpickling, as launch() does.
-        return torch.load(reported[-1]["result_file"], weights_only=False)
+        return torch.load(result_file, weights_only=False)
     finally:
         for leftover in (job_file, result_file, workdir / "pytorchjob.json"):
             leftover.unlink(missing_ok=True)

@@ -24,7 +24,7 @@ from nola_core.distributed import init_distributed, shutdown
 from nola_core.jobs import PromptTuningJob
 from nola_core.progress import progress_callback
 
-RESULT_FILE = "cluster_result.pt"  # cluster.RESULT_FILE (that module imports Dagster)
+RESULT_FILE = "cluster_result.pt"  # rank 0's return value, next to the job file (cluster.on_nodes reads it)
 
 
 def rank_progress(job: object, log: Callable[[str], None]) -> Callable:
