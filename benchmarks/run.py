@@ -234,7 +234,8 @@ def _feature_config(options, compile_everything: bool = False):
     from nola_core.runtime import ComputeSettings
 
     config = FeatureConfig(batch_size=options.batch_size, compile=options.compile,
-                           compute=ComputeSettings(num_workers=options.workers, precision=options.precision))
+                           compute=ComputeSettings(num_workers=options.workers, precision=options.precision,
+                                                   cpu_threads=options.threads or None))
     return dataclasses.replace(config, compile_min_images=0) if compile_everything else config
 
 
@@ -318,11 +319,12 @@ def _training(options, size: Size, device, variant: str) -> dict:
     labeller = dino_pseudo_labeller(dino, dl_network, device)
     if variant == "naive":  # fp32, MHA's own path, no pre-cast, full decodes in the main process
         config = TuningConfig(compute=ComputeSettings(precision="fp32", fused_attention=False, precast_weights=False,
-                                                      num_workers=0))
+                                                      num_workers=0, cpu_threads=options.threads or None))
         views = MultiView(views.transforms)
     else:
         config = TuningConfig(fixed_pseudo_labels=variant == "fixed",
-                              compute=ComputeSettings(precision=options.precision, num_workers=options.workers))
+                              compute=ComputeSettings(precision=options.precision, num_workers=options.workers,
+                                                      cpu_threads=options.threads or None))
     config = dataclasses.replace(config, epochs=1, batch_size=NAIVE_BATCH, micro_batch_size=NAIVE_BATCH)
 
     def run(subset):
@@ -362,7 +364,7 @@ def phase_end_to_end(options, size: Size, device) -> dict:
 
     config = NolaConfig(models=ModelConfig.from_profile("tiny"), features=_feature_config(options),
                         device=str(device))
-    compute = dataclasses.replace(config.tuning.compute, num_workers=options.workers)
+    compute = dataclasses.replace(config.tuning.compute, num_workers=options.workers, cpu_threads=options.threads or None)
     config = dataclasses.replace(config, tuning=dataclasses.replace(config.tuning, compute=compute))
     if size.end_to_end_epochs is not None:
         alignment_epochs, tuning_epochs = size.end_to_end_epochs
@@ -494,7 +496,7 @@ def phase_alignment(options, size: Size, device) -> dict:
     config = AlignmentConfig()
     with Timer() as timer:
         selection = cde_pseudo_labels(clip_features, cde, config)
-        train_alignment(dino_features, selection, config, device)
+        train_alignment(dino_features, selection, config, device, cpu_threads=options.threads or None)
     return {**_timed(timer.seconds, images, timer), "classes": classes, "k": selection.k,
             "epochs": config.epochs, "selected": int(selection.indices.numel())}
 
@@ -855,11 +857,10 @@ def _resolve_defaults(options) -> None:
 def child_main(options) -> None:
     import torch
 
-    from nola_core.runtime import CPU_THREADS_ENV, resolve_device
+    from nola_core.runtime import resolve_device
 
-    if options.threads:  # explicit: also past the library's CPU thread budget
+    if options.threads:  # explicit: also past the library's CPU thread budget (ComputeSettings.cpu_threads)
         torch.set_num_threads(options.threads)
-        os.environ[CPU_THREADS_ENV] = str(options.threads)
     size = SIZES[options.size]
     options.work = options.work_dir
     options.dataset = options.work_dir / "dataset"

@@ -125,7 +125,8 @@ def alignment_checkpoint(
     def progress(epoch: int, epochs: int, loss: float) -> None:
         epochs_done(epoch, epochs, loss=loss)
 
-    network, losses = train_alignment(features, selection, config, device, progress)
+    network, losses = train_alignment(features, selection, config, device, progress,
+                                      cpu_threads=compute.compute_settings().cpu_threads)
     shape = {"in_dim": int(features.shape[1]), "hidden_dim": config.hidden_dim, "num_classes": selection.num_classes}
     artifacts.write_tensors(ref, NETWORK_FILE, network.state_dict(), {k: str(v) for k, v in shape.items()})
     ref = ref.with_facts(**shape)

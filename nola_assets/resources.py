@@ -104,6 +104,9 @@ class ComputeResource(EnvSettings):
     batch_size: Optional[int] = env_field("batch_size", "feature-extraction batch", _FEATURES.batch_size)
     num_workers: Optional[int] = env_field("num_workers", "data-loader worker processes",
                                            _FEATURES.compute.num_workers, "on the CPU at most a quarter of the cores")
+    cpu_threads: Optional[int] = env_field(
+        "cpu_threads", "torch threads on the CPU for feature extraction, the DL network and tuning",
+        _FEATURES.compute.cpu_threads, "unset = the CPUs this process may use, less loader workers and other ranks")
     nproc_per_node: Optional[int] = env_field(
         "nproc_per_node", "processes for feature extraction and prompt tuning (DDP), one per GPU, or gloo processes "
         "on the CPU", 1, "1 = in the run worker; per node with `nodes`")
@@ -154,10 +157,14 @@ class ComputeResource(EnvSettings):
         return dataclasses.replace(FeatureConfig(), **_overrides(self, {"batch_size": "batch_size"}),
                                    **self.loader_overrides())
 
+    def compute_settings(self) -> ComputeSettings:
+        """What feature extraction, prompt tuning and LatteCLIP share: workers, precision, CPU threads."""
+        return ComputeSettings(**_overrides(self, {"num_workers": "num_workers", "precision": "precision",
+                                                   "cpu_threads": "cpu_threads"}))
+
     def loader_overrides(self) -> dict[str, Any]:
-        """The settings prompt tuning (and LatteCLIP) share with feature extraction: `compute`."""
-        settings = _overrides(self, {"num_workers": "num_workers", "precision": "precision"})
-        return {"compute": ComputeSettings(**settings)}
+        """`compute_settings` as the `compute` field of a core config."""
+        return {"compute": self.compute_settings()}
 
 
 class ModelsResource(EnvSettings):

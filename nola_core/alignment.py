@@ -220,11 +220,15 @@ def train_alignment(
     config: AlignmentConfig = AlignmentConfig(),
     device: str | torch.device = "auto",
     progress: Callable[[int, int, float], None] | None = None,
+    *,
+    processes: int = 1,
+    cpu_threads: int | None = None,
 ) -> tuple[nn.Sequential, list[float]]:
     """Fit the DL network on the selected rows of `features`; returns it (CPU, eval) and epoch losses.
 
     The selected rows sit in memory, so the loader has no workers (they would only pickle
-    batches); on the CPU the loop runs within `runtime.cpu_thread_budget`, like every other loop.
+    batches); on the CPU the loop runs within `runtime.cpu_thread_budget(device, 0, processes,
+    cpu_threads)`, like every other loop (`ComputeSettings.cpu_threads` for an explicit count).
     """
     device = resolve_device(device)
     generator = torch.Generator().manual_seed(config.seed)
@@ -240,7 +244,7 @@ def train_alignment(
     optimizer = torch.optim.Adam(network.parameters(), lr=config.lr)
     history: list[float] = []
     network.train()
-    with cpu_thread_budget(device):
+    with cpu_thread_budget(device, 0, processes, cpu_threads):
         for epoch in range(config.epochs):
             total, seen = 0.0, 0
             for batch, labels in loader:

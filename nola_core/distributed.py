@@ -1,7 +1,7 @@
 """Process plumbing: several processes (one per GPU, or CPU processes with gloo) inside one run.
 
-- `init_distributed()` reads what `torchrun` sets (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
-  MASTER_PORT) and joins the process group: NCCL on GPUs (one device per local rank), gloo on
+- `init_distributed()` reads what `torchrun` sets (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE,
+  MASTER_ADDR, MASTER_PORT) and joins the process group: NCCL on GPUs (one device per local rank), gloo on
   CPU. Without those variables (or WORLD_SIZE=1) it returns a single-process context and
   everything below runs as if there were no `torch.distributed`. This module is the one place
   that reads (and, in `launch`'s children, sets) torchrun's variables.
@@ -47,6 +47,7 @@ class DistributedContext:
     local_rank: int
     device: torch.device
     backend: str | None = None
+    local_world_size: int = 1  # the ranks on this node, which share its CPUs (`runtime.cpu_thread_budget`)
 
     @property
     def enabled(self) -> bool:
@@ -70,6 +71,7 @@ def init_distributed(device: str | torch.device = "auto", backend: str | None = 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "") or world)
     if device == "auto" and torch.cuda.is_available() and world > 1:
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
     resolved = resolve_device(device)
@@ -82,7 +84,7 @@ def init_distributed(device: str | torch.device = "auto", backend: str | None = 
         dist.init_process_group(backend=backend, rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=timeout_s))
     return DistributedContext(rank=rank, world_size=world, local_rank=local_rank, device=resolved,
-                              backend=dist.get_backend())
+                              backend=dist.get_backend(), local_world_size=local_world)
 
 
 def shutdown(context: DistributedContext) -> None:
@@ -119,12 +121,13 @@ def extract_features_distributed(
     output = Path(output)
     if not context.enabled:
         return extract_features(encode, root, records, transform, config, context.device, progress, dtype=dtype,
-                                module=module, output=output, decode_min_side=decode_min_side)
+                                module=module, output=output, decode_min_side=decode_min_side,
+                                processes=context.local_world_size)
     shards = [output.with_name(f".{output.name}.rank{rank}-of-{context.world_size}")
               for rank in range(context.world_size)]
     mine = [records[i] for i in shard_positions(len(records), context)]
     extract_features(encode, root, mine, transform, config, context.device, progress, dtype=dtype, module=module,
-                     output=shards[context.rank], decode_min_side=decode_min_side)
+                     output=shards[context.rank], decode_min_side=decode_min_side, processes=context.local_world_size)
     dist.barrier()
     if context.is_main:
         tables = [load_feature_table(shard, mmap=True) for shard in shards]

@@ -137,6 +137,7 @@ def extract_features(
     module: nn.Module | None = None,
     output: Path | None = None,
     decode_min_side: int | None = None,
+    processes: int = 1,
 ) -> FeatureTable:
     """Run `encode` over every record's image, in record order, under `torch.inference_mode`.
 
@@ -147,7 +148,8 @@ def extract_features(
     atomically; the table comes back memory-mapped), so RAM holds a batch, not the table.
     Unreadable images are dropped and reported in `failed`, never fatal. `decode_min_side`:
     the size `transform` resizes the shorter side to, so large JPEGs decode reduced
-    (`data.load_rgb`'s `min_side`).
+    (`data.load_rgb`'s `min_side`). `processes`: how many processes on this machine extract at
+    once (`distributed.extract_features_distributed`'s ranks), which share its CPU threads.
     """
     device = resolve_device(device)
     dataset = ManifestImageDataset(Path(root), records, transform, decode_min_side=decode_min_side)
@@ -167,7 +169,7 @@ def extract_features(
     done, started = 0, time.perf_counter()
     with contextlib.ExitStack() as stack:
         writer = stack.enter_context(FeatureTableWriter(output, dtype)) if output is not None else None
-        stack.enter_context(cpu_thread_budget(device, workers))
+        stack.enter_context(cpu_thread_budget(device, workers, processes, config.compute.cpu_threads))
         precision = resolve_precision(device, config.compute.precision, extraction=True)
         if config.backend != "torch":
             run = _RuntimeEncoder(encode, module, config.backend, precision, device)

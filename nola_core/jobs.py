@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -34,7 +35,7 @@ from nola_core.distributed import (
 from nola_core.features import FeatureConfig, load_feature_table
 from nola_core.methods.nola import apply_wiseft, tune_prompts
 from nola_core.models import ModelConfig, load_clip, load_dino
-from nola_core.runtime import ComputeSettings
+from nola_core.runtime import CPU_THREADS_ENV, ComputeSettings, cpu_threads_setting
 from nola_core.tuning import EpochStats, TuningConfig
 
 logger = logging.getLogger(__name__)
@@ -124,8 +125,9 @@ def _features_command(options: argparse.Namespace) -> None:
         spec, manifest, labeled = load_dataset(options.dataset)
         records = evaluation_records(manifest, labeled)
         models = ModelConfig.from_profile(options.profile)
-        config = FeatureConfig(batch_size=options.batch_size,
-                               compute=ComputeSettings(num_workers=options.num_workers, precision=options.precision))
+        threads = cpu_threads_setting(os.environ.get(CPU_THREADS_ENV))  # this command is an edge: it reads the variable
+        config = FeatureConfig(batch_size=options.batch_size, compute=ComputeSettings(
+            num_workers=options.num_workers, precision=options.precision, cpu_threads=threads))
         for name in ("clip", "dino"):
             output = Path(options.out) / f"{name}_features.safetensors"
             image_features_stage(context, ImageFeaturesJob(models, name, spec.root, records, config, output))

@@ -44,6 +44,19 @@ class ComputeSettings:
     precision: str = "auto"
     fused_attention: bool = True
     precast_weights: bool = True
+    cpu_threads: int | None = None  # torch threads on the CPU; None: `cpu_thread_budget`'s share
+
+
+def cpu_threads_setting(value: str | None) -> int | None:
+    """`NOLA_CPU_THREADS` as `ComputeSettings.cpu_threads`: None when unset or empty, else at
+    least 1. The edges (the CLI, the Dagster resource) read the variable and call this."""
+    text = (value or "").strip()
+    if not text:
+        return None
+    try:
+        return max(1, int(text))
+    except ValueError:
+        raise ValueError(f"{CPU_THREADS_ENV}={text!r}: expected a number of threads") from None
 
 
 CPU_THREADS_ENV = "NOLA_CPU_THREADS"
@@ -80,32 +93,28 @@ def loader_workers(device: torch.device, requested: int) -> int:
 
 
 @contextlib.contextmanager
-def cpu_thread_budget(device: torch.device, loader_workers: int = 0, processes: int | None = None) -> Iterator[int]:
+def cpu_thread_budget(device: torch.device, loader_workers: int = 0, processes: int = 1,
+                      threads: int | None = None) -> Iterator[int]:
     """On the CPU, run the block with at most `available_cpus() / processes - loader_workers`
     (at least 1) torch threads, then restore the count; yields the count used. `processes`: how
-    many processes share this machine's CPUs, by default `LOCAL_WORLD_SIZE` (set by torchrun and
-    `distributed.launch` for the ranks on this node), else 1.
+    many processes share this machine's CPUs (under torch.distributed the ranks on this node,
+    `DistributedContext.local_world_size`).
 
     OpenMP threads wait for each other at every parallel region, so compute threads whose cores
     loader workers, other ranks or a container's CPU quota take run no faster than fewer threads,
     and small operations much slower: measured on 2 cores with one other busy process, a tiny-model
     NoLA run took 6.9 s with 2 threads against 3.1 s with 1, and a ViT-B/16 fp32 forward ran at
     2.2 images/s either way (4.5 with 2 threads on idle cores). The budget only ever lowers the
-    count; `NOLA_CPU_THREADS` sets it explicitly instead. GPUs are left alone.
+    count; `threads` (`ComputeSettings.cpu_threads`, env `NOLA_CPU_THREADS` at the edges) sets it
+    explicitly instead. GPUs are left alone.
     """
     before = torch.get_num_threads()
-    explicit = os.environ.get(CPU_THREADS_ENV, "").strip()
     if device.type != "cpu":
         yield before
         return
-    if explicit:
-        try:
-            wanted = max(1, int(explicit))
-        except ValueError:
-            raise ValueError(f"{CPU_THREADS_ENV}={explicit!r}: expected a number of threads") from None
+    if threads is not None:
+        wanted = max(1, threads)
     else:
-        if processes is None:
-            processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
         wanted = min(before, max(1, available_cpus() // max(1, processes) - loader_workers))
     if wanted == before:
         yield before

@@ -201,6 +201,7 @@ def train_prompts(
     """
     device = resolve_device(device)
     rank, world = (distributed.rank, distributed.world_size) if distributed is not None else (0, 1)
+    local_processes = distributed.local_world_size if distributed is not None else 1
     if config.fixed_pseudo_labels != (fixed_labels is not None):
         raise ValueError("TuningConfig.fixed_pseudo_labels=True needs fixed_labels (one per record), and "
                          "fixed_labels are only used with fixed_pseudo_labels=True")
@@ -245,7 +246,8 @@ def train_prompts(
     # loop by its prefetch only, so `tee` holds no more than the plans between the two.
     plans, sampled = itertools.tee(epoch_plan(len(dataset), step_size, micro, config.seed, epoch, rank, world)
                                    for epoch in epochs)
-    with _fast_modules([classifier, *frozen_modules], device, config), cpu_thread_budget(device, workers):
+    threads = cpu_thread_budget(device, workers, local_processes, config.compute.cpu_threads)
+    with _fast_modules([classifier, *frozen_modules], device, config), threads:
         batches = _micro_batches(dataset, sampled, workers, device, config.seed)
         for epoch, plan in zip(epochs, plans):
             stats = _train_epoch(model, classifier, batches, plan, pseudo_labeller, labels_on_device, optimizer,
@@ -387,7 +389,7 @@ def _resume_fingerprint(records: Sequence[ImageRecord], config: TuningConfig,
     """
     # The flat layout of before `compute` was nested: the same digest, so saved states still resume.
     flat = {**dataclasses.asdict(config), **dataclasses.asdict(config.compute)}
-    trained_on = {k: v for k, v in flat.items() if k not in ("compute", "num_workers", "wiseft_alpha")}
+    trained_on = {k: v for k, v in flat.items() if k not in ("compute", "num_workers", "cpu_threads", "wiseft_alpha")}
     digest = hashlib.sha256(json.dumps(trained_on, sort_keys=True, default=str).encode())
     for record in records:
         digest.update(f"\0{record.image_id}\0{record.path}".encode())

@@ -201,21 +201,19 @@ def test_alignment_training_is_deterministic_for_a_seed():
 
 
 def test_alignment_training_runs_within_the_cpu_thread_budget(monkeypatch):
-    """Two ranks on a 4-CPU node (LOCAL_WORLD_SIZE, as torchrun sets it): 2 threads while the DL
-    network trains, the caller's count after."""
+    """Two ranks on a 4-CPU node (`processes`, a rank's `DistributedContext.local_world_size`):
+    2 threads while the DL network trains, the caller's count after."""
     from nola_core import runtime
 
     dino, clip, classifier, _ = _clustered(per_class=20, seed=3)
     selection = select_top_k(class_log_odds(clip, classifier), k=16)
-    monkeypatch.delenv(runtime.CPU_THREADS_ENV, raising=False)
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     monkeypatch.setattr(runtime, "available_cpus", lambda: 4)
     threads = []
     before = torch.get_num_threads()
     torch.set_num_threads(8)
     try:
         train_alignment(dino, selection, AlignmentConfig(epochs=2), "cpu",
-                        progress=lambda *_: threads.append(torch.get_num_threads()))
+                        progress=lambda *_: threads.append(torch.get_num_threads()), processes=2)
         assert torch.get_num_threads() == 8
     finally:
         torch.set_num_threads(before)

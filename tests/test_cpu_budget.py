@@ -3,7 +3,9 @@
 import torch
 
 from nola_core import runtime
-from nola_core.runtime import CPU_THREADS_ENV, available_cpus, cpu_thread_budget, loader_workers
+import pytest
+
+from nola_core.runtime import CPU_THREADS_ENV, available_cpus, cpu_thread_budget, cpu_threads_setting, loader_workers
 
 CPU, GPU = torch.device("cpu"), torch.device("cuda")
 
@@ -25,7 +27,6 @@ def test_a_container_cpu_quota_caps_the_cpus(tmp_path):
 
 
 def test_the_thread_budget_lowers_and_restores_the_count_on_the_cpu_only(monkeypatch):
-    monkeypatch.delenv(CPU_THREADS_ENV, raising=False)
     monkeypatch.setattr(runtime, "available_cpus", lambda: 8)
     before = torch.get_num_threads()
     torch.set_num_threads(8)
@@ -35,16 +36,13 @@ def test_the_thread_budget_lowers_and_restores_the_count_on_the_cpu_only(monkeyp
         assert torch.get_num_threads() == 8
         with cpu_thread_budget(CPU, loader_workers=0, processes=2) as threads:  # two gloo ranks share the CPUs
             assert threads == torch.get_num_threads() == 4
-        monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # what torchrun / distributed.launch set in each rank
-        with cpu_thread_budget(CPU, loader_workers=1) as threads:
+        with cpu_thread_budget(CPU, loader_workers=1, processes=4) as threads:  # a rank of 4 on this node
             assert threads == torch.get_num_threads() == 1
-        monkeypatch.delenv("LOCAL_WORLD_SIZE")
         with cpu_thread_budget(CPU, loader_workers=9) as threads:
             assert threads == 1
         with cpu_thread_budget(GPU, loader_workers=2) as threads:
             assert threads == torch.get_num_threads() == 8
-        monkeypatch.setenv(CPU_THREADS_ENV, "3")
-        with cpu_thread_budget(CPU, loader_workers=2) as threads:
+        with cpu_thread_budget(CPU, loader_workers=2, threads=3) as threads:  # ComputeSettings.cpu_threads
             assert threads == torch.get_num_threads() == 3
         assert torch.get_num_threads() == 8
     finally:
@@ -56,3 +54,26 @@ def test_cpu_loader_workers_take_at_most_a_quarter_of_the_cpus(monkeypatch):
     assert loader_workers(CPU, 2) == 0 and loader_workers(GPU, 2) == 2
     monkeypatch.setattr(runtime, "available_cpus", lambda: 16)
     assert loader_workers(CPU, 2) == 2 and loader_workers(CPU, 8) == 4
+
+
+def test_cpu_threads_are_read_at_the_edges_and_passed_down(monkeypatch):
+    """NOLA_CPU_THREADS is parsed where the environment is read (`cpu_threads_setting`, the Dagster
+    resource) and reaches the loops as `ComputeSettings.cpu_threads`; the core reads no variable."""
+    from nola_assets.resources import ComputeResource, MethodResource
+
+    assert cpu_threads_setting(None) is None and cpu_threads_setting(" ") is None
+    assert cpu_threads_setting("3") == 3 and cpu_threads_setting("0") == 1
+    with pytest.raises(ValueError, match=f"{CPU_THREADS_ENV}='two'"):
+        cpu_threads_setting("two")
+    monkeypatch.setenv(CPU_THREADS_ENV, "3")
+    compute = ComputeResource()
+    assert compute.feature_config().compute.cpu_threads == 3
+    assert MethodResource().tuning_config(compute).compute.cpu_threads == 3
+    monkeypatch.setattr(runtime, "available_cpus", lambda: 8)
+    before = torch.get_num_threads()
+    torch.set_num_threads(8)
+    try:
+        with cpu_thread_budget(CPU, loader_workers=2) as threads:  # the variable alone changes nothing here
+            assert threads == 6
+    finally:
+        torch.set_num_threads(before)

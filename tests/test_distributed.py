@@ -80,6 +80,17 @@ def test_two_gloo_processes_match_one_process(inputs, tmp_path):
     assert [loss for _, loss in history] == pytest.approx([loss for _, loss in single[2]], rel=1e-4)
 
 
+def _local_world_size(context: DistributedContext) -> int:
+    return context.local_world_size
+
+
+def test_each_rank_knows_how_many_ranks_share_its_node():
+    """`launch` (like torchrun) tells each rank LOCAL_WORLD_SIZE; `init_distributed` is where it is
+    read, and the loops take it from the context to share the CPUs (`runtime.cpu_thread_budget`)."""
+    assert launch(_local_world_size, 2, device="cpu", backend="gloo") == 2
+    assert launch(_local_world_size, 1, device="cpu") == 1
+
+
 def test_shards_and_step_plans_partition_the_data():
     contexts = [DistributedContext(rank, 3, rank, torch.device("cpu")) for rank in range(3)]
     shards = [shard_positions(10, c) for c in contexts]

@@ -176,8 +176,6 @@ def test_latteclip_loader_workers_and_threads_follow_the_cpu_budget(monkeypatch)
             workers.append(kwargs["num_workers"])
             super().__init__(*args, **kwargs)
 
-    monkeypatch.delenv(runtime.CPU_THREADS_ENV, raising=False)
-    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     monkeypatch.setattr(latteclip, "DataLoader", RecordingLoader)
     config = LatteCLIPConfig(batch_size=4, max_iterations=1, compute=ComputeSettings(num_workers=2))
     labels = torch.zeros(len(records), dtype=torch.long)

@@ -118,7 +118,7 @@ class LatteCLIPConfig:
     train_text_encoder: bool = True
     logit_scale: float | None = None  # None: the model's own exp(logit_scale), fixed
     group_size: int = 4
-    compute: ComputeSettings = field(default_factory=ComputeSettings)  # num_workers and precision are read
+    compute: ComputeSettings = field(default_factory=ComputeSettings)  # num_workers, precision, cpu_threads are read
     seed: int = 0
 
     def with_seed(self, seed: int) -> "LatteCLIPConfig":
@@ -585,7 +585,7 @@ def tune_latteclip(
 
     logger.info("LatteCLIP: %d images, batch %d, lr %.1e, %d texts (%d image, %d group)", len(dataset), batch_size,
                 config.lr, len(bank.texts), int((bank.image >= 0).sum()), int((bank.group >= 0).sum()))
-    with seeded(config.seed), cpu_thread_budget(device, workers):
+    with seeded(config.seed), cpu_thread_budget(device, workers, threads=config.compute.cpu_threads):
         final_prototypes, history = train_latteclip_loop(
             model.encode_image, encode_texts, latteclip_parameter_groups(model, config.weight_decay),
             lambda epoch: loader, len(loader), bank,

@@ -137,7 +137,8 @@ def selection_pseudo_labels(selection: PseudoLabelSelection, train_ids: Sequence
     return PseudoLabels(ids, selection.labels.long(), len(train_ids))
 
 
-def build_prompt_classifier(clip: ClipModel, class_embeddings: torch.Tensor, config: TuningConfig) -> PromptTunedClassifier:
+def build_prompt_classifier(clip: ClipModel, class_embeddings: torch.Tensor,
+                            config: TuningConfig) -> PromptTunedClassifier:
     """A fresh copy of the vision tower, so the zero-shot model stays untouched."""
     return PromptTunedClassifier(
         copy.deepcopy(clip.visual),
@@ -300,7 +301,8 @@ def run_nola_method(
     empty = [c for c, count in enumerate(selection.counts) if count == 0]
     if empty:
         logger.warning("no pseudo-label at all for classes %s (indices): the DL network never sees them", empty)
-    dl_network, alignment_losses = train_alignment(dino_table.rows_for(train_ids), selection, config.alignment, device)
+    dl_network, alignment_losses = train_alignment(dino_table.rows_for(train_ids), selection, config.alignment, device,
+                                                   cpu_threads=config.tuning.compute.cpu_threads)
     fixed = fixed_pseudo_labels(dl_network, dino_table, train_ids) if config.tuning.fixed_pseudo_labels else None
     with seeded(config.tuning.seed):
         classifier, history = tune_prompts(clip, dino, dl_network, cde, root, train_records, config.tuning, device,
