@@ -10,7 +10,7 @@ Fashion-MNIST when missing), plus the source-domain zero-shot that shows the gap
 over seeds of transductive and held-out top-1, written as Markdown and as JSON beside it,
 with the wall time it took. The methods run as the code is (nola_core.methods.compare):
 rerun the command after changing a method. Epochs are scaled down (flags below) so the table
-finishes on two CPU cores (the defaults: about 12 minutes on a loaded 2-core Xeon, see
+finishes on two CPU cores (the defaults: 9-12 minutes on a loaded 2-core Xeon, see
 docs/mini_results.md); they are not tuned on these labels.
 """
 
