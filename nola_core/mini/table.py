@@ -111,8 +111,8 @@ def markdown(result: dict) -> str:
         "Read with docs/mini_world.md (section Measured): with the shipped mini DINO, barely trained, the "
         "DL network's features do not separate the shifted classes, so the DL network and NoLA (which "
         "takes its pseudo-labels) fall below zero-shot; LaFTer's labeller (its text classifier) is no "
-        "better than zero-shot here and its strong view, made for 224 px, wipes out much of a 32 px "
-        "garment; LatteCLIP at the paper's learning rate (1e-7) hardly moves a model trained at 1e-3.", "",
+        "better than zero-shot here and its 50 prompt tokens swamp the 16-patch mini ViT; LatteCLIP on "
+        "class texts alone has nothing new to learn (its targets are zero-shot's own answers).", "",
         "| domain | method | transductive | held-out |", "|---|---|---|---|",
     ]
     for row in result["rows"]:
