@@ -118,7 +118,7 @@ def _resources_config(args: argparse.Namespace, demo: bool) -> dict[str, dict]:
 def _preflight(paths: list[Path], args: argparse.Namespace, demo: bool) -> bool:
     """nola_core.preflight on what this command would run, before any Dagster run: its problems
     printed as a few lines (a traceback only with --verbose). True: go."""
-    from nola_core.preflight import preflight
+    from nola_core.preflight import Environment, preflight
 
     from nola_assets.artifacts import ArtifactStore
     from nola_assets.preflight_asset import CLIP_FEATURE_TABLES
@@ -127,7 +127,7 @@ def _preflight(paths: list[Path], args: argparse.Namespace, demo: bool) -> bool:
     try:
         models = ModelsResource(**_resources_config(args, demo)["models"]).config()
         problems = preflight(paths, models, ArtifactStore().root(), DescriptionsResource().source(),
-                             clip_tables=CLIP_FEATURE_TABLES)
+                             clip_tables=CLIP_FEATURE_TABLES, env=Environment.current(os.environ))
     except Exception as error:  # noqa: BLE001  (the check itself failed: say so in one line)
         if args.verbose:
             raise

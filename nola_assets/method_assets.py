@@ -249,7 +249,8 @@ def latteclip_texts(
         texts = generate_latteclip_texts(
             provider, spec.root, inputs.train_records, zero_shot_labels.labels, domain=spec.domain,
             group_size=config.group_size, seed=config.seed,
-            cache_dir=descriptions.setting("descriptions_cache", DEFAULT_DESCRIPTIONS_CACHE))
+            cache_dir=descriptions.setting("descriptions_cache", DEFAULT_DESCRIPTIONS_CACHE),
+            prompts_dir=descriptions.setting("prompts_dir"))
     else:
         texts = LatteTexts()
         fallback = (f"description source {source!r} is not a chat model that sees images: no LMM texts, "

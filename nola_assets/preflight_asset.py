@@ -7,9 +7,11 @@ description, and no step after it starts. It holds no pool slot and loads no mod
 version is constant: passing it again never makes anything downstream stale.
 """
 
+import os
+
 from dagster import AssetExecutionContext, DataVersion, Failure, MaterializeResult, asset
 
-from nola_core.preflight import preflight as check_before_run
+from nola_core.preflight import Environment, preflight as check_before_run
 
 from nola_assets.artifacts import ArtifactStore
 from nola_assets.partitions import datasets_partitions
@@ -30,7 +32,8 @@ def preflight(
 ) -> MaterializeResult:
     """Dataset spec, every model's weights, the LLM key, free disk: checked before any work."""
     problems = check_before_run([data.dataset_dir(context.partition_key)], models.config(), artifacts.root(),
-                                descriptions.source(), clip_tables=CLIP_FEATURE_TABLES)
+                                descriptions.source(), clip_tables=CLIP_FEATURE_TABLES,
+                                env=Environment.current(os.environ))
     if problems:
         raise Failure(description="\n".join(problem.message() for problem in problems), allow_retries=False)
     return MaterializeResult(metadata={"checked": "dataset, model weights, LLM key, disk"},

@@ -306,6 +306,8 @@ class DescriptionsResource(EnvSettings):
         CleanRules().prefix_class_name, "files are used as written")
     descriptions_cache: Optional[str] = env_field("descriptions_cache", "per-class LLM answer cache",
                                                   DEFAULT_DESCRIPTIONS_CACHE)
+    prompts_dir: Optional[str] = env_field("prompts_dir", "folder of prompt sets",
+                                           note="else the checkout's or the installed prompts/")
 
     def source(self) -> str:
         return self.setting("descriptions", DEFAULT_DESCRIPTIONS)
@@ -336,6 +338,7 @@ class DescriptionsResource(EnvSettings):
             count=self.setting("descriptions_count", DEFAULT_DESCRIPTIONS_COUNT),
             cache_dir=self.setting("descriptions_cache", DEFAULT_DESCRIPTIONS_CACHE),
             rules=CleanRules(prefix_class_name=self.setting("descriptions_prefix_class", CleanRules().prefix_class_name)),
+            prompts_dir=self.setting("prompts_dir"),
         )
         return resolve_descriptions(spec, result.descriptions), result.provenance
 

@@ -154,6 +154,7 @@ def _describe(args: argparse.Namespace) -> int:
     from nola_core.data import DatasetSpecError, load_dataset_spec
     from nola_core.demo import DEMO_DATASET, demo_dataset_path
     from nola_core.llm import CallPolicy, LLMError, describe_classes, make_provider
+    from nola_core.llm.prompts import PROMPTS_ENV
 
     try:
         target = Path(args.dataset)
@@ -180,7 +181,7 @@ def _describe(args: argparse.Namespace) -> int:
             max_tokens=args.max_tokens,
             cache_dir=args.cache_dir,
             concurrency=args.concurrency,
-            prompts_dir=args.prompts_dir,
+            prompts_dir=args.prompts_dir or os.environ.get(PROMPTS_ENV) or None,  # an edge: reads it
         )
     except (DatasetSpecError, LLMError, ValueError, FileNotFoundError) as error:
         print(f"nola describe: error: {error}", file=sys.stderr)
@@ -293,9 +294,11 @@ def _add_predict(subparsers: argparse._SubParsersAction) -> None:
 def _predict(args: argparse.Namespace) -> int:
     """`nola predict`: one line per image, `path<TAB>class (p) class (p) ...`."""
     from nola_core.export import load_classifier
+    from nola_core.models.weights import WEIGHTS_DIR_ENV
 
     try:
-        classifier = load_classifier(args.export_dir, args.device, args.clip_checkpoint)
+        classifier = load_classifier(args.export_dir, args.device, args.clip_checkpoint,
+                                     os.environ.get(WEIGHTS_DIR_ENV) or None)  # an edge: reads the variable
         probabilities = classifier.predict(args.images)
     except (FileNotFoundError, ValueError, OSError) as error:
         print(f"nola predict: error: {error}", file=sys.stderr)

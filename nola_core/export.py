@@ -126,9 +126,11 @@ class ExportedClassifier(nn.Module):
 
 
 def load_classifier(
-    export_dir: str | Path, device: str | torch.device = "cpu", clip_checkpoint: str | None = None
+    export_dir: str | Path, device: str | torch.device = "cpu", clip_checkpoint: str | None = None,
+    weights_dir: str | None = None,
 ) -> ExportedClassifier:
-    """Rebuild an exported classifier. `clip_checkpoint` points at a local copy of the base weights."""
+    """Rebuild an exported classifier. `clip_checkpoint` points at a local copy of the base weights;
+    `weights_dir` at a `nola weights download` folder (`nola predict` passes NOLA_WEIGHTS_DIR)."""
     export_dir = Path(export_dir)
     manifest_path = export_dir / MANIFEST_NAME
     if not manifest_path.is_file():
@@ -145,6 +147,7 @@ def load_classifier(
         clip_pretrained=clip_info["pretrained"],
         clip_checkpoint=clip_checkpoint or clip_info["checkpoint"],
         init_seed=clip_info["init_seed"],
+        weights_dir=weights_dir,
     )
     clip = load_clip(models, device)
     tensors = load_file(str(export_dir / TENSORS_NAME))

@@ -35,6 +35,7 @@ from nola_core.distributed import (
 from nola_core.features import FeatureConfig, load_feature_table
 from nola_core.methods.nola import apply_wiseft, tune_prompts
 from nola_core.models import ModelConfig, load_clip, load_dino
+from nola_core.models.weights import WEIGHTS_DIR_ENV
 from nola_core.runtime import CPU_THREADS_ENV, ComputeSettings, cpu_threads_setting
 from nola_core.tuning import EpochStats, TuningConfig
 
@@ -124,7 +125,8 @@ def _features_command(options: argparse.Namespace) -> None:
     try:
         spec, manifest, labeled = load_dataset(options.dataset)
         records = evaluation_records(manifest, labeled)
-        models = ModelConfig.from_profile(options.profile)
+        weights_dir = os.environ.get(WEIGHTS_DIR_ENV) or None  # an edge, as below
+        models = ModelConfig.from_profile(options.profile, weights_dir=weights_dir)
         threads = cpu_threads_setting(os.environ.get(CPU_THREADS_ENV))  # this command is an edge: it reads the variable
         config = FeatureConfig(batch_size=options.batch_size, compute=ComputeSettings(
             num_workers=options.num_workers, precision=options.precision, cpu_threads=threads))

@@ -5,17 +5,19 @@ What is checked, in this order, without loading any model or reading any image:
 
 - the dataset: `dataset.yaml` is valid and `unlabeled/` holds image files (counted by name);
 - every model of the configuration can be loaded: a checkpoint path exists, or the weights
-  folder (`weights_dir`, else NOLA_WEIGHTS_DIR, written by `nola weights download`) lists it and
-  holds its file at the recorded size (the loader checks the SHA-256), or the pretrained weights
-  are in the local caches open_clip and timm read (the Hugging Face hub cache, `~/.cache/clip`,
-  torch hub's `checkpoints/`), or the network can fetch them (never when `HF_HUB_OFFLINE` is
-  set); random models need nothing;
+  folder (`weights_dir`, which the edges set from NOLA_WEIGHTS_DIR; written by `nola weights
+  download`) lists it and holds its file at the recorded size (the loader checks the SHA-256),
+  or the pretrained weights are in the local caches open_clip and timm read (the Hugging Face
+  hub cache, `~/.cache/clip`, torch hub's `checkpoints/`), or the network can fetch them (never
+  when `HF_HUB_OFFLINE` is set); random models need nothing;
 - the LLM provider's API key, when descriptions are to be written by a named provider;
 - free disk under the artifact root for the feature tables: images x feature dims x 2 bytes
   (float16) per table, times `REWRITE_FACTOR` (a table is written beside the old one, then
   renamed).
 
-Every check returns `Problem`s; `preflight` gathers them and `PreflightError` carries them.
+Every check returns `Problem`s; `preflight` gathers them and `PreflightError` carries them. The
+environment variables they read (HF_HUB_OFFLINE, the API keys) come in `Environment.environ`, which
+the caller (an edge: the CLI, the preflight asset) passes in.
 """
 
 from __future__ import annotations
@@ -75,8 +77,9 @@ class Environment:
     free_bytes: Callable[[Path], int]
 
     @classmethod
-    def current(cls) -> "Environment":
-        """This machine; each host set is probed once per Environment."""
+    def current(cls, environ: Mapping[str, str]) -> "Environment":
+        """This machine with the caller's environment variables; each host set is probed once per
+        Environment."""
         seen: dict[frozenset, bool] = {}
 
         def reachable(hosts: Sequence[str]) -> bool:
@@ -85,7 +88,7 @@ class Environment:
                 seen[key] = any_host_reachable(hosts)
             return seen[key]
 
-        return cls(environ=os.environ, reachable=reachable, free_bytes=free_bytes_at)
+        return cls(environ=environ, reachable=reachable, free_bytes=free_bytes_at)
 
     @property
     def offline(self) -> bool:
@@ -222,7 +225,7 @@ def _in_weights_dir(config: ModelConfig, env: Environment, kind: str, name: str,
     """(whether the weights folder settles this model, its problem): a folder without a manifest
     or with a listed file missing or of another size is a problem; a model it does not list is
     left to the caches and the network."""
-    folder = resolve_weights_dir(config.weights_dir, env.environ)
+    folder = resolve_weights_dir(config.weights_dir)
     if folder is None:
         return False, None
     fix = f"run `{download_command(kind, name, tag)} --to {folder}` again on a connected machine"
@@ -316,12 +319,12 @@ def preflight(
     artifact_root: str | Path,
     descriptions_source: str = "dataset",
     clip_tables: int = 1,
-    env: Environment | None = None,
+    *,
+    env: Environment,
 ) -> list[Problem]:
     """Every problem that would stop a run on these datasets (empty: go). `clip_tables` is how
     many CLIP-dimension feature tables a dataset gets (the image features, plus one per tuned
     encoder whose features are stored); DINO has one."""
-    env = env or Environment.current()
     problems: list[Problem] = []
     specs = []
     for root in dataset_dirs:

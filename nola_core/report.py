@@ -9,7 +9,7 @@ accuracy of their final stage over seeds (with the standard deviation where seve
 exist). `write_report` prints the dataset × split × method table and writes it as markdown and
 as a PNG bar chart.
 
-`nola report` reads `default_evaluation_root()` unless told otherwise: the folder where the
+`nola report` reads `default_evaluation_root(its environment)` unless told otherwise: the folder where the
 `method_comparison` asset writes one table per dataset and method,
 `<artifact root>/evaluation/<dataset>/<method>.parquet`.
 
@@ -20,7 +20,6 @@ dataset/method/stage keys and are filtered out, but their columns would still be
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -94,11 +93,10 @@ ORDER BY dataset, method, stage
 SPLIT_LEGEND = "; ".join(f"{split}: {meaning}" for split, meaning in SPLIT_MEANINGS.items())
 
 
-def default_evaluation_root(environ: Mapping[str, str] | None = None) -> Path:
-    """NOLA_EVALUATION_ROOT if set, else the artifact store's evaluation folder:
-    `$NOLA_ARTIFACT_ROOT/evaluation`, `artifacts/evaluation` (relative to the working directory) by
-    default, the same folder `nola demo` and `nola run` write to."""
-    environ = os.environ if environ is None else environ
+def default_evaluation_root(environ: Mapping[str, str]) -> Path:
+    """NOLA_EVALUATION_ROOT if set in `environ` (the CLI passes its environment), else the artifact
+    store's evaluation folder: `$NOLA_ARTIFACT_ROOT/evaluation`, `artifacts/evaluation` (relative to
+    the working directory) by default, the same folder `nola demo` and `nola run` write to."""
     explicit = environ.get("NOLA_EVALUATION_ROOT", "").strip()
     if explicit:
         return Path(explicit).resolve()

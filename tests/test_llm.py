@@ -526,10 +526,28 @@ def test_prompt_sets_hold_the_papers_wording(monkeypatch, tmp_path):
         describe_classes(["bag"], provider=provider("openai", answering("openai")), prompt_set="latteclip_v1")
 
     (tmp_path / "mine_v1.yaml").write_text("name: mine_v1\nquestions: ['What is a {c}?']\n")
-    monkeypatch.setenv("NOLA_PROMPTS_DIR", str(tmp_path))
-    assert load_prompt_set("mine_v1").questions == ["What is a {c}?"]
+    monkeypatch.setenv("NOLA_PROMPTS_DIR", str(tmp_path))  # read at the edges only, never by the core
+    with pytest.raises(FileNotFoundError, match="unknown prompt set 'mine_v1'"):
+        load_prompt_set("mine_v1")
+    assert load_prompt_set("mine_v1", tmp_path).questions == ["What is a {c}?"]
     with pytest.raises(FileNotFoundError, match="mine_v1"):
-        load_prompt_set("lafter_v9")
+        load_prompt_set("lafter_v9", tmp_path)
+
+
+def test_nola_describe_finds_prompt_sets_in_nola_prompts_dir(tmp_path, monkeypatch):
+    """The CLI is an edge: it passes NOLA_PROMPTS_DIR down as `prompts_dir`; --prompts-dir wins."""
+    monkeypatch.chdir(tmp_path)
+    mine, other = tmp_path / "mine", tmp_path / "other"
+    for folder, word in ((mine, "mine"), (other, "other")):
+        folder.mkdir()
+        (folder / "set_v1.yaml").write_text(f"name: set_v1\ntemplates: ['a {{c}}, {word}.']\n")
+    out = tmp_path / "out.json"
+    monkeypatch.setenv("NOLA_PROMPTS_DIR", str(mine))
+    args = ["describe", str(DEMO), "--provider", "templates", "--prompt-set", "set_v1", "--out", str(out)]
+    assert main(args) == 0
+    assert load_descriptions(out)["bag"] == ["a bag, mine."]
+    assert main([*args, "--prompts-dir", str(other)]) == 0
+    assert load_descriptions(out)["bag"] == ["a bag, other."]
 
 
 # --- CLI -----------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ clone's user types `nola demo`, then `nola report`, `nola export`, `nola predict
 environment variable pointing anywhere (only the epoch counts are cut, through the NOLA_*
 variables the commands read, to keep the test short)."""
 
+import os
 import re
 import shlex
 from pathlib import Path
@@ -67,6 +68,6 @@ def test_report_reads_where_the_artifact_store_writes(fresh_folder, monkeypatch,
 
     if artifact_root is not None:
         monkeypatch.setenv("NOLA_ARTIFACT_ROOT", artifact_root)
-    assert default_evaluation_root() == evaluation_root(ArtifactStore())
+    assert default_evaluation_root(os.environ) == evaluation_root(ArtifactStore())
     monkeypatch.setenv("NOLA_EVALUATION_ROOT", "elsewhere")
-    assert default_evaluation_root() == fresh_folder / "elsewhere"
+    assert default_evaluation_root(os.environ) == fresh_folder / "elsewhere"

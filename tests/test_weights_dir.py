@@ -17,6 +17,8 @@ from nola_core.models.registry import MINI_CLIP_NAME, MINI_DINO_NAME, TINY_CLIP_
 from nola_core.models.weights import MANIFEST, WEIGHTS_DIR_ENV, clip_request, dino_request, download_weights
 from nola_core.preflight import Environment, check_models
 
+from nola_assets.resources import ModelsResource
+
 MINI = ModelConfig.from_profile("mini")
 TAG = "mini"  # a tag open_clip does not know: only the weights folder can supply it
 
@@ -43,7 +45,10 @@ def test_a_weights_folder_loads_the_same_models_as_their_checkpoint_paths(tmp_pa
     images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     by_path_clip, by_path_dino = load_clip(MINI), load_dino(MINI)
     monkeypatch.setenv(WEIGHTS_DIR_ENV, str(folder))  # the environment variable, as on an air-gapped machine
-    for config in (_by_folder(folder), _by_folder()):
+    edge = ModelsResource(clip_model=MINI_CLIP_NAME, clip_pretrained=TAG, dino_model=MINI_DINO_NAME)
+    from_the_edge = edge.config()
+    assert from_the_edge.weights_dir == str(folder)  # the Dagster resource reads it into the model config
+    for config in (_by_folder(folder), from_the_edge):
         clip, dino = load_clip(config), load_dino(config)
         with torch.inference_mode():
             assert torch.equal(clip.encode_image(images), by_path_clip.encode_image(images))
@@ -51,9 +56,8 @@ def test_a_weights_folder_loads_the_same_models_as_their_checkpoint_paths(tmp_pa
             assert torch.equal(dino.encode_image(images), by_path_dino.encode_image(images))
         assert clip.preprocess == by_path_clip.preprocess and dino.preprocess == by_path_dino.preprocess
 
-    monkeypatch.delenv(WEIGHTS_DIR_ENV)
     with pytest.raises(WeightsUnavailableError, match="nola weights download --clip nola-mini-clip:mini"):
-        load_clip(_by_folder())  # without the folder, the tag cannot be resolved: the folder was used
+        load_clip(_by_folder())  # the core reads no environment: without the folder the tag is unknown
 
 
 def test_a_file_whose_hash_differs_from_the_manifest_is_refused_by_name(tmp_path):
@@ -81,11 +85,11 @@ def test_a_file_whose_hash_differs_from_the_manifest_is_refused_by_name(tmp_path
 def test_the_preflight_counts_a_folder_holding_the_models_as_present(tmp_path):
     folder = tmp_path / "weights"
     _write_mini_folder(folder)
-    offline = Environment(environ={"HF_HUB_OFFLINE": "1", WEIGHTS_DIR_ENV: str(folder)},
-                          reachable=lambda hosts: False, free_bytes=lambda path: 10**12)
-    assert check_models(_by_folder(), offline) == []
+    offline = Environment(environ={"HF_HUB_OFFLINE": "1"}, reachable=lambda hosts: False,
+                          free_bytes=lambda path: 10**12)
+    assert check_models(_by_folder(folder), offline) == []
     (folder / "clip" / MINI_CLIP_NAME / TAG / "nola-mini-clip.safetensors").write_bytes(b"short")
-    [problem] = check_models(_by_folder(), offline)
+    [problem] = check_models(_by_folder(folder), offline)
     assert "nola-mini-clip.safetensors" in problem.why and "nola weights download" in problem.fix
 
 
@@ -120,9 +124,9 @@ def test_download_of_the_paper_profile_goes_through_open_clip_and_timm(tmp_path,
          hashlib.sha256(b"dino weights").hexdigest())]
     assert models[0]["source"] == "hf-hub:timm/vit_base_patch16_clip_224.openai/open_clip_model.safetensors"
     assert not any((tmp_path / "w" / m["file"]).is_symlink() for m in models)  # the bytes, to carry elsewhere
-    offline = Environment(environ={"HF_HUB_OFFLINE": "1", WEIGHTS_DIR_ENV: str(tmp_path / "w")},
-                          reachable=lambda hosts: False, free_bytes=lambda path: 10**12)
-    assert check_models(ModelConfig.from_profile("paper"), offline) == []
+    offline = Environment(environ={"HF_HUB_OFFLINE": "1"}, reachable=lambda hosts: False,
+                          free_bytes=lambda path: 10**12)
+    assert check_models(ModelConfig.from_profile("paper", weights_dir=str(tmp_path / "w")), offline) == []
 
     assert main(["weights", "download", "--clip", "ViT-B-16:no-such-tag", "--to", str(tmp_path / "w")]) == 1
     err = capsys.readouterr().err

@@ -7,17 +7,17 @@ for a multimodal model. `DEFAULT_PROMPT_SET` is the one used unless another is n
 `hash` is over the parsed content (comments and layout do not count), so editing a question
 invalidates every cached answer made with it.
 
-Where the files are found, first match wins: the `prompts_dir` argument, the `NOLA_PROMPTS_DIR`
-environment variable, `prompts/` of the source checkout this module lives in (editable install),
-`./prompts` in the working directory, then `<sys.prefix>/share/nola/prompts`, where a wheel
-(non-editable install) puts its copy of `prompts/`.
+Where the files are found, first match wins: the `prompts_dir` argument (the edges pass the
+`NOLA_PROMPTS_DIR` environment variable there: `nola describe` and `DescriptionsResource`; this
+module reads no environment), `prompts/` of the source checkout this module lives in (editable
+install), `./prompts` in the working directory, then `<sys.prefix>/share/nola/prompts`, where a
+wheel (non-editable install) puts its copy of `prompts/`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,7 +104,6 @@ def find_prompts_dir(explicit: str | Path | None = None) -> Path:
     """Resolve the prompts folder (see the module docstring for the order)."""
     candidates = [
         Path(explicit) if explicit else None,
-        Path(os.environ[PROMPTS_ENV]) if os.environ.get(PROMPTS_ENV) else None,
         Path(__file__).resolve().parents[2] / "prompts",
         Path.cwd() / "prompts",
         Path(sys.prefix) / INSTALLED_PROMPTS,

@@ -17,6 +17,8 @@ Sources that need no model: `FileProvider(path)` (a JSON/YAML mapping class → 
 `TemplatesProvider()` (the prompt set's template sentences). `provider_from_env()` picks the
 default, `make_provider(name, ...)` builds one from configuration (CLI, Dagster).
 
+The API keys are the one environment this core module reads itself, by the vendor SDKs' own
+convention (`ANTHROPIC_API_KEY`, `OPENAI_API_KEY`, the `api_key_env` variable), not at the edges.
 A missing key raises `MissingAPIKeyError` naming the variable when the provider is built, so
 before any request. Retries are done here, not by the vendor clients (built with
 `max_retries=0`), so the budget and the waiting are configurable and testable: HTTP 408, 409,

@@ -30,7 +30,7 @@ class ModelConfig:
     dino_checkpoint: str | None = None
     dino_checkpoint_sha256: str | None = None
     init_seed: int = 0
-    weights_dir: str | None = None  # a `nola weights download` folder, read first; None: NOLA_WEIGHTS_DIR
+    weights_dir: str | None = None  # `nola weights download` folder, read first (edges: NOLA_WEIGHTS_DIR)
 
     @classmethod
     def from_profile(cls, profile: str = "paper", **overrides) -> "ModelConfig":

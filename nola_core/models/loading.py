@@ -4,9 +4,9 @@ Staged as open_clip does: resolve the config, build, load weights strictly, atta
 preprocessing the weights were trained with. Models come back frozen and in eval mode.
 
 Where the weights come from, in order: a checkpoint file the config names (checked against its
-SHA-256 when it has one); the weights folder (`weights_dir`, else NOLA_WEIGHTS_DIR: see
-nola_core.models.weights), its file checked against the manifest's SHA-256; else open_clip's and
-timm's own download and caches.
+SHA-256 when it has one); the weights folder (`weights_dir`, which the edges fill from
+NOLA_WEIGHTS_DIR: see nola_core.models.weights), its file checked against the manifest's SHA-256;
+else open_clip's and timm's own download and caches.
 """
 
 from __future__ import annotations

@@ -9,8 +9,9 @@ weights file before it is loaded.
 
 where an entry is a `WeightsEntry`: kind, name, tag, file (relative to DIR), sha256, size and
 the source it was fetched from. Every loader consults the folder first (`weights_dir` of the
-model config, else `NOLA_WEIGHTS_DIR`): a model it holds is loaded from it, after its SHA-256 is
-checked against the manifest; a model it does not hold is fetched as usual.
+model config, which the Dagster resources and the CLI fill from `NOLA_WEIGHTS_DIR`): a model it
+holds is loaded from it, after its SHA-256 is checked against the manifest; a model it does not
+hold is fetched as usual.
 
 The fetch is open_clip's and timm's own: `open_clip.pretrained.download_pretrained` on the tag's
 pretrained config, and timm's source resolution (`_resolve_pretrained_source`, as its
@@ -80,10 +81,10 @@ class WeightsEntry:
         return self.kind, self.name, self.tag
 
 
-def resolve_weights_dir(configured: str | None, environ: Mapping[str, str] = os.environ) -> Path | None:
-    """The weights folder: the configured one, else NOLA_WEIGHTS_DIR, else none."""
-    folder = configured or environ.get(WEIGHTS_DIR_ENV, "").strip()
-    return Path(folder).expanduser() if folder else None
+def resolve_weights_dir(configured: str | None) -> Path | None:
+    """The weights folder of a model config, else none. NOLA_WEIGHTS_DIR is read at the edges
+    (`ModelsResource.weights_dir`, the CLI), which put it in `ModelConfig.weights_dir`."""
+    return Path(configured).expanduser() if configured else None
 
 
 def read_manifest(folder: Path) -> list[WeightsEntry]:
