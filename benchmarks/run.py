@@ -338,9 +338,8 @@ def _training(options, size: Size, device, variant: str) -> dict:
         run(records)
         _sync(device)
     return {**_timed(timer.seconds, len(records), timer), "peak_memory": _peak_memory(device),
-            "config": {k: v for k, v in asdict(config).items()
-                       if k in ("precision", "fused_attention", "precast_weights", "num_workers",
-                                "fixed_pseudo_labels", "micro_batch_size")}}
+            "config": {**asdict(config.compute), "fixed_pseudo_labels": config.fixed_pseudo_labels,
+                       "micro_batch_size": config.micro_batch_size}}
 
 
 def phase_training_naive(options, size, device):
