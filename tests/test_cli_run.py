@@ -72,7 +72,10 @@ def test_run_refuses_a_folder_that_is_not_a_dataset(project, capsys):
 
 
 def test_dev_starts_dagster_dev_on_the_same_home(project, monkeypatch):
-    monkeypatch.delenv("NOLA_MODEL_PROFILE", raising=False)  # restored after the test
+    # `nola dev` sets NOLA_MODEL_PROFILE in this process: set-then-delete records it, so teardown removes it
+    # (a bare delenv of an absent variable records nothing, and "tiny" leaked into later tests' resources)
+    monkeypatch.setenv("NOLA_MODEL_PROFILE", "")
+    monkeypatch.delenv("NOLA_MODEL_PROFILE")
     calls = []
     monkeypatch.setattr(os, "execv", lambda path, argv: calls.append(argv))
     main(["dev", "-p", "3001", "--profile", "tiny", "--", "--log-level", "debug"])
