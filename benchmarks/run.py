@@ -306,7 +306,8 @@ def _training(options, size: Size, device, variant: str) -> dict:
 
     from nola_core.alignment import alignment_network
     from nola_core.data import MultiView
-    from nola_core.methods.nola import build_prompt_classifier, dino_pseudo_labeller, tuning_views
+    from nola_core.methods.nola import dino_pseudo_labeller, tuning_views
+    from nola_core.tuning import build_prompt_classifier
     from nola_core.runtime import ComputeSettings
     from nola_core.tuning import TuningConfig, train_prompts
 

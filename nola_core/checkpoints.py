@@ -14,8 +14,7 @@ from torch import nn
 
 from nola_core.alignment import alignment_network
 from nola_core.models import ClipModel, PromptTunedClassifier
-from nola_core.methods.nola import build_prompt_classifier
-from nola_core.tuning import TuningConfig, load_trainable
+from nola_core.tuning import TuningConfig, build_prompt_classifier, load_trainable
 
 
 def load_alignment_network(path: str | Path, in_dim: int, num_classes: int, hidden_dim: int) -> nn.Sequential:

@@ -17,6 +17,7 @@ step's images divided by their count, whatever the split.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import itertools
@@ -36,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 from nola_core.acceleration import compute_dtype, fused_attention, precast_weights, resolve_precision
 from nola_core.data import ImageRecord, ManifestImageDataset, MultiView, collate_skipping_failures
 from nola_core.distributed import DistributedContext
+from nola_core.models.loading import ClipModel
 from nola_core.models.vpt import PromptTunedClassifier
 from nola_core.runtime import (
     ComputeSettings,
@@ -446,3 +448,17 @@ def save_trainable(classifier: PromptTunedClassifier, path: Path, metadata: dict
 def load_trainable(classifier: PromptTunedClassifier, path: Path) -> PromptTunedClassifier:
     classifier.load_trainable_state_dict(load_file(str(path)))
     return classifier.eval()
+
+
+def build_prompt_classifier(clip: ClipModel, class_embeddings: torch.Tensor,
+                            config: TuningConfig) -> PromptTunedClassifier:
+    """A fresh copy of the vision tower, so the zero-shot model stays untouched."""
+    return PromptTunedClassifier(
+        copy.deepcopy(clip.visual),
+        class_embeddings,
+        num_prompts=config.num_prompts,
+        deep_prompts=config.deep_prompts,
+        logit_scale=config.head_logit_scale,
+        head_input=config.head_input,
+        init_seed=config.seed,
+    )

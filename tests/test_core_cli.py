@@ -16,7 +16,7 @@ from nola_core.data import build_manifest, eval_transform, load_dataset_spec, lo
 from nola_core.demo import demo_dataset_path
 from nola_core.export import EXPORT_ASSET, MANIFEST_NAME, TENSORS_NAME, TUNED_ASSET, export_classifier
 from nola_core.models import ModelConfig, load_clip
-from nola_core.methods.nola import build_prompt_classifier
+from nola_core.tuning import build_prompt_classifier
 from nola_core.tuning import TuningConfig
 
 TINY = ModelConfig.from_profile("tiny")

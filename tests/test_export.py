@@ -13,7 +13,8 @@ from nola_core.demo import demo_dataset_path
 from nola_core.export import MANIFEST_NAME, export_classifier, load_classifier
 from nola_core.models import ModelConfig, load_clip
 from nola_core.models.vpt import interpolate_trainable
-from nola_core.methods.nola import apply_wiseft, build_prompt_classifier
+from nola_core.methods.nola import apply_wiseft
+from nola_core.tuning import build_prompt_classifier
 from nola_core.text.dataset import text_checks
 from nola_core.text import colliding_class_names
 from nola_core.tuning import TuningConfig

@@ -27,7 +27,8 @@ from nola_core.data import (
 from nola_core.demo import demo_dataset_path
 from nola_core.export import export_classifier, load_classifier
 from nola_core.models import ModelConfig, load_clip
-from nola_core.methods.nola import build_prompt_classifier, tuning_views
+from nola_core.methods.nola import tuning_views
+from nola_core.tuning import build_prompt_classifier
 from nola_core.predictions import tuned_head_probabilities
 from nola_core.runtime import ComputeSettings
 from nola_core.tuning import TuningConfig, train_prompts

@@ -33,7 +33,6 @@ Where this differs from the reference, and why:
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 from dataclasses import dataclass, field
@@ -54,7 +53,7 @@ from nola_core.predictions import PREDICTION_CHUNK_SIZE, TopClasses, streamed_to
 from nola_core.runtime import resolve_device
 from nola_core.stage_names import LAFTER_TEXT_STAGE, LAFTER_TUNED_STAGE
 from nola_core.text import cde_texts, embed_texts, get_templates
-from nola_core.tuning import EpochStats, TuningConfig, train_prompts
+from nola_core.tuning import EpochStats, TuningConfig, build_prompt_classifier, train_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -186,15 +185,7 @@ def build_lafter_classifier(clip: ClipModel, weight: torch.Tensor, config: Tunin
     """Prompted copy of the vision tower with the trained text classifier, its rows as trained (not
     normalised), as the head; `config.head_input` / `head_logit_scale` say what the head reads
     (LaFTer: the unnormalised projected feature, no scale, as `forward_aug_with_prompts`)."""
-    classifier = PromptTunedClassifier(
-        copy.deepcopy(clip.visual),
-        weight,
-        num_prompts=config.num_prompts,
-        deep_prompts=config.deep_prompts,
-        logit_scale=config.head_logit_scale,
-        head_input=config.head_input,
-        init_seed=config.seed,
-    )
+    classifier = build_prompt_classifier(clip, weight, config)
     with torch.no_grad():
         classifier.head.weight.copy_(weight.float())
     return classifier

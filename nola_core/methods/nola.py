@@ -23,7 +23,6 @@ probability matrices of a million-image dataset are never built.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 from dataclasses import dataclass, field
@@ -69,7 +68,7 @@ from nola_core.stage_names import (
     ZERO_SHOT_STAGE,
 )
 from nola_core.text.dataset import resolve_descriptions, text_checks, text_classifiers
-from nola_core.tuning import EpochStats, TuningConfig, train_prompts
+from nola_core.tuning import EpochStats, TuningConfig, build_prompt_classifier, train_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -137,18 +136,6 @@ def selection_pseudo_labels(selection: PseudoLabelSelection, train_ids: Sequence
     return PseudoLabels(ids, selection.labels.long(), len(train_ids))
 
 
-def build_prompt_classifier(clip: ClipModel, class_embeddings: torch.Tensor,
-                            config: TuningConfig) -> PromptTunedClassifier:
-    """A fresh copy of the vision tower, so the zero-shot model stays untouched."""
-    return PromptTunedClassifier(
-        copy.deepcopy(clip.visual),
-        class_embeddings,
-        num_prompts=config.num_prompts,
-        deep_prompts=config.deep_prompts,
-        logit_scale=config.head_logit_scale,
-        head_input=config.head_input,
-        init_seed=config.seed,
-    )
 
 
 def tuning_views(clip: ClipModel, dino: DinoModel) -> MultiView:
