@@ -6,6 +6,7 @@ Layout under the artifact root (env `NOLA_ARTIFACT_ROOT`, default `artifacts/`):
     <dataset>/<asset>/<digest>/<files>        the artifact itself
     <dataset>/<asset>/<digest>/ref.json       written last: the artifact is complete
     refs/<dataset>/<asset>.json               the artifact the last materialization produced
+    evaluation/<dataset>/<method>.parquet     every method's evaluation rows (`method_comparison`)
 
 The digest is a SHA-256 over the asset name, the dataset and a key that holds everything that
 changes the content: the asset's code version, model identities, upstream digests, description
@@ -28,12 +29,14 @@ lives in object storage and `root()` is its local copy under the cache directory
 root. `save_ref` uploads a new artifact's files, then its ref.json (so a killed upload leaves an
 artifact without ref.json: unfinished, never reused), then the `refs/` pointer; a finished artifact
 is never uploaded again. `ref_at` on a machine without the finished folder downloads it (in ranged
-reads, onto its local copy) and writes the local ref.json last.
+reads, onto its local copy; `nola_core.artifact_refs.ref_at`) and writes the local ref.json last.
+Folders outside that layout that other runs share (`evaluation/`, the tables `nola report` reads)
+are mutable: `shared_folder` brings the local copy up to date from the store, `publish_files`
+uploads each table it is given in one move.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -55,9 +58,10 @@ from dagster import (
 from pydantic import Field
 from safetensors.torch import load_file, save_file
 
-from nola_core.artifact_refs import DEFAULT_ARTIFACT_ROOT, REFS_FOLDER, ArtifactRef, load_ref, ref_path
+from nola_core import artifact_refs
+from nola_core.artifact_refs import DEFAULT_ARTIFACT_ROOT, REFS_FOLDER, ArtifactRef, ref_path
 from nola_core.data import check_dataset_name
-from nola_core.storage import DEFAULT_CACHE_DIR, Storage, download, is_remote, local_root, open_storage
+from nola_core.storage import DEFAULT_CACHE_DIR, Storage, is_remote, local_root, open_storage
 
 from nola_assets.resources import EnvSettings
 
@@ -99,14 +103,20 @@ class ArtifactStore(EnvSettings):
         "root's artifacts (written there before upload, downloaded there to be read)"
     )
 
+    def location(self) -> str:
+        """The root as configured: a folder or a URL."""
+        return str(self.setting("artifact_root", DEFAULT_ARTIFACT_ROOT))
+
+    def cache(self) -> str:
+        return str(self.setting("cache_dir", DEFAULT_CACHE_DIR))
+
     def root(self) -> Path:
         """The local folder artifacts are written in and read from (a URL root's copy in the cache)."""
-        return local_root(self.setting("artifact_root", DEFAULT_ARTIFACT_ROOT), self.setting("cache_dir", DEFAULT_CACHE_DIR))
+        return local_root(self.location(), self.cache())
 
     def remote(self) -> Storage | None:
         """The object storage at the root URL; None for a local root."""
-        location = str(self.setting("artifact_root", DEFAULT_ARTIFACT_ROOT))
-        return open_storage(location) if is_remote(location) else None
+        return open_storage(self.location()) if is_remote(self.location()) else None
 
     def allocate(self, asset: str, dataset: str, key: Mapping[str, Any]) -> ArtifactRef:
         """The content-addressed folder for `key`, created, with its key.json written."""
@@ -125,11 +135,7 @@ class ArtifactStore(EnvSettings):
 
     def ref_at(self, asset: str, dataset: str, digest: str) -> ArtifactRef | None:
         """The ref.json of the artifact folder `digest`, re-rooted under the current root; None while unfinished."""
-        folder = self.root() / check_dataset_name(dataset) / asset / digest
-        if not (folder / "ref.json").is_file() and not self._download(f"{dataset}/{asset}/{digest}", folder):
-            return None
-        ref = ArtifactRef.from_json(json.loads((folder / "ref.json").read_text(encoding="utf-8")))
-        return dataclasses.replace(ref, path=str(folder))
+        return artifact_refs.ref_at(self.location(), asset, dataset, digest, self.cache())
 
     def write_json(self, ref: ArtifactRef, name: str, value: Any) -> Path:
         text = json.dumps(value, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
@@ -170,14 +176,7 @@ class ArtifactStore(EnvSettings):
 
     def load_ref(self, asset: str, dataset: str) -> ArtifactRef | None:
         """The artifact of the last materialization of `asset` for `dataset`, if any (re-rooted here)."""
-        remote = self.remote()
-        if remote is None:
-            return load_ref(self.root(), asset, dataset)
-        try:
-            pointer = json.loads(remote.read_bytes(f"{REFS_FOLDER}/{check_dataset_name(dataset)}/{asset}.json"))
-        except FileNotFoundError:
-            return None
-        return self.ref_at(asset, dataset, pointer["digest"])
+        return artifact_refs.load_ref(self.location(), asset, dataset, self.cache())
 
     def has_ref(self, asset: str, dataset: str) -> bool:
         """Whether `asset` was ever materialized for `dataset` (its `refs/` pointer exists); reads and
@@ -200,17 +199,23 @@ class ArtifactStore(EnvSettings):
                 remote.put(f"{prefix}/{name}", path)
         remote.publish(f"{prefix}/ref.json", (json.dumps(ref.to_json(), indent=2, ensure_ascii=False) + "\n").encode())
 
-    def _download(self, prefix: str, folder: Path) -> bool:
-        """Copy the finished artifact at `prefix` of a URL root into `folder`, its ref.json last;
-        False for a local root or when the store holds no finished artifact there."""
+    def shared_folder(self, name: str) -> Path:
+        """The local folder `name` under the root, outside the content-addressed layout (the
+        evaluation tables `nola report` reads): for a URL root first brought up to date from the
+        store (`Storage.mirror`), so what other runs published there is read too."""
+        folder = self.root() / name
         remote = self.remote()
-        if remote is None or not remote.exists(f"{prefix}/ref.json"):
-            return False
-        for item in remote.listing(prefix):
-            if item.key != "ref.json":  # every file again: what a failed local attempt left may differ
-                download(remote.url(f"{prefix}/{item.key}"), folder / item.key)
-        download(remote.url(f"{prefix}/ref.json"), folder / "ref.json")
-        return True
+        if remote is not None:
+            remote.mirror(name, folder)
+        return folder
+
+    def publish_files(self, paths: list[Path]) -> None:
+        """For a URL root, each file (under `root()`) put at its key, replacing the object there in one
+        move (`Storage.put`: a reader sees the old or the new table, never half of one); nothing for
+        a local root, where the file is already in place."""
+        remote = self.remote()
+        for path in paths if remote is not None else []:
+            remote.put(Path(path).relative_to(self.root()).as_posix(), Path(path))
 
     def require_ref(self, asset: str, dataset: str) -> ArtifactRef:
         ref = self.load_ref(asset, dataset)

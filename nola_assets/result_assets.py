@@ -4,7 +4,9 @@
     zero_shot_classifier, lafter_encoder, latteclip_encoder ──────────┴─> method_comparison
 
 `method_comparison` writes every method's rows to a stable folder, one parquet per dataset and
-method, `<artifact root>/evaluation/<dataset>/<method>.parquet` (atomically replaced), runs
+method, `<artifact root>/evaluation/<dataset>/<method>.parquet` (atomically replaced; on a URL root
+in the object store, each table uploaded in one move after the local copy of the folder was
+brought up to date, so the report below sees every dataset's tables), runs
 `nola_core.report.write_report` over all of them (the DuckDB view: which method wins where) and
 attaches the markdown and the PNG bar chart to its metadata.
 """
@@ -51,8 +53,9 @@ COMPARISON_FILE = "comparison.parquet"
 
 
 def evaluation_root(artifacts: ArtifactStore) -> Path:
-    """The stable folder of the per-method evaluation tables (what `nola report` can read)."""
-    return artifacts.root() / EVALUATION_FOLDER
+    """The stable folder of the per-method evaluation tables (what `nola report` can read); for a URL
+    artifact root, its local copy, brought up to date from the store."""
+    return artifacts.shared_folder(EVALUATION_FOLDER)
 
 
 @nola_asset(group="results", version="1", pool=GPU_POOL, kinds={"pytorch", "parquet"})
@@ -209,6 +212,7 @@ def method_comparison(
     paths = {}
     for (method_name,), part in frame.group_by(["method"], maintain_order=True):
         [paths[method_name]] = write_evaluation(part, root, name=method_name)
+    artifacts.publish_files(list(paths.values()))
     metadata: dict = {
         "methods": MetadataValue.json(list(paths)),
         "rows": frame.height,
@@ -223,6 +227,7 @@ def method_comparison(
         metadata["report"] = "no labelled images: no accuracy to rank the methods by"
     else:
         report = write_report(root, out=evaluation_path(root, name).parent / "report")
+        artifacts.publish_files([report.markdown, report.chart])
         context.log.info("\n" + report.text)
         metadata.update({
             "report": MetadataValue.md(report.markdown.read_text(encoding="utf-8")),

@@ -202,20 +202,24 @@ def _add_report(subparsers: argparse._SubParsersAction) -> None:
         "dataset x method table of final-stage top-1 accuracy (mean +- std over seeds) and write it as "
         "report.md and report.png into --out.",
     )
-    p.add_argument("--root", type=Path,
-                   help="folder of evaluation parquet files, searched recursively (default: NOLA_EVALUATION_ROOT, "
-                   "else the artifact store's evaluation folder, $NOLA_ARTIFACT_ROOT/evaluation, "
-                   "artifacts/evaluation by default: where `nola demo` and `nola run` write)")
-    p.add_argument("--out", help="where report.md and report.png go (default: --root)")
+    p.add_argument("--root",
+                   help="folder or URL (s3://bucket/prefix/evaluation) of evaluation parquet files, searched "
+                   "recursively (default: NOLA_EVALUATION_ROOT, else the artifact store's evaluation folder, "
+                   "$NOLA_ARTIFACT_ROOT/evaluation, artifacts/evaluation by default: where `nola demo` and "
+                   "`nola run` write); a URL is copied into NOLA_CACHE_DIR (default .nola_cache/objects) first")
+    p.add_argument("--out", help="where report.md and report.png go (default: --root, or its copy in the cache)")
     p.set_defaults(handler=_report)
 
 
 def _report(args: argparse.Namespace) -> int:
     """`nola report`: print the table, write the markdown and the chart."""
+    from nola_core.artifact_refs import cache_dir
     from nola_core.report import default_evaluation_root, write_report
+    from nola_core.storage import local_copy
 
     try:
-        report = write_report(args.root or default_evaluation_root(os.environ), args.out)
+        root = local_copy(args.root or default_evaluation_root(os.environ), cache_dir(os.environ))
+        report = write_report(root, args.out)
     except (FileNotFoundError, ValueError) as error:
         print(f"nola report: error: {error}", file=sys.stderr)
         return 1
@@ -230,7 +234,8 @@ def _add_export(subparsers: argparse._SubParsersAction) -> None:
         help="copy the adapted classifier of a dataset out of the artifact store into a folder",
         description="Copy the latest materialized `exported_classifier` of DATASET (classifier.json + "
         "trainable.safetensors: trainable tensors, base-model identity, preprocessing, class names, "
-        "provenance) from the artifact store (NOLA_ARTIFACT_ROOT, default artifacts/) to --to. "
+        "provenance) from the artifact store (NOLA_ARTIFACT_ROOT: a folder, default artifacts/, or a URL, "
+        "s3://bucket/prefix, read through its copy in NOLA_CACHE_DIR, default .nola_cache/objects) to --to. "
         "`nola predict` or nola_core.export.load_classifier load it back.",
     )
     p.add_argument("dataset", help="dataset (partition) name, e.g. fashion_mini")
@@ -243,12 +248,12 @@ def _add_export(subparsers: argparse._SubParsersAction) -> None:
 
 def _export(args: argparse.Namespace) -> int:
     """`nola export`: copy the export; optionally add and verify the ONNX vision path."""
-    from nola_core.artifact_refs import artifact_root
+    from nola_core.artifact_refs import artifact_root, cache_dir
     from nola_core.data import DatasetSpecError
     from nola_core.export import copy_export
 
     try:
-        target = copy_export(artifact_root(os.environ), args.dataset, args.to)
+        target = copy_export(artifact_root(os.environ), args.dataset, args.to, cache_dir(os.environ))
     except (FileNotFoundError, DatasetSpecError) as error:
         print(f"nola export: error: {error}", file=sys.stderr)
         return 1

@@ -22,7 +22,8 @@ from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 
-from nola_core.artifact_refs import load_ref
+from nola_core.artifact_refs import load_ref, pointed_digest
+from nola_core.storage import DEFAULT_CACHE_DIR
 from nola_core.data import Preprocess, eval_transform, load_rgb
 from nola_core.models import ModelConfig, PromptTunedClassifier, load_clip
 from nola_core.tuning import save_trainable
@@ -75,16 +76,17 @@ def export_classifier(
     return path
 
 
-def copy_export(artifact_root: Path, dataset: str, to: str | Path) -> Path:
-    """Copy the latest materialized `exported_classifier` of `dataset` out of the artifact store
-    to `to`; refuses a missing or stale one (its tuned encoder rematerialized since). Returns `to`."""
-    ref = load_ref(artifact_root, EXPORT_ASSET, dataset)
+def copy_export(artifact_root: str | Path, dataset: str, to: str | Path, cache_dir: str | Path = DEFAULT_CACHE_DIR) -> Path:
+    """Copy the latest materialized `exported_classifier` of `dataset` out of the artifact store (a
+    folder, or a URL read through its copy under `cache_dir`) to `to`; refuses a missing or stale
+    one (its tuned encoder rematerialized since). Returns `to`."""
+    ref = load_ref(artifact_root, EXPORT_ASSET, dataset, cache_dir)
     if ref is None or not ref.file(MANIFEST_NAME).is_file():
         raise FileNotFoundError(
             f"no exported classifier for dataset {dataset!r} under {artifact_root}: materialize "
             f"{EXPORT_ASSET} for that partition first (`nola run`, `nola demo`, or the Dagster UI)")
-    tuned = load_ref(artifact_root, TUNED_ASSET, dataset)
-    if tuned is not None and tuned.digest != ref.key.get("tuned"):
+    tuned = pointed_digest(artifact_root, TUNED_ASSET, dataset)
+    if tuned is not None and tuned != ref.key.get("tuned"):
         raise FileNotFoundError(
             f"the exported classifier of {dataset!r} is stale: {TUNED_ASSET} was rematerialized "
             f"since (e.g. by the new-images sensor); materialize {EXPORT_ASSET} for {dataset!r} again")

@@ -28,6 +28,7 @@ import polars as pl
 
 from nola_core.artifact_refs import artifact_root
 from nola_core.eval import PSEUDO_LABEL_MEANING, SPLIT_MEANINGS, SPLITS, split_column
+from nola_core.storage import is_remote, join
 
 VIEW = "evaluations"
 EVALUATION_FOLDER = "evaluation"  # under the artifact root: <artifact root>/evaluation/<dataset>/<method>.parquet
@@ -93,14 +94,15 @@ ORDER BY dataset, method, stage
 SPLIT_LEGEND = "; ".join(f"{split}: {meaning}" for split, meaning in SPLIT_MEANINGS.items())
 
 
-def default_evaluation_root(environ: Mapping[str, str]) -> Path:
+def default_evaluation_root(environ: Mapping[str, str]) -> str | Path:
     """NOLA_EVALUATION_ROOT if set in `environ` (the CLI passes its environment), else the artifact
     store's evaluation folder: `$NOLA_ARTIFACT_ROOT/evaluation`, `artifacts/evaluation` (relative to
-    the working directory) by default, the same folder `nola demo` and `nola run` write to."""
+    the working directory) by default, the same folder `nola demo` and `nola run` write to. A URL
+    (`s3://…`) is returned as it is: `nola report` reads its copy in the cache (`storage.local_copy`)."""
     explicit = environ.get("NOLA_EVALUATION_ROOT", "").strip()
     if explicit:
-        return Path(explicit).resolve()
-    return artifact_root(environ) / EVALUATION_FOLDER
+        return explicit if is_remote(explicit) else Path(explicit).resolve()
+    return join(artifact_root(environ), EVALUATION_FOLDER)
 
 
 def connect(root: str | Path):

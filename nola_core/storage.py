@@ -17,7 +17,9 @@ What the rest of the code needs from object storage:
   used without asking the server again. Feature tables are memory-mapped from this copy
   (`nola_core.features.load_feature_table`).
 - `Storage.mirror(prefix, folder)`: a local copy of mutable objects (a dataset folder of a data
-  root), brought up to date by version: the images are decoded from it.
+  root, the evaluation tables of an artifact root), brought up to date by version: the images are
+  decoded from it, `nola report` queries it. `local_copy(location, cache_dir)` is the same for a
+  whole root given as a URL or a local path.
 
 Credentials and endpoints come from the usual places of each fsspec backend (for S3: the AWS
 environment variables or profile, `AWS_ENDPOINT_URL` for an S3-compatible server such as MinIO);
@@ -43,6 +45,8 @@ CHUNK_BYTES = 8 * 2**20
 STAGING_PREFIX = ".staging"
 """Where `publish` uploads before moving an object onto its final key (a lifecycle rule may
 expire what a killed upload left there)."""
+VERSIONS_FILE = ".nola-versions.json"
+"""What `Storage.mirror` keeps in its local copy: the version of every object it copied."""
 DEFAULT_CACHE_DIR = ".nola_cache/objects"
 """The local cache of remote objects, relative to the working directory (env NOLA_CACHE_DIR in
 the Dagster resources)."""
@@ -71,6 +75,7 @@ class Storage:
     root: str
 
     def path(self, key: str = "") -> str:
+        key = key.strip("/")  # "" lists the root: `mirror("")` asks for "/<key>"
         return f"{self.root}/{key}" if key else self.root
 
     def url(self, key: str = "") -> str:
@@ -138,9 +143,9 @@ class Storage:
 
     def mirror(self, prefix: str, target: Path, chunk_bytes: int | None = None) -> Path:
         """`target` made a copy of the (mutable) objects under `prefix`: objects new or changed
-        since the last call (by version, kept in `target/.nola-versions.json`) are downloaded,
+        since the last call (by version, kept in `target/VERSIONS_FILE`) are downloaded,
         local files whose object is gone are deleted. One listing when nothing changed."""
-        record = target / ".nola-versions.json"
+        record = target / VERSIONS_FILE
         known = json.loads(record.read_text(encoding="utf-8")) if record.is_file() else {}
         listing = {o.key: o.version for o in self.listing(prefix)}
         for key in sorted(set(known) - set(listing)):
@@ -156,6 +161,11 @@ class Storage:
         return target
 
 
+def join(location: str | os.PathLike, name: str) -> str | Path:
+    """`name` under `location`: a URL stays a URL, a path a `Path`."""
+    return f"{os.fspath(location).rstrip('/')}/{name}" if is_remote(location) else Path(location) / name
+
+
 def open_storage(location: str | os.PathLike) -> Storage:
     """The `Storage` at `location`: a URL of any fsspec protocol, or a local path."""
     fs, root = fsspec.url_to_fs(os.fspath(location))
@@ -169,6 +179,19 @@ def local_root(location: str | os.PathLike, cache_dir: str | os.PathLike) -> Pat
     if is_remote(location):
         return cache_path(location, cache_dir).resolve()
     return Path(fsspec.url_to_fs(location)[1] if "://" in location else location).resolve()  # a plain path as it is
+
+
+def local_copy(location: str | os.PathLike, cache_dir: str | os.PathLike) -> Path:
+    """The local folder to read the folder at `location` from: the folder itself for a local path
+    or file:// URL; for a URL its copy in the cache (`local_root`), brought up to date by `mirror`,
+    and FileNotFoundError naming the URL when no object is under it."""
+    target = local_root(location, cache_dir)
+    if not is_remote(location):
+        return target
+    open_storage(location).mirror("", target)
+    if not any(p.is_file() and p.name != VERSIONS_FILE for p in target.rglob("*")):
+        raise FileNotFoundError(f"no object under {os.fspath(location)}")
+    return target
 
 
 def cache_path(url: str, cache_dir: str | os.PathLike) -> Path:

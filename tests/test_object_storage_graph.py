@@ -1,10 +1,13 @@
 """The whole asset graph (nola_job's assets and checks) with the artifact root and the data root in
 S3 (a moto server on localhost): nothing written locally outside the declared cache, every artifact
-uploaded write-once with its ref.json last, and a rerun from another machine's empty cache on a new
+uploaded write-once with its ref.json last, the evaluation tables `nola report` reads published
+under the bucket's evaluation/ prefix, `nola report` and `nola export` (core CLI, no Dagster)
+reading them back into a fresh cache, and a rerun from another machine's empty cache on a new
 Dagster instance reusing every artifact without uploading any file of it again."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -17,6 +20,8 @@ from nola_assets.common import REFS_IO_MANAGER
 from nola_assets.partitions import DATASETS
 from nola_assets.resources import DatasetsResource, DescriptionsResource
 from nola_assets.schedules import REFRESHED_ASSETS
+from nola_core.cli import main
+from nola_core.export import EXPORT_ASSET, MANIFEST_NAME, TENSORS_NAME
 from nola_core.storage import STAGING_PREFIX, open_storage
 
 from tests.s3_server import s3_server  # noqa: F401  (module-scoped fixture)
@@ -47,7 +52,7 @@ def _run(resources: dict) -> dict:
 
 
 @pytest.mark.slow
-def test_the_graph_on_s3_writes_only_the_cache_and_a_rerun_reuses_everything(s3_server, tmp_path, monkeypatch):
+def test_the_graph_on_s3_writes_only_the_cache_and_a_rerun_reuses_everything(s3_server, tmp_path, monkeypatch, capsys):
     bucket = s3_server.new_bucket()
     folder = copy_demo(tmp_path / "upload", DATASET)
     for path in sorted((folder / "unlabeled").iterdir())[UNLABELED_IMAGES:]:
@@ -75,13 +80,72 @@ def test_the_graph_on_s3_writes_only_the_cache_and_a_rerun_reuses_everything(s3_
         [digest] = {key.split("/")[2] for key in keys if key.startswith(f"{DATASET}/{asset}/")}
         files = {key for key in keys if key.startswith(f"{DATASET}/{asset}/{digest}/")}
         assert f"{DATASET}/{asset}/{digest}/ref.json" in files and len(files) >= 3  # key.json, ref.json, the artifact
+    evaluation = sorted(key for key in keys if key.startswith("evaluation/"))
+    assert evaluation == sorted(f"evaluation/{DATASET}/{name}" for name in
+                                (*(f"{method}.parquet" for method in METHODS), "report/report.md", "report/report.png"))
+    _core_cli_reads_the_bucket(s3_server, bucket, tmp_path / "cli", monkeypatch, capsys)
 
     mark = len(s3_server.requests)
     again = _run(_resources(bucket, tmp_path / "other_machine_cache"))  # an empty cache, a new instance
     assert again == {asset: True for asset in first}
     uploads = {r.key for r in s3_server.since(mark, bucket) if r.method == "PUT"}
-    assert uploads and all(key.startswith(("artifacts/.staging/", "artifacts/refs/")) for key in uploads)  # pointers only
+    assert uploads and all(key.startswith(("artifacts/.staging/", "artifacts/refs/", "artifacts/evaluation/"))
+                           for key in uploads)  # pointers and the shared evaluation tables only
     assert list(work.iterdir()) == []
+
+
+def test_shared_evaluation_tables_go_through_the_bucket(s3_server, tmp_path):
+    """A table one machine publishes under evaluation/ is in the folder another machine's store
+    hands out (its empty cache brought up to date), and a newer version replaces it there."""
+    import polars as pl
+
+    root = f"s3://{s3_server.new_bucket()}/artifacts"
+    writer = ArtifactStore(artifact_root=root, cache_dir=str(tmp_path / "writer"))
+    table = writer.shared_folder("evaluation") / "ds" / "nola.parquet"
+    table.parent.mkdir(parents=True)
+    pl.DataFrame({"top1": [0.5]}).write_parquet(table)
+    writer.publish_files([table])
+    assert [o.key for o in open_storage(root).listing("evaluation")] == ["ds/nola.parquet"]
+    reader = ArtifactStore(artifact_root=root, cache_dir=str(tmp_path / "reader"))
+    assert pl.read_parquet(reader.shared_folder("evaluation") / "ds" / "nola.parquet")["top1"].to_list() == [0.5]
+    pl.DataFrame({"top1": [0.75]}).write_parquet(table)
+    writer.publish_files([table])
+    assert pl.read_parquet(reader.shared_folder("evaluation") / "ds" / "nola.parquet")["top1"].to_list() == [0.75]
+
+
+METHODS = ("zero-shot", "cde", "lafter", "latteclip", "nola")  # method_comparison's tables
+
+
+def _core_cli_reads_the_bucket(s3_server, bucket: str, folder, monkeypatch, capsys) -> None:
+    """`nola report` and `nola export` on a machine with an empty cache: the evaluation tables and the
+    export come from the bucket; export reads the exported classifier's objects and no other
+    artifact's; what is missing is named by its URL."""
+    root = f"s3://{bucket}/artifacts"
+    monkeypatch.setenv("NOLA_ARTIFACT_ROOT", root)
+    monkeypatch.setenv("NOLA_CACHE_DIR", str(folder / "cache"))
+    monkeypatch.delenv("NOLA_EVALUATION_ROOT", raising=False)
+    capsys.readouterr()
+    assert main(["report", "--out", str(folder / "report")]) == 0
+    printed = capsys.readouterr().out
+    assert all(method in printed for method in METHODS) and DATASET in printed
+    published = open_storage(root).read_bytes(f"evaluation/{DATASET}/report/report.md")
+    assert (folder / "report" / "report.md").read_bytes() == published  # the same tables, read back
+
+    mark = len(s3_server.requests)
+    assert main(["export", DATASET, "--to", str(folder / "export")]) == 0
+    reads = {r.key.split("/")[2] for r in s3_server.since(mark, bucket) if r.reads_object and r.key.startswith(f"artifacts/{DATASET}/")}
+    assert reads == {EXPORT_ASSET}  # the tuned encoder's pointer is read for staleness, not its files
+    store = open_storage(root)
+    digest = json.loads(store.read_bytes(f"refs/{DATASET}/{EXPORT_ASSET}.json"))["digest"]
+    for name in (MANIFEST_NAME, TENSORS_NAME):
+        assert (folder / "export" / name).read_bytes() == store.read_bytes(f"{DATASET}/{EXPORT_ASSET}/{digest}/{name}")
+
+    capsys.readouterr()
+    assert main(["export", "no_such_dataset", "--to", str(folder / "nothing")]) == 1
+    assert root in capsys.readouterr().err
+    monkeypatch.setenv("NOLA_ARTIFACT_ROOT", f"s3://{bucket}/empty")
+    assert main(["report"]) == 1
+    assert f"s3://{bucket}/empty/evaluation" in capsys.readouterr().err
 
 
 _KILLED_SAVE = """
