@@ -85,6 +85,8 @@ def _demo(args: argparse.Namespace) -> int:
 
     from nola_assets.resources import DatasetsResource
 
+    if not _local_data_root("demo"):
+        return 1
     target = DatasetsResource().root() / MINI_DEMO_DATASET
     if not target.exists():
         shutil.copytree(bundled_dataset_path(MINI_DEMO_DATASET), target)
@@ -96,7 +98,27 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if not _local_data_root("run"):
+        return 1
     return _materialize(args.paths, args, copy=args.copy, launched_by="nola run", demo=False)
+
+
+def _local_data_root(command: str) -> bool:
+    """False, with the reason printed, when the data root is a URL: `nola run` / `nola demo` link or
+    copy dataset folders under a local data root and would leave the store without the dataset."""
+    from nola_core.storage import is_remote
+
+    from nola_assets.resources import DatasetsResource, env_name
+
+    location = DatasetsResource().setting("data_root", "")
+    if not is_remote(location):
+        return True
+    print(f"nola {command}: error: {env_name('data_root')}={location} is a URL; `nola {command}` links or copies "
+          "dataset folders under a local data root only. Upload the dataset folder to "
+          f"{location.rstrip('/')}/<dataset name>/ (the sensor registers it and requests its run), or unset "
+          f"{env_name('data_root')} (the artifact root, {env_name('artifact_root')}, may stay a URL). Nothing was started.",
+          file=sys.stderr)
+    return False
 
 
 def _resources_config(args: argparse.Namespace, demo: bool) -> dict[str, dict]:

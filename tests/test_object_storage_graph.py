@@ -14,6 +14,7 @@ import pytest
 from dagster import DagsterInstance, materialize
 
 from assets_helpers import copy_demo, resources_for_test
+import nola_assets.cli
 from nola_assets.artifacts import ArtifactRefIOManager, ArtifactStore
 from nola_assets.checks import NOLA_CHECKS
 from nola_assets.common import REFS_IO_MANAGER
@@ -196,3 +197,18 @@ def test_an_artifact_killed_while_uploading_is_never_taken_as_finished(s3_server
     found = third.complete_ref("clip_features", "ds", {"model": "m"})
     assert found is not None and torch.equal(third.read_tensors(found, "a.safetensors")["x"], torch.ones(3))
     assert str(tmp_path / "third_cache") in found.path
+
+
+@pytest.mark.parametrize("command", [["run", "--profile", "tiny"], ["demo"]])
+def test_nola_run_and_demo_refuse_a_url_data_root_by_name(command, tmp_path, monkeypatch, capsys):
+    """They link or copy folders under a local data root: on a URL root the dataset would never reach
+    the store (and the cache's link would let a later mirror write into the user's folder)."""
+    folder = copy_demo(tmp_path / "src", DATASET)
+    monkeypatch.setenv("NOLA_DATA_ROOT", "s3://some-bucket/data")
+    monkeypatch.setenv("NOLA_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
+    monkeypatch.setattr(nola_assets.cli, "_materialize", lambda *args, **kwargs: 0)  # were the check gone: no run
+    assert main([*command, *([str(folder)] if command[0] == "run" else [])]) == 1
+    error = capsys.readouterr().err
+    assert "NOLA_DATA_ROOT=s3://some-bucket/data is a URL" in error and "s3://some-bucket/data/<dataset name>/" in error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # nothing linked, copied or started
