@@ -219,6 +219,9 @@ class PageCheck:
     finish: str | None = None
     # localStorage entries set (on the same origin) before the page is opened.
     storage: dict[str, str] = field(default_factory=dict)
+    # The texts whose appearance ends the wait (default: every expected text); the others are
+    # still checked. A tall asset graph draws only the nodes inside the viewport.
+    wait_for: Sequence[str] | None = None
     found: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     screenshot: Path | None = None
@@ -289,7 +292,8 @@ def run_check(tools: DevTools, base: str, check: PageCheck, out: Path, *, timeou
         text = tools.evaluate(PAGE_TEXT) or ""
         check.found = [s for s in check.expected if shown(s, text)]
         check.missing = [s for s in check.expected if not shown(s, text)]
-        if not check.missing or time.monotonic() > deadline:
+        waiting = [s for s in (check.wait_for or check.expected) if not shown(s, text)]
+        if not waiting or time.monotonic() > deadline:
             break
         if check.prepare and len(text) > 200:
             tools.evaluate(check.prepare)
@@ -358,8 +362,10 @@ def expected_from_instance(dagster_home: Path, asset: str) -> tuple[list[str], l
 
 def browser_check(dagster_home: Path, out: Path, *, asset: str = "evaluation", partition: str | None = "fashion_mini",
                   chromium_binary: str | None = None, timeout: float = 90.0,
-                  base_url: str | None = None, webserver_log: Path | None = None) -> list[PageCheck]:
-    """Run both page checks; starts a webserver on `dagster_home` unless `base_url` is given."""
+                  base_url: str | None = None, webserver_log: Path | None = None,
+                  graph_wait_for: Sequence[str] | None = None) -> list[PageCheck]:
+    """Run both page checks; starts a webserver on `dagster_home` unless `base_url` is given.
+    `graph_wait_for`: the asset names whose drawing ends the graph check's wait (default all)."""
     names, groups, materialization = expected_from_instance(dagster_home, asset)
     out.mkdir(parents=True, exist_ok=True)
     binary = find_chromium(chromium_binary)
@@ -369,7 +375,7 @@ def browser_check(dagster_home: Path, out: Path, *, asset: str = "evaluation", p
     expanded = json.dumps({"expanded": ",".join(f"global@global:{group}" for group in groups)})
     checks = [
         PageCheck("asset_graph", "/asset-groups", names, prepare=EXPAND_GRAPH, finish=HIDE_GROUP_TREE,
-                  storage={"asset-graph-open-graph-nodes-global-__GLOBAL__": expanded}),
+                  storage={"asset-graph-open-graph-nodes-global-__GLOBAL__": expanded}, wait_for=graph_wait_for),
         PageCheck("asset_page", f"/assets/{asset}{query}", materialization),
     ]
     with ExitStack() as stack:
