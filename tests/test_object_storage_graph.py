@@ -120,7 +120,7 @@ METHODS = ("zero-shot", "cde", "lafter", "latteclip", "nola")  # method_comparis
 def _core_cli_reads_the_bucket(s3_server, bucket: str, folder, monkeypatch, capsys) -> None:
     """`nola report` and `nola export` on a machine with an empty cache: the evaluation tables and the
     export come from the bucket; export reads the exported classifier's objects and no other
-    artifact's; what is missing is named by its URL."""
+    artifact's."""
     root = f"s3://{bucket}/artifacts"
     monkeypatch.setenv("NOLA_ARTIFACT_ROOT", root)
     monkeypatch.setenv("NOLA_CACHE_DIR", str(folder / "cache"))
@@ -141,12 +141,18 @@ def _core_cli_reads_the_bucket(s3_server, bucket: str, folder, monkeypatch, caps
     for name in (MANIFEST_NAME, TENSORS_NAME):
         assert (folder / "export" / name).read_bytes() == store.read_bytes(f"{DATASET}/{EXPORT_ASSET}/{digest}/{name}")
 
-    capsys.readouterr()
-    assert main(["export", "no_such_dataset", "--to", str(folder / "nothing")]) == 1
-    assert root in capsys.readouterr().err
-    monkeypatch.setenv("NOLA_ARTIFACT_ROOT", f"s3://{bucket}/empty")
+
+def test_the_core_cli_names_the_url_of_what_is_missing(s3_server, tmp_path, monkeypatch, capsys):
+    root = f"s3://{s3_server.new_bucket()}/artifacts"
+    monkeypatch.setenv("NOLA_ARTIFACT_ROOT", root)
+    monkeypatch.setenv("NOLA_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("NOLA_EVALUATION_ROOT", raising=False)
+    assert main(["export", DATASET, "--to", str(tmp_path / "export")]) == 1
+    assert f"no exported classifier for dataset {DATASET!r} under {root}" in capsys.readouterr().err
     assert main(["report"]) == 1
-    assert f"s3://{bucket}/empty/evaluation" in capsys.readouterr().err
+    assert f"no object under {root}/evaluation" in capsys.readouterr().err
+    assert main(["report", "--root", f"{root}/elsewhere"]) == 1
+    assert f"no object under {root}/elsewhere" in capsys.readouterr().err
 
 
 _KILLED_SAVE = """
