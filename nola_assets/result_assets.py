@@ -216,7 +216,7 @@ def method_comparison(
     metadata: dict = {
         "methods": MetadataValue.json(list(paths)),
         "rows": frame.height,
-        "evaluation_root": MetadataValue.path(str(root)),
+        "evaluation_root": MetadataValue.path(artifacts.remote().url(EVALUATION_FOLDER) if artifacts.remote() else str(root)),
         "evaluation_files": MetadataValue.json({m: str(p) for m, p in paths.items()}),
         **reporting.evaluation_metadata(frame.filter(pl.col("final"))),
     }

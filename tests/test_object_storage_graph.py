@@ -43,13 +43,17 @@ def _resources(bucket: str, cache) -> dict:
 
 
 def _run(resources: dict) -> dict:
+    """Every asset's materialization metadata."""
     instance = DagsterInstance.ephemeral()
     instance.add_dynamic_partitions(DATASETS, [DATASET])
     result = materialize([*REFRESHED_ASSETS, *NOLA_CHECKS], instance=instance, partition_key=DATASET,
                          resources=resources)
     assert result.success
-    return {e.asset_key.path[-1]: e.materialization.metadata["reused"].value
-            for e in result.get_asset_materialization_events()}
+    return {e.asset_key.path[-1]: e.materialization.metadata for e in result.get_asset_materialization_events()}
+
+
+def _reused(metadata: dict) -> dict:
+    return {asset: values["reused"].value for asset, values in metadata.items()}
 
 
 @pytest.mark.slow
@@ -69,8 +73,10 @@ def test_the_graph_on_s3_writes_only_the_cache_and_a_rerun_reuses_everything(s3_
     work.mkdir()
     monkeypatch.chdir(work)  # a relative default path written anywhere would land here
 
-    first = _run(_resources(bucket, tmp_path / "cache"))
+    metadata = _run(_resources(bucket, tmp_path / "cache"))
+    first = _reused(metadata)
     assert first and not any(first.values())
+    assert metadata["method_comparison"]["evaluation_root"].value == f"s3://{bucket}/artifacts/evaluation"
     assert list(work.iterdir()) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "work"]
     artifacts = open_storage(f"s3://{bucket}/artifacts")
@@ -87,7 +93,7 @@ def test_the_graph_on_s3_writes_only_the_cache_and_a_rerun_reuses_everything(s3_
     _core_cli_reads_the_bucket(s3_server, bucket, tmp_path / "cli", monkeypatch, capsys)
 
     mark = len(s3_server.requests)
-    again = _run(_resources(bucket, tmp_path / "other_machine_cache"))  # an empty cache, a new instance
+    again = _reused(_run(_resources(bucket, tmp_path / "other_machine_cache")))  # an empty cache, a new instance
     assert again == {asset: True for asset in first}
     uploads = {r.key for r in s3_server.since(mark, bucket) if r.method == "PUT"}
     assert uploads and all(key.startswith(("artifacts/.staging/", "artifacts/refs/", "artifacts/evaluation/"))
