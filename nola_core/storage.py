@@ -75,7 +75,7 @@ class Storage:
     root: str
 
     def path(self, key: str = "") -> str:
-        key = key.strip("/")  # "" lists the root: `mirror("")` asks for "/<key>"
+        key = key.strip("/")  # `mirror("")` (a whole root) joins its keys as "/<key>"
         return f"{self.root}/{key}" if key else self.root
 
     def url(self, key: str = "") -> str:
