@@ -10,7 +10,7 @@ Bounds: each materialization's metadata under 256 KB serialized, the six togethe
 the heatmap artifact under 200 KB, and the whole process's peak RSS under 2 GB (before issue 20
 the heatmap alone put 2.1 MB into one materialization's metadata and took 7.1 GB at 397 classes).
 Measured on the loaded 2-core Xeon (AVX-512, AMX bf16): largest 171 KB (cde_classifier), all six
-579 KB, heatmap 145 KB, peak RSS 1.1-1.2 GB; 90-160 s wall under load.
+579 KB, heatmap 142-145 KB, peak RSS 1.1-1.2 GB; about 50 s wall under load (30 s of CPU).
 """
 
 import json
@@ -65,7 +65,7 @@ print(json.dumps({"metadata_bytes": sizes, "heatmap_bytes": similarity.stat().st
 """
 
 
-@pytest.mark.slow  # 90-160 s on the loaded 2 cores (31 s of CPU): a fresh process, tiny models, 1,000 class texts
+@pytest.mark.slow  # ~50 s on the loaded 2 cores (30 s of CPU): a fresh process, tiny models, 1,000 class texts
 def test_a_1000_class_dataset_stores_small_metadata_within_a_memory_bound(tmp_path):
     tests = str(Path(__file__).parent)
     path = os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH")) if p)
