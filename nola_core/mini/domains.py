@@ -120,6 +120,23 @@ def shift_images(name: str, images: np.ndarray, indices: np.ndarray, seed: int =
     return [function(images[i], chosen, np.random.default_rng([seed, domain_id, int(i)])) for i in indices]
 
 
+RENDERING_STRENGTHS = (0.3, 1.0)
+"""Range of a random rendering's strength (the domains' fixed strengths lie inside it)."""
+
+
+def random_rendering(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """`image` [28, 28] uint8 as RGB uint8 in a random style: as it is, or one of the shifts at a
+    random strength, drawn with `rng` (its own texture and colours). Two renderings of one
+    garment share only its shape: the mini DINO's views of a source image (train.py)."""
+    kind = rng.integers(len(SHIFTS) + 1)
+    if kind == 0:
+        pixels = image
+    else:
+        name = list(SHIFTS)[kind - 1]
+        pixels = _SHIFT_FUNCTIONS[name](image, float(rng.uniform(*RENDERING_STRENGTHS)), rng)
+    return np.repeat(pixels[..., None], 3, axis=-1) if pixels.ndim == 2 else pixels
+
+
 def _png(pixels: np.ndarray) -> bytes:
     buffer = BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG", optimize=True)

@@ -1,6 +1,6 @@
 """Train the mini world's CLIP and DINO from Debian's Fashion-MNIST and ship their weights.
 
-    python -m nola_core.mini.train [--out nola_core/mini/weights] [--clip-steps 600] [--dino-steps 400]
+    python -m nola_core.mini.train [--out nola_core/mini/weights] [--clip-steps 600] [--dino-steps 3000]
 
 - CLIP (`nola-mini-clip`, open_clip config in nola_core/models/model_configs): contrastive on
   the Fashion-MNIST *training* split with captions from the grammar of `fashion.py`;
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nola_core.data.transforms import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
-from nola_core.mini.domains import SHIFTS, SOURCE, domain_indices, shift_images
+from nola_core.mini.domains import SHIFTS, SOURCE, domain_indices, random_rendering, shift_images
 from nola_core.mini.fashion import CLASSES, FASHION_MNIST_DIR, caption, load_split
 from nola_core.models.registry import (
     DINO_CONFIGS,
@@ -214,18 +214,47 @@ def build_dino_backbone() -> nn.Module:
     return timm.create_model(spec.timm_name, pretrained=False, num_classes=0, **spec.overrides)
 
 
-def train_dino(pool: np.ndarray, source_count: int, steps: int, batch_size: int, seed: int,
-               log: list[str], local_crops: int = 4, teacher_momentum: float = 0.99,
-               teacher_temp: float = 0.04, lr_per_256: float = 5e-4, freeze_last_layer_steps: int = 50,
-               out_dim: int = 1024) -> nn.Module:
-    """Self-distillation without labels on `pool` ([N, 28, 28, 3] uint8; the first
-    `source_count` are source images, the rest target-domain images, sampled half and half).
-    The teacher's EMA momentum rises from `teacher_momentum` to 1 (cosine). DINO's 0.996 is
-    for ~10^5 steps; with a few hundred steps a teacher that slow barely leaves its random
-    initialisation (measured: the loss stayed at the uniform ln(1024)). The teacher's
-    temperature stays at DINO's warm-up value 0.04: sharper targets guard against the
-    uniform collapse that a short schedule at 0.07 fell into. As in DINO, the prototypes
-    (last layer) stay frozen for the first `freeze_last_layer_steps` steps."""
+@torch.no_grad()
+def sinkhorn_knopp(logits: torch.Tensor, temperature: float, iterations: int = 3) -> torch.Tensor:
+    """DINOv2's teacher centring (`sinkhorn_knopp_teacher`): targets whose prototype use is
+    balanced over the batch. It stands in for DINO's running centre, which at this scale let
+    the teacher go flat (every target near uniform) within a hundred steps."""
+    q = torch.exp((logits - logits.max()) / temperature).T  # [prototypes, batch]
+    prototypes, batch = q.shape
+    tiny = torch.finfo(q.dtype).tiny  # a prototype far from the whole batch underflows to 0
+    q /= q.sum()
+    for _ in range(iterations):
+        q /= (q.sum(dim=1, keepdim=True) * prototypes).clamp_min(tiny)
+        q /= (q.sum(dim=0, keepdim=True) * batch).clamp_min(tiny)
+    return (q * batch).T
+
+
+def koleo_loss(features: torch.Tensor) -> torch.Tensor:
+    """DINOv2's KoLeo regulariser: −mean log distance of each L2-normalised feature to its
+    nearest neighbour in the batch, which spreads the class tokens out."""
+    normed = F.normalize(features, dim=-1)
+    with torch.no_grad():
+        similarity = normed @ normed.T
+        similarity.fill_diagonal_(-2.0)
+        nearest = similarity.argmax(dim=1)
+    return -torch.log((normed - normed[nearest]).norm(dim=-1) + 1e-8).mean()
+
+
+def train_dino(source_renderings: np.ndarray, target_images: np.ndarray, steps: int, batch_size: int, seed: int,
+               log: list[str], local_crops: int = 2, teacher_momentum: float = 0.99,
+               teacher_temp: float = 0.015, lr_per_256: float = 2e-3, freeze_last_layer_steps: int = 50,
+               out_dim: int = 256, koleo_weight: float = 0.1, target_share: float = 0.25) -> nn.Module:
+    """Self-distillation without labels: multi-crop (2 global, `local_crops` local views),
+    teacher EMA (momentum rising from `teacher_momentum` to 1, cosine), Sinkhorn-Knopp centring
+    with sharpening (`teacher_temp`; student 0.1) and a KoLeo term on the student's class tokens
+    (DINOv2's recipe for both), prototypes frozen for the first `freeze_last_layer_steps` steps.
+
+    Each batch is `target_share` target-domain images ([N, 28, 28, 3] uint8, DINO's ordinary
+    views) and source images seen through `source_renderings` ([S, R, 28, 28, 3]: R random
+    renderings of each, see domains.random_rendering), every view taking one at random, so the
+    views of a source image share only the garment's shape. Without these (ordinary views of
+    the images alone), every crop of a textured image shares its background, and 400 steps
+    made the features worse than a random network's on that domain (docs/mini_world.md)."""
     import copy
 
     torch.manual_seed(seed)
@@ -236,14 +265,16 @@ def train_dino(pool: np.ndarray, source_count: int, steps: int, batch_size: int,
     teacher = copy.deepcopy(student)
     for p in teacher.parameters():
         p.requires_grad_(False)
-    center = torch.zeros(1, out_dim)
     params = [p for p in student.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     base_lr = lr_per_256 * batch_size / 256
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.04},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=base_lr)
-    pool_t = torch.from_numpy(pool).permute(0, 3, 1, 2)
+    renderings = torch.from_numpy(source_renderings).permute(0, 1, 4, 2, 3)
+    targets = torch.from_numpy(target_images).permute(0, 3, 1, 2)
+    target_count = int(round(batch_size * target_share))
+    source_count = batch_size - target_count
     start = time.perf_counter()
     student.train()
     for step in range(steps):
@@ -251,18 +282,22 @@ def train_dino(pool: np.ndarray, source_count: int, steps: int, batch_size: int,
         for group in optimizer.param_groups:
             group["lr"] = lr
         momentum = 1 - (1 - teacher_momentum) * (math.cos(math.pi * step / steps) + 1) / 2
-        half = batch_size // 2
-        batch = np.concatenate([rng.integers(0, source_count, half),
-                                rng.integers(source_count, len(pool), batch_size - half)])
-        rgb = pool_t[torch.from_numpy(batch)].float() / 255
-        globals_ = [dino_augment(rgb, gen, 32, (0.4, 1.0), 0.0), dino_augment(rgb, gen, 32, (0.4, 1.0), 0.2)]
-        locals_ = [dino_augment(rgb, gen, 16, (0.1, 0.4), 0.0) for _ in range(local_crops)]
+        sources = torch.from_numpy(rng.integers(0, len(renderings), source_count))
+        target_rows = targets[torch.from_numpy(rng.integers(0, len(targets), target_count))]
+
+        def view_images() -> torch.Tensor:
+            rendering = torch.from_numpy(rng.integers(0, renderings.shape[1], source_count))
+            return torch.cat([renderings[sources, rendering], target_rows]).float() / 255
+
+        globals_ = [dino_augment(view_images(), gen, 32, (0.4, 1.0), 0.0),
+                    dino_augment(view_images(), gen, 32, (0.4, 1.0), 0.2)]
+        locals_ = [dino_augment(view_images(), gen, 16, (0.1, 0.4), 0.0) for _ in range(local_crops)]
         with torch.no_grad():
             teacher_out = teacher["head"](teacher["backbone"](torch.cat(globals_)))
-            teacher_probs = F.softmax((teacher_out - center) / teacher_temp, dim=-1).chunk(2)
+            teacher_probs = sinkhorn_knopp(teacher_out, teacher_temp).chunk(2)
             teacher_confidence = teacher_probs[0].max(dim=-1).values.mean().item()
-        student_out = [student["head"](student["backbone"](torch.cat(globals_)))]
-        student_out.append(student["head"](student["backbone"](torch.cat(locals_))))
+        class_tokens = student["backbone"](torch.cat(globals_))
+        student_out = [student["head"](class_tokens), student["head"](student["backbone"](torch.cat(locals_)))]
         student_logp = [F.log_softmax(o / 0.1, dim=-1) for o in student_out]
         student_views = student_logp[0].chunk(2) + student_logp[1].chunk(local_crops)
         loss, terms = 0.0, 0
@@ -272,7 +307,9 @@ def train_dino(pool: np.ndarray, source_count: int, steps: int, batch_size: int,
                     continue
                 loss = loss + torch.sum(-t * s, dim=-1).mean()
                 terms += 1
-        loss = loss / terms
+        distillation = loss / terms
+        koleo = koleo_loss(class_tokens[:batch_size])
+        loss = distillation + koleo_weight * koleo
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(params, 3.0)
@@ -283,28 +320,30 @@ def train_dino(pool: np.ndarray, source_count: int, steps: int, batch_size: int,
         with torch.no_grad():
             for ps, pt in zip(student.parameters(), teacher.parameters()):
                 pt.mul_(momentum).add_(ps.detach(), alpha=1 - momentum)
-            center = 0.9 * center + 0.1 * teacher_out.mean(dim=0, keepdim=True)
         if step % 25 == 0 or step == steps - 1:
-            _log(log, f"dino step {step:4d}/{steps} loss {loss.item():.4f} lr {lr:.2e} "
-                      f"teacher max-prob {teacher_confidence:.3f} "
-                      f"{time.perf_counter() - start:.0f}s")
+            _log(log, f"dino step {step:4d}/{steps} distillation {distillation.item():.4f} "
+                      f"(uniform {math.log(out_dim):.2f}) koleo {koleo.item():.3f} lr {lr:.2e} "
+                      f"teacher max-prob {teacher_confidence:.3f} {time.perf_counter() - start:.0f}s")
     teacher_backbone = teacher["backbone"]
     teacher_backbone.eval()
     return teacher_backbone
 
 
-def dino_pool(train_images: np.ndarray, test_images: np.ndarray, test_labels: np.ndarray,
-              source_count: int, seed: int) -> tuple[np.ndarray, int]:
-    """Unlabeled DINO training images: `source_count` source images and the `unlabeled/`
-    part of every target domain at its default size, as RGB uint8."""
+def dino_images(train_images: np.ndarray, test_images: np.ndarray, test_labels: np.ndarray, source_count: int,
+                renderings: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Unlabeled DINO training images: `renderings` random renderings of each of `source_count`
+    source (training split) images, [S, R, 28, 28, 3], and the `unlabeled/` part of every target
+    domain at its default size, [N, 28, 28, 3]; all RGB uint8."""
     rng = np.random.default_rng(seed)
-    source = train_images[rng.choice(len(train_images), source_count, replace=False)]
-    rgb = [np.repeat(source[..., None], 3, axis=-1)]
+    chosen = rng.choice(len(train_images), source_count, replace=False)
+    source = np.stack([
+        np.stack([random_rendering(train_images[i], np.random.default_rng([seed, int(i), r])) for r in range(renderings)])
+        for i in chosen
+    ])
     unlabeled, _ = domain_indices(test_labels, DINO_DOMAIN_PER_CLASS, 0)
-    for name in SHIFTS:
-        for image in shift_images(name, test_images, unlabeled):
-            rgb.append((np.repeat(image[..., None], 3, -1) if image.ndim == 2 else image)[None])
-    return np.concatenate([rgb[0], *rgb[1:]]), source_count
+    targets = [np.repeat(image[..., None], 3, -1) if image.ndim == 2 else image
+               for name in SHIFTS for image in shift_images(name, test_images, unlabeled)]
+    return source, np.stack(targets)
 
 
 # ---------------------------------------------------------------- shipping and report
@@ -352,13 +391,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clip-steps", type=int, default=600)
     parser.add_argument("--clip-batch", type=int, default=256)
     parser.add_argument("--clip-captions", type=int, default=64)
-    parser.add_argument("--dino-steps", type=int, default=400)
-    parser.add_argument("--dino-batch", type=int, default=128)
-    parser.add_argument("--dino-source-images", type=int, default=10000)
-    parser.add_argument("--dino-out-dim", type=int, default=1024)
-    parser.add_argument("--dino-teacher-temp", type=float, default=0.04)
-    parser.add_argument("--dino-lr", type=float, default=5e-4, help="per 256 images")
-    parser.add_argument("--dino-local-crops", type=int, default=4)
+    parser.add_argument("--dino-steps", type=int, default=3000)
+    parser.add_argument("--dino-batch", type=int, default=64)
+    parser.add_argument("--dino-source-images", type=int, default=6000)
+    parser.add_argument("--dino-renderings", type=int, default=6, help="random renderings kept per source image")
+    parser.add_argument("--dino-target-share", type=float, default=0.25, help="of each batch")
+    parser.add_argument("--dino-out-dim", type=int, default=256)
+    parser.add_argument("--dino-teacher-temp", type=float, default=0.015)
+    parser.add_argument("--dino-lr", type=float, default=2e-3, help="per 256 images")
+    parser.add_argument("--dino-local-crops", type=int, default=2)
+    parser.add_argument("--dino-koleo", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="1: on a shared 2-core machine, 2 were 2-3x slower")
     parser.add_argument("--only", choices=["clip", "dino", "report"], default=None)
@@ -378,11 +420,14 @@ def main(argv: list[str] | None = None) -> None:
                           args.seed, log)
         written[f"{MINI_CLIP_NAME}.safetensors"] = save_weights(clip, args.out / f"{MINI_CLIP_NAME}.safetensors")
     if args.only in (None, "dino"):
-        pool, source_count = dino_pool(train_images, test_images, test_labels, args.dino_source_images, args.seed)
-        _log(log, f"dino pool: {source_count} source + {len(pool) - source_count} target-domain unlabeled images")
-        dino = train_dino(pool, source_count, args.dino_steps, args.dino_batch, args.seed, log,
+        renderings, targets = dino_images(train_images, test_images, test_labels, args.dino_source_images,
+                                          args.dino_renderings, args.seed)
+        _log(log, f"dino images: {len(renderings)} source images x {renderings.shape[1]} renderings, "
+                  f"{len(targets)} target-domain unlabeled images")
+        dino = train_dino(renderings, targets, args.dino_steps, args.dino_batch, args.seed, log,
                           local_crops=args.dino_local_crops, teacher_temp=args.dino_teacher_temp,
-                          lr_per_256=args.dino_lr, out_dim=args.dino_out_dim)
+                          lr_per_256=args.dino_lr, out_dim=args.dino_out_dim, koleo_weight=args.dino_koleo,
+                          target_share=args.dino_target_share)
         written[f"{MINI_DINO_NAME}.safetensors"] = save_weights(dino, args.out / f"{MINI_DINO_NAME}.safetensors")
     _log(log, f"training wall time {time.perf_counter() - started:.0f}s")
     # Read the manifest only now: `--only clip` and `--only dino` may run side by side.
