@@ -108,11 +108,11 @@ def markdown(result: dict) -> str:
         f"{_cell(result['source_zero_shot'][TRANSDUCTIVE])} % on {result['source_images']} images",
         f"- command: `{result['command']}`; settings: {json.dumps(result['settings'])}",
         f"- wall time: {result['wall_s']:.0f} s on {result['cpu']} ({result['threads']} threads)", "",
-        "Read with docs/mini_world.md (section Measured): with the shipped mini DINO, barely trained, the "
-        "DL network's features do not separate the shifted classes, so the DL network and NoLA (which "
-        "takes its pseudo-labels) fall below zero-shot; LaFTer's labeller (its text classifier) is no "
-        "better than zero-shot here and its 50 prompt tokens swamp the 16-patch mini ViT; LatteCLIP on "
-        "class texts alone has nothing new to learn (its targets are zero-shot's own answers).", "",
+        "Read with docs/mini_world.md (section Measured), which measures each method's standing: the DL "
+        "network rides on the mini DINO's features (retrained in the third session: Sinkhorn-Knopp "
+        "centring, KoLeo, renderings); NoLA's 16 and LaFTer's 50 prompt tokens weigh heavily on the "
+        "16-patch mini ViT, and LaFTer's labeller (its text classifier) is no better than zero-shot here; "
+        "LatteCLIP on class texts alone has nothing new to learn (its targets are zero-shot's own answers).", "",
         "| domain | method | transductive | held-out |", "|---|---|---|---|",
     ]
     for row in result["rows"]:

@@ -8,8 +8,9 @@
   contrastive learning), ordinary augmentation (crop, flip, colour tint, brightness/contrast,
   inversion, noise, blur) so it is not blind to every change, but never textures or edges.
 - DINO (`nola-mini-dino`, a small timm ViT): self-distillation (multi-crop with 2 global and
-  4 local crops, teacher EMA, centring, sharpening) on *unlabeled* images of the source
-  training split and of the target domains (their `unlabeled/` part only); never labels.
+  2 local crops, teacher EMA, Sinkhorn-Knopp centring and sharpening, KoLeo: DINOv2's recipe)
+  on *unlabeled* images: random renderings of source training images and the target domains'
+  `unlabeled/` part; never labels.
 
 Fixed seeds; the weights are written as fp16 safetensors with a manifest of their SHA-256
 (`manifest.json`) and the training log (`train_log.txt`). Labels of the test split are read
