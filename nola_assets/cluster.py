@@ -4,7 +4,8 @@ Operator `PyTorchJob` launched from the asset through Dagster Pipes.
 With `nodes` N > 1 (ComputeResource, env NOLA_NODES) `on_nodes` does, in the asset's step:
 
 1. writes the stage and its job (`nola_core.jobs`: a frozen, picklable job; models load in each
-   rank from their configs) to a file in the artifact's folder, which every pod mounts;
+   rank from their configs) to a file in the artifact's folder, which every pod mounts (on an
+   `s3://` root: uploads it, see below);
 2. builds a `PyTorchJob` (`pytorchjob_manifest`): a Master and N-1 Workers, each pod a copy of
    the run pod's container (image, env, secrets, volumes, GPU request) running
    `python -m torch.distributed.run --module nola_assets.cluster_rank JOB_FILE`, with
@@ -26,10 +27,23 @@ runs the whole path but the Kubernetes API calls.
 
 The ranks run the stage functions of `nola_core.jobs` over `nola_core.distributed`'s plumbing,
 as `launch` does on one node, so the result equals one process's up to float summation order
-(tests/test_cluster.py). The job's files live in the artifact's folder: the artifact root must be
-a file system every pod mounts at the same path (deploy/k8s: the `nola-artifacts` volume). Rank 0's
-Pipes messages are appended to a file there that the run pod tails; on NFS they arrive after the
-client's attribute-cache delay (seconds): progress lines may lag, the result is read from its file.
+(tests/test_cluster.py). On a local artifact root the job's files live in the artifact's folder:
+the root must be a file system every pod mounts at the same path (deploy/k8s: the
+`nola-artifacts` volume). Rank 0's Pipes messages are appended to a file there that the run pod
+tails; on NFS they arrive after the client's attribute-cache delay (seconds): progress lines may
+lag, the result is read from its file.
+
+On an `s3://` artifact root (ArtifactStore) no folder is shared: the job file is uploaded under
+the artifact's prefix, `<dataset>/<asset>/<digest>/.cluster/<run id>/` (a hidden name, never part
+of the artifact), and the pods get its URL as their argument. Each rank downloads it into its own
+cache (the pods' NOLA_CACHE_DIR: the run pod's env, copied; a relative one is under the pod's
+working directory) and keeps the job's artifact paths (the resume state) under its own copy of
+the root; rank 0 sends its Pipes messages as chunks under that prefix (Dagster's S3 reader and
+writer, dagster-aws / dagster-pipes) and uploads its result there, which the asset downloads;
+the prefix is removed when the step ends. The images are still read from `job.root`, the data
+root's local folder: a URL data root needs every pod to see the asset's copy (not done yet).
+Feature extraction merges the ranks' shards through one folder (`nola_core.distributed`), so on
+an object-storage root it is refused with nodes > 1.
 """
 
 from __future__ import annotations
@@ -41,6 +55,7 @@ import re
 import sys
 import time
 from pathlib import Path
+from contextlib import contextmanager
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -55,7 +70,11 @@ from dagster import (
     open_pipes_session,
 )
 
-from nola_assets.cluster_rank import RESULT_FILE
+from nola_core.jobs import ImageFeaturesJob
+from nola_core.storage import Storage, download
+
+from nola_assets.artifacts import ArtifactStore
+from nola_assets.cluster_rank import MESSAGE_SECONDS, RESULT_FILE
 from nola_assets.resources import ComputeResource
 
 PYTORCHJOB_GROUP, PYTORCHJOB_VERSION, PYTORCHJOB_PLURAL = "kubeflow.org", "v1", "pytorchjobs"
@@ -65,6 +84,7 @@ JOB_NAME_LABEL = "training.kubeflow.org/job-name"  # the label the operator puts
 RANK_MODULE = "nola_assets.cluster_rank"
 JOB_FILE = "cluster_job.pt"  # {"stage", "job", "device"}: what every rank loads
 MESSAGES_FILE = "cluster_messages.jsonl"  # rank 0's Pipes messages
+STAGING_FOLDER = ".cluster"  # on a URL root: <artifact>/.cluster/<run id>/ holds the job, result, messages
 JOB_TTL_SECONDS = 86400  # the PyTorchJob (and its pods' logs) stays a day after it ends, as run Jobs do
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 _CONTAINER_FIELDS = ("image", "imagePullPolicy", "env", "envFrom", "volumeMounts", "resources", "securityContext",
@@ -130,42 +150,88 @@ def job_name(context: AssetExecutionContext) -> str:
 
 
 def on_nodes(context: AssetExecutionContext, compute: ComputeResource, stage: Callable, job: Any,
-             workdir: Path) -> Any:
+             workdir: Path, artifacts: ArtifactStore | None = None) -> Any:
     """`stage(context, job, progress)` on `compute.node_count()` pods of `compute.processes()`
-    processes each; rank 0's result. `workdir`: a folder of the artifact being made, on the shared
-    artifact store; the job's files there are removed before this returns."""
+    processes each; rank 0's result. `workdir`: a folder of the artifact being made (under
+    `artifacts.root()`); the job's files there (and, on a URL root, under its staging prefix in
+    the store) are removed before this returns."""
     nodes, per_node = compute.node_count(), compute.processes()
     workdir.mkdir(parents=True, exist_ok=True)
     job_file, result_file = workdir / JOB_FILE, workdir / RESULT_FILE
-    torch.save({"stage": stage, "job": job, "device": compute.rank_device()}, job_file)
+    remote = artifacts.remote() if artifacts is not None else None
+    payload = {"stage": stage, "job": job, "device": compute.rank_device()}
+    staging = None
+    if remote is not None:
+        staging = staging_prefix(context, artifacts, remote, workdir, job)
+        payload.update(artifact_root=artifacts.location(), asset_root=str(artifacts.root()))
+    torch.save(payload, job_file)
     launcher = compute.setting("node_launcher", "pytorchjob")
     context.log.info(f"{stage.__name__}: {nodes} node(s) x {per_node} process(es), launched as a PyTorchJob "
                      f"({launcher}); rank 0 reports here, every pod's log goes to the compute log")
-    reader = PipesFileMessageReader(str(workdir / MESSAGES_FILE))
+    if staging is None:
+        job_location, reader = str(job_file), PipesFileMessageReader(str(workdir / MESSAGES_FILE))
+    else:
+        remote.put(f"{staging}/{JOB_FILE}", job_file)
+        job_location, reader = remote.url(f"{staging}/{JOB_FILE}"), _s3_message_reader(remote, staging)
     started = time.perf_counter()
     try:
         if launcher == "local":
             manifest = pytorchjob_manifest(job_name(context), "local", LOCAL_RUN_POD, nodes, per_node,
-                                           rank_command(job_file))
+                                           rank_command(job_location))
             manifest_file = workdir / "pytorchjob.json"
             manifest_file.write_text(json.dumps(manifest, indent=1))
             invocation = PipesSubprocessClient(context_injector=PipesEnvContextInjector(), message_reader=reader).run(
                 context=context, command=[sys.executable, "-m", "nola_assets.pytorchjob_standin", str(manifest_file)])
         elif launcher == "pytorchjob":
             invocation = PipesPyTorchJobClient(message_reader=reader).run(
-                context=context, nodes=nodes, nproc_per_node=per_node, command=rank_command(job_file))
+                context=context, nodes=nodes, nproc_per_node=per_node, command=rank_command(job_location))
         else:
             raise ValueError(f"node_launcher={launcher!r} (env NOLA_NODE_LAUNCHER): expected pytorchjob or local")
+        if staging is not None and remote.exists(f"{staging}/{RESULT_FILE}"):
+            download(remote.url(f"{staging}/{RESULT_FILE}"), result_file)
         if not result_file.is_file():
-            raise Failure(f"{stage.__name__}: the PyTorchJob ended without rank 0's result {result_file}")
+            where = result_file if staging is None else remote.url(f"{staging}/{RESULT_FILE}")
+            raise Failure(f"{stage.__name__}: the PyTorchJob ended without rank 0's result {where}")
         reported = [m["world_size"] for m in invocation.get_custom_messages() if isinstance(m, dict) and "world_size" in m]
         context.log.info(f"{stage.__name__}: {reported[-1] if reported else 'all'} ranks on {nodes} node(s) in "
                          f"{time.perf_counter() - started:.1f} s")
-        # Our own file, written by rank 0 of this job into the artifact's folder: full unpickling, as launch() does.
+        # Our own file, written by rank 0 of this job: full unpickling, as launch() does.
         return torch.load(result_file, weights_only=False)
     finally:
         for leftover in (job_file, result_file, workdir / "pytorchjob.json"):
             leftover.unlink(missing_ok=True)
+        if staging is not None:
+            remote.fs.rm(remote.path(staging), recursive=True)
+
+
+def staging_prefix(context: AssetExecutionContext, artifacts: ArtifactStore, remote: Storage, workdir: Path,
+             job: Any) -> str:
+    """The key prefix, under the artifact's own prefix, that a URL root's job travels through:
+    `<dataset>/<asset>/<digest>/.cluster/<run id>` (a hidden name: `save_ref` never uploads it)."""
+    protocols = (remote.fs.protocol,) if isinstance(remote.fs.protocol, str) else remote.fs.protocol
+    if "s3" not in protocols:
+        raise ValueError(f"nodes > 1 on {artifacts.location()}: Pipes messages travel through S3 only "
+                         "(an s3:// root, or a folder every pod mounts)")
+    if isinstance(job, ImageFeaturesJob):  # the ranks merge their shards through one folder (nola_core.distributed)
+        raise ValueError(f"nodes > 1: feature extraction needs a folder every pod mounts as its artifact root, "
+                         f"not {artifacts.location()}")
+    return f"{workdir.relative_to(artifacts.root()).as_posix()}/{STAGING_FOLDER}/{context.run.run_id}"
+
+
+def _s3_message_reader(remote: Storage, staging: str):
+    """Dagster's S3 message reader (dagster-aws) with its chunks under the job's staging prefix,
+    not at the bucket's top; rank 0 writes them with the matching writer (`cluster_rank`)."""
+    import boto3
+    from dagster_aws.pipes import PipesS3MessageReader
+
+    class StagedReader(PipesS3MessageReader):
+        @contextmanager
+        def get_params(self):
+            with super().get_params() as params:
+                yield {**params, "key_prefix": key_prefix}
+
+    bucket, _, key_prefix = remote.path(f"{staging}/messages").partition("/")
+    return StagedReader(bucket=bucket, client=boto3.client("s3"), interval=MESSAGE_SECONDS)
 
 
 class PipesPyTorchJobClient(PipesClient):

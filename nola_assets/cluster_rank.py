@@ -8,11 +8,19 @@ and its job from JOB_FILE (written by `cluster.on_nodes` into the artifact's fol
 Rank 0 alone opens Dagster Pipes (one writer per message file): its progress goes to the step as
 log lines while it runs, its result to a file next to JOB_FILE, announced by a custom message. The
 other ranks log to their stderr (the pod's log). Imports `dagster_pipes`, never `dagster`.
+
+On an object-storage artifact root JOB_FILE is a URL (`s3://…/<artifact>/.cluster/<run id>/`):
+every rank downloads it into its own cache (env NOLA_CACHE_DIR, default `.nola_cache/objects`
+under the pod's working directory), reads and writes the job's artifact paths (the resume state)
+under its own copy of the root, rank 0 sends its Pipes messages as S3 chunks under that prefix
+(dagster-pipes' S3 writer) and uploads its result next to JOB_FILE. No folder is shared.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -23,8 +31,21 @@ from dagster_pipes import open_dagster_pipes
 from nola_core.distributed import init_distributed, shutdown
 from nola_core.jobs import PromptTuningJob
 from nola_core.progress import progress_callback
+from nola_core.storage import DEFAULT_CACHE_DIR, fetch_cached, is_remote, local_root, open_storage
 
 RESULT_FILE = "cluster_result.pt"  # rank 0's return value, next to the job file (cluster.on_nodes reads it)
+MESSAGE_SECONDS = 1.0  # how often rank 0 uploads, and the asset polls, Pipes message chunks on a URL root
+CACHE_DIR_ENV = "NOLA_CACHE_DIR"  # this pod's cache of objects, as ArtifactStore's
+
+
+def rebased(job: object, asset_root: str, own_root: Path) -> object:
+    """`job` with each path field under the asset's local copy of the root moved under this pod's."""
+    moved = {}
+    for field in dataclasses.fields(job):
+        value = getattr(job, field.name)
+        if isinstance(value, Path) and value.is_relative_to(asset_root):
+            moved[field.name] = own_root / value.relative_to(asset_root)
+    return dataclasses.replace(job, **moved)
 
 
 def rank_progress(job: object, log: Callable[[str], None]) -> Callable:
@@ -37,11 +58,14 @@ def rank_progress(job: object, log: Callable[[str], None]) -> Callable:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    [job_file] = list(sys.argv[1:] if argv is None else argv)
-    job_file = Path(job_file)
-    # Our own file, written by the asset into the artifact's folder: full unpickling, as launch() does.
+    [job_location] = list(sys.argv[1:] if argv is None else argv)
+    cache = os.environ.get(CACHE_DIR_ENV) or DEFAULT_CACHE_DIR
+    job_file = fetch_cached(job_location, cache) if is_remote(job_location) else Path(job_location)
+    # Our own file, written by the asset for this job: full unpickling, as launch() does.
     payload = torch.load(job_file, weights_only=False)
     stage, job = payload["stage"], payload["job"]
+    if "artifact_root" in payload:
+        job = rebased(job, payload["asset_root"], local_root(payload["artifact_root"], cache))
     context = init_distributed(payload["device"])
     logging.basicConfig(level=logging.WARNING,
                         format=f"%(asctime)s rank {context.rank}/{context.world_size} %(name)s: %(message)s")
@@ -50,13 +74,27 @@ def main(argv: Sequence[str] | None = None) -> None:
         if not context.is_main:
             stage(context, job, None)
             return
-        with open_dagster_pipes() as pipes:
+        remote = is_remote(job_location)
+        with open_dagster_pipes(message_writer=_s3_message_writer() if remote else None) as pipes:
             result = stage(context, job, rank_progress(job, pipes.log.info))
             result_file = job_file.with_name(RESULT_FILE)
             torch.save(result, result_file)
-            pipes.report_custom_message({"result_file": str(result_file), "world_size": context.world_size})
+            result_location = str(result_file)
+            if remote:  # next to the job's URL, where cluster.on_nodes downloads it from
+                staging = open_storage(job_location.rsplit("/", 1)[0])
+                staging.put(RESULT_FILE, result_file)
+                result_file.unlink()
+                result_location = staging.url(RESULT_FILE)
+            pipes.report_custom_message({"result_file": result_location, "world_size": context.world_size})
     finally:
         shutdown(context)
+
+
+def _s3_message_writer():
+    import boto3
+    from dagster_pipes import PipesS3MessageWriter
+
+    return PipesS3MessageWriter(boto3.client("s3"), interval=MESSAGE_SECONDS)
 
 
 if __name__ == "__main__":

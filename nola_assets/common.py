@@ -89,7 +89,8 @@ def image_progress(context: AssetExecutionContext, what: str) -> Callable[[int, 
 
 
 def on_processes(context: AssetExecutionContext, compute: ComputeResource, items: int, stage: Callable, job: Any,
-                 progress: Callable | None = None, workdir: Path | None = None) -> Any:
+                 progress: Callable | None = None, workdir: Path | None = None,
+                 artifacts: ArtifactStore | None = None) -> Any:
     """`stage(distributed context, job, progress)` on `compute`'s processes; rank 0's result.
 
     One process (the default, or fewer `items` than processes): here, with live `progress`.
@@ -97,12 +98,13 @@ def on_processes(context: AssetExecutionContext, compute: ComputeResource, items
     gloo on the CPU) that load their models from the configs in `job` (`nola_core.jobs`); each
     logs its own lines to stderr (the step's compute log). `nodes` > 1: a Kubeflow PyTorchJob of
     that many pods, `nproc_per_node` processes each, launched through Dagster Pipes
-    (`nola_assets.cluster`), its files in `workdir` (a folder of the artifact being made).
+    (`nola_assets.cluster`), its files in `workdir` (a folder of the artifact being made in
+    `artifacts`; on a URL root they travel through the store).
     """
     if compute.node_count() > 1:
         if workdir is None:
             raise ValueError(f"{stage.__name__}: nodes > 1 needs a workdir on the shared artifact store")
-        return on_nodes(context, compute, stage, job, workdir)
+        return on_nodes(context, compute, stage, job, workdir, artifacts)
     processes = min(compute.processes(), items)
     if processes == 1:
         return launch(stage, 1, job, progress, device=compute.torch_device())

@@ -69,7 +69,8 @@ def _feature_asset(
         context.log.info(f"{which.upper()} features for {len(todo)} image(s) on {device}")
         on_processes(context, compute, len(todo), image_features_stage,
                       ImageFeaturesJob(config, which, spec.root, tuple(todo), feature_config, fresh),
-                      progress=image_progress(context, f"{which} features"), workdir=Path(ref.path))
+                      progress=image_progress(context, f"{which} features"), workdir=Path(ref.path),
+                      artifacts=artifacts)
         return load_feature_table(fresh, mmap=True)
 
     try:

@@ -6,9 +6,12 @@ the environment the operator gives that pod (v1 controller, no elastic policy): 
 MASTER_PORT, WORLD_SIZE (pods x nprocPerNode), RANK (the pod's index, Master 0), PET_NNODES,
 PET_NODE_RANK and PET_NPROC_PER_NODE, plus the container's own `env` values, on top of this
 process's environment (which carries the Pipes bootstrap variables). `$(VAR)` in the command is
-expanded as the kubelet does; `python` is this interpreter (the image's). The first replica to fail
-ends the others, as a failed PyTorchJob does. Used by `cluster.on_nodes` with
-`node_launcher="local"`, under Dagster's `PipesSubprocessClient`.
+expanded as the kubelet does; `python` is this interpreter (the image's). Each pod has its own
+working directory, as a pod has its own disk (a relative NOLA_CACHE_DIR, or its default, is then
+the pod's own cache): a temporary folder removed at the end, or `<NOLA_STANDIN_PODS_DIR>/<pod>`,
+kept, when that variable is set. The first replica to fail ends the others, as a failed
+PyTorchJob does. Used by `cluster.on_nodes` with `node_launcher="local"`, under Dagster's
+`PipesSubprocessClient`.
 """
 
 from __future__ import annotations
@@ -16,10 +19,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Mapping, Sequence
 
@@ -38,6 +43,16 @@ def replica_environments(manifest: Mapping, master_port: int) -> list[dict[str, 
     return environments
 
 
+PODS_DIR_ENV = "NOLA_STANDIN_PODS_DIR"
+
+
+def pod_names(manifest: Mapping) -> list[str]:
+    """The pods' names, Master first, as the operator names them: `<job>-master-0`, `<job>-worker-<i>`."""
+    specs = manifest["spec"]["pytorchReplicaSpecs"]
+    return [f"{manifest['metadata']['name']}-{kind.lower()}-{i}" for kind in ("Master", "Worker")
+            for i in range(specs.get(kind, {}).get("replicas", 0))]
+
+
 def expand(argument: str, env: Mapping[str, str]) -> str:
     """Kubernetes' `$(VAR)` expansion of a command argument: defined names are replaced, `$$` is `$`."""
     return re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)",
@@ -53,12 +68,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    processes = []
-    for operator_env in replica_environments(manifest, port):
+    kept = os.environ.get(PODS_DIR_ENV)
+    processes, disks = [], []
+    for name, operator_env in zip(pod_names(manifest), replica_environments(manifest, port)):
         env = {**os.environ, **own, **operator_env}
         command = [expand(a, env) for a in container["command"]]
         command = [sys.executable if i == 0 and a == "python" else a for i, a in enumerate(command)]
-        processes.append(subprocess.Popen(command, env=env))
+        disk = os.path.join(kept, name) if kept else tempfile.mkdtemp(prefix=f"{name}-")
+        os.makedirs(disk, exist_ok=True)
+        disks.append(disk)
+        processes.append(subprocess.Popen(command, env=env, cwd=disk))
 
     def stop(*_) -> None:
         for process in processes:
@@ -71,6 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if any(p.poll() not in (None, 0) for p in processes):
             stop()
         time.sleep(0.2)
+    for disk in disks if not kept else []:
+        shutil.rmtree(disk, ignore_errors=True)
     return next((p.returncode for p in processes if p.returncode), 0)
 
 

@@ -11,7 +11,10 @@ the artifact's folder, builds the PyTorchJob and hands it, through Dagster's
 PipesSubprocessClient, to a local stand-in for the operator that starts the two pods' commands
 (torchrun, one gloo process each, static rendezvous on localhost); rank 0 reports its progress
 and result through Pipes. The tuned tensors match the one-node run's within the tolerance of
-tests/test_assets_distributed.py (1e-5: only the gradient summation order differs).
+tests/test_assets_distributed.py (1e-5: only the gradient summation order differs). The same on
+an s3:// root served by moto, each pod in its own working directory with its own cache: the job,
+the messages and the result go through the bucket (rank 0 not uploading its result fails it;
+so does a rank writing the resume state under the asset's folder instead of its own).
 """
 
 from __future__ import annotations
@@ -27,13 +30,26 @@ import yaml
 from dagster import AssetKey, AssetSelection, DagsterInstance, materialize
 
 from assets_helpers import copy_demo, materialize_partition, resources_for_test
+from nola_assets.artifacts import ArtifactRefIOManager, ArtifactStore
 from nola_assets.assets import NOLA_ASSETS
-from nola_assets.cluster import JOB_NAME_LABEL, pytorchjob_manifest, rank_command
-from nola_assets.common import TRAINABLE_FILE
+from nola_assets.cluster import (
+    JOB_FILE,
+    JOB_NAME_LABEL,
+    STAGING_FOLDER,
+    pytorchjob_manifest,
+    rank_command,
+    staging_prefix,
+)
+from nola_assets.cluster_rank import RESULT_FILE
+from nola_assets.common import REFS_IO_MANAGER, RESUME_DIR, TRAINABLE_FILE
 from nola_assets.partitions import DATASETS
-from nola_assets.pytorchjob_standin import expand, replica_environments
+from nola_assets.pytorchjob_standin import PODS_DIR_ENV, expand, replica_environments
 from nola_assets.resources import ComputeResource
 from nola_assets.tuning_assets import prompt_tuned_encoder
+from nola_core.jobs import ImageFeaturesJob
+from nola_core.storage import DEFAULT_CACHE_DIR, open_storage
+from nola_core.tuning import RESUME_FILE
+from tests.s3_server import s3_server  # noqa: F401  (module-scoped fixture)
 
 TRAINED_TOLERANCE = 1e-5
 NUM_IMAGES = 11  # odd: the last step splits unevenly over the two ranks
@@ -155,27 +171,30 @@ def _tuning_resources(data, artifacts, **compute) -> dict:
     return resources
 
 
-@pytest.mark.slow
-def test_two_nodes_through_pipes_tune_the_encoder_one_node_tunes(tmp_path):
-    unlabeled = copy_demo(tmp_path / "data", DATASET, labeled=False) / "unlabeled"
+@pytest.fixture(scope="module")
+def one_node(tmp_path_factory):
+    """(data root, artifact root): the upstream artifacts and the one-node tuned encoder, made once."""
+    folder = tmp_path_factory.mktemp("one_node")
+    unlabeled = copy_demo(folder / "data", DATASET, labeled=False) / "unlabeled"
     for path in sorted(unlabeled.iterdir())[NUM_IMAGES:]:
         path.unlink()
-    one = _tuning_resources(tmp_path / "data", tmp_path / "one")
+    one = _tuning_resources(folder / "data", folder / "one")
     materialize_partition(one, AssetSelection.assets(prompt_tuned_encoder).upstream(), DATASET)
-    shutil.copytree(tmp_path / "one", tmp_path / "two")  # the same upstream artifacts
-    two = _tuning_resources(tmp_path / "data", tmp_path / "two", nodes=2, node_launcher="local")
-    store, single = two["artifacts"], one["artifacts"]
-    shutil.rmtree(store.require_ref("prompt_tuned_encoder", DATASET).path)
-    store.ref_path("prompt_tuned_encoder", DATASET).unlink()
+    return folder / "data", folder / "one"
 
+
+def _tune_on_two_nodes(resources: dict):
+    """`prompt_tuned_encoder` alone, its artifact removed first: (result, instance, seconds)."""
     started = time.perf_counter()
     instance = DagsterInstance.ephemeral()
     instance.add_dynamic_partitions(DATASETS, [DATASET])
     result = materialize(NOLA_ASSETS, selection=[prompt_tuned_encoder], instance=instance, partition_key=DATASET,
-                         resources=two)
-    print(f"two nodes (local PyTorchJob stand-in) through Pipes: {time.perf_counter() - started:.1f} s")
-    assert result.success
+                         resources=resources)
+    return result, instance, time.perf_counter() - started
 
+
+def _assert_tuned_like_one_node(result, instance, store, single) -> None:
+    assert result.success
     tuned, reference = (s.require_ref("prompt_tuned_encoder", DATASET) for s in (store, single))
     assert tuned.digest == reference.digest  # the node count is not in the key
     ours, theirs = store.read_tensors(tuned, TRAINABLE_FILE), single.read_tensors(reference, TRAINABLE_FILE)
@@ -192,6 +211,55 @@ def test_two_nodes_through_pipes_tune_the_encoder_one_node_tunes(tmp_path):
     files = [sorted(p.name for p in Path(ref.path).iterdir()) for ref in (tuned, reference)]
     assert files[0] == files[1], "the job's files are gone from the artifact"
     assert not torch.distributed.is_initialized()  # the ranks ran elsewhere
+
+
+@pytest.mark.slow
+def test_two_nodes_through_pipes_tune_the_encoder_one_node_tunes(one_node, tmp_path):
+    data, reference_root = one_node
+    shutil.copytree(reference_root, tmp_path / "two")  # the same upstream artifacts
+    two = _tuning_resources(data, tmp_path / "two", nodes=2, node_launcher="local")
+    store = two["artifacts"]
+    shutil.rmtree(store.require_ref("prompt_tuned_encoder", DATASET).path)
+    store.ref_path("prompt_tuned_encoder", DATASET).unlink()
+    result, instance, seconds = _tune_on_two_nodes(two)
+    print(f"two nodes (local PyTorchJob stand-in) through Pipes: {seconds:.1f} s")
+    _assert_tuned_like_one_node(result, instance, store, _tuning_resources(data, reference_root)["artifacts"])
+
+
+@pytest.mark.slow
+def test_two_nodes_on_an_s3_root_share_no_folder_with_each_other_or_the_asset(one_node, s3_server, tmp_path,
+                                                                              monkeypatch):
+    """On an s3:// artifact root the job, the Pipes messages and rank 0's result travel through the
+    bucket: each pod (its own working directory, NOLA_CACHE_DIR unset: the default cache under it)
+    downloads the job into its own cache, and the asset's cache is a third folder."""
+    data, reference_root = one_node
+    bucket = s3_server.new_bucket()
+    root = open_storage(f"s3://{bucket}/artifacts")
+    tuned_folder = _tuning_resources(data, reference_root)["artifacts"].require_ref("prompt_tuned_encoder", DATASET)
+    for path in sorted(reference_root.rglob("*")):  # the upstream artifacts, in the bucket
+        if path.is_file() and not path.is_relative_to(tuned_folder.path) and "prompt_tuned_encoder" not in path.name:
+            root.put(path.relative_to(reference_root).as_posix(), path)
+    monkeypatch.delenv("NOLA_CACHE_DIR", raising=False)
+    monkeypatch.setenv(PODS_DIR_ENV, str(tmp_path / "pods"))
+    two = _tuning_resources(data, f"s3://{bucket}/artifacts", nodes=2, node_launcher="local")
+    store = ArtifactStore(artifact_root=f"s3://{bucket}/artifacts", cache_dir=str(tmp_path / "asset"))
+    two["artifacts"] = store
+    two[REFS_IO_MANAGER] = ArtifactRefIOManager(store=store)
+    result, instance, seconds = _tune_on_two_nodes(two)
+    print(f"two nodes on s3:// (local PyTorchJob stand-in) through Pipes: {seconds:.1f} s")
+    _assert_tuned_like_one_node(result, instance, store, _tuning_resources(data, reference_root)["artifacts"])
+
+    pods = sorted((tmp_path / "pods").iterdir())
+    assert [p.name.rsplit("-", 2)[1:] for p in pods] == [["master", "0"], ["worker", "0"]]
+    for pod in pods:  # each pod read the job from its own cache, under its own working directory
+        [job_copy] = (pod / DEFAULT_CACHE_DIR).rglob(JOB_FILE)
+        assert job_copy.relative_to(pod / DEFAULT_CACHE_DIR).parts[:2] == ("s3", bucket)
+    # rank 0 kept its per-epoch resume state under its own copy of the artifact, not the asset's
+    assert [p.parent.name for p in (pods[0] / DEFAULT_CACHE_DIR).rglob(RESUME_FILE)] == [RESUME_DIR]
+    assert not list((tmp_path / "asset").rglob(RESULT_FILE)) and not list((tmp_path / "asset").rglob(JOB_FILE))
+    assert not root.listing(f"{DATASET}/prompt_tuned_encoder/{tuned_folder.digest}/{STAGING_FOLDER}"), \
+        "the job's staging prefix is removed from the bucket"
+    assert root.exists(f"{DATASET}/prompt_tuned_encoder/{tuned_folder.digest}/ref.json")
 
 
 def test_the_rbac_manifest_lets_run_pods_do_what_the_client_calls():
@@ -220,3 +288,18 @@ def test_nodes_is_read_from_its_variable_and_checked(monkeypatch):
     assert ComputeResource().node_count() == 3 and ComputeResource(nodes=2).node_count() == 2  # run config wins
     with pytest.raises(ValueError, match=r"nodes=0 \(env NOLA_NODES\): must be at least 1"):
         ComputeResource(nodes=0).node_count()
+
+
+def test_an_object_storage_root_takes_only_s3_and_not_feature_extraction(tmp_path):
+    """Pipes messages travel through S3 only; the ranks' feature shards meet in one folder."""
+    from nola_core.features import FeatureConfig
+    from nola_core.models import ModelConfig
+
+    tuning_like = object()
+    memory = ArtifactStore(artifact_root="memory://nola/artifacts", cache_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="through S3 only"):
+        staging_prefix(None, memory, memory.remote(), memory.root() / "d" / "a" / "x", tuning_like)
+    s3 = ArtifactStore(artifact_root="s3://nola/artifacts", cache_dir=str(tmp_path))
+    features = ImageFeaturesJob(ModelConfig.from_profile("tiny"), "clip", tmp_path, (), FeatureConfig(), tmp_path / "f")
+    with pytest.raises(ValueError, match="feature extraction needs a folder every pod mounts"):
+        staging_prefix(None, s3, s3.remote(), s3.root() / "d" / "a" / "x", features)
