@@ -33,17 +33,17 @@ the root must be a file system every pod mounts at the same path (deploy/k8s: th
 tails; on NFS they arrive after the client's attribute-cache delay (seconds): progress lines may
 lag, the result is read from its file.
 
-On an `s3://` artifact root (ArtifactStore) no folder is shared: the job file is uploaded under
-the artifact's prefix, `<dataset>/<asset>/<digest>/.cluster/<run id>/` (a hidden name, never part
-of the artifact), and the pods get its URL as their argument. Each rank downloads it into its own
+On an `s3://` artifact root (ArtifactStore) no folder is shared: the job file is uploaded under the
+artifact's prefix, `<dataset>/<asset>/<digest>/.cluster/<run id>/` (a hidden name, never part of
+the artifact), and the pods get its URL as their argument. Each rank downloads it into its own
 cache (the pods' NOLA_CACHE_DIR: the run pod's env, copied; a relative one is under the pod's
-working directory) and keeps the job's artifact paths (the resume state) under its own copy of
-the root; rank 0 sends its Pipes messages as chunks under that prefix (Dagster's S3 reader and
-writer, dagster-aws / dagster-pipes) and uploads its result there, which the asset downloads;
-the prefix is removed when the step ends. The images are still read from `job.root`, the data
-root's local folder: a URL data root needs every pod to see the asset's copy (not done yet).
-Feature extraction merges the ranks' shards through one folder (`nola_core.distributed`), so on
-an object-storage root it is refused with nodes > 1.
+working directory) and keeps the job's artifact paths (the resume state) under its own copy of the
+root; rank 0 sends its Pipes messages as chunks under that prefix (Dagster's S3 reader and writer,
+dagster-aws / dagster-pipes) and uploads its result there, which the asset downloads; the prefix is
+removed when the step ends. The images of a URL data root (DatasetsResource) are mirrored by each
+rank into its own cache too (`cluster_rank.rebased`); a local data root must be mounted by every
+pod at the same path. Feature extraction merges the ranks' shards through one folder
+(`nola_core.distributed`), so on an object-storage root it is refused with nodes > 1.
 """
 
 from __future__ import annotations
@@ -71,11 +71,11 @@ from dagster import (
 )
 
 from nola_core.jobs import ImageFeaturesJob
-from nola_core.storage import Storage, download
+from nola_core.storage import Storage, download, is_remote
 
 from nola_assets.artifacts import ArtifactStore
 from nola_assets.cluster_rank import MESSAGE_SECONDS, RESULT_FILE
-from nola_assets.resources import ComputeResource
+from nola_assets.resources import ComputeResource, DatasetsResource
 
 PYTORCHJOB_GROUP, PYTORCHJOB_VERSION, PYTORCHJOB_PLURAL = "kubeflow.org", "v1", "pytorchjobs"
 PYTORCHJOB_CONTAINER = "pytorch"  # the container the operator sets the rank variables in
@@ -150,20 +150,22 @@ def job_name(context: AssetExecutionContext) -> str:
 
 
 def on_nodes(context: AssetExecutionContext, compute: ComputeResource, stage: Callable, job: Any,
-             workdir: Path, artifacts: ArtifactStore | None = None) -> Any:
+             workdir: Path, artifacts: ArtifactStore | None = None, data: DatasetsResource | None = None) -> Any:
     """`stage(context, job, progress)` on `compute.node_count()` pods of `compute.processes()`
     processes each; rank 0's result. `workdir`: a folder of the artifact being made (under
     `artifacts.root()`); the job's files there (and, on a URL root, under its staging prefix in
-    the store) are removed before this returns."""
+    the store) are removed before this returns. The job's paths under a URL root's local copy
+    (artifacts, `data`) are read and written by each rank under its own copy."""
     nodes, per_node = compute.node_count(), compute.processes()
     workdir.mkdir(parents=True, exist_ok=True)
     job_file, result_file = workdir / JOB_FILE, workdir / RESULT_FILE
     remote = artifacts.remote() if artifacts is not None else None
-    payload = {"stage": stage, "job": job, "device": compute.rank_device()}
-    staging = None
-    if remote is not None:
-        staging = staging_prefix(context, artifacts, remote, workdir, job)
-        payload.update(artifact_root=artifacts.location(), asset_root=str(artifacts.root()))
+    remote_roots = {str(artifacts.root()): artifacts.location()} if remote is not None else {}
+    data_location = str(data.setting("data_root") or "") if data is not None else ""
+    if is_remote(data_location):
+        remote_roots[str(data.root())] = data_location
+    payload = {"stage": stage, "job": job, "device": compute.rank_device(), "remote_roots": remote_roots}
+    staging = staging_prefix(context, artifacts, remote, workdir, job) if remote is not None else None
     torch.save(payload, job_file)
     launcher = compute.setting("node_launcher", "pytorchjob")
     context.log.info(f"{stage.__name__}: {nodes} node(s) x {per_node} process(es), launched as a PyTorchJob "

@@ -10,10 +10,11 @@ log lines while it runs, its result to a file next to JOB_FILE, announced by a c
 other ranks log to their stderr (the pod's log). Imports `dagster_pipes`, never `dagster`.
 
 On an object-storage artifact root JOB_FILE is a URL (`s3://…/<artifact>/.cluster/<run id>/`):
-every rank downloads it into its own cache (env NOLA_CACHE_DIR, default `.nola_cache/objects`
-under the pod's working directory), reads and writes the job's artifact paths (the resume state)
-under its own copy of the root, rank 0 sends its Pipes messages as S3 chunks under that prefix
-(dagster-pipes' S3 writer) and uploads its result next to JOB_FILE. No folder is shared.
+every rank downloads it into its own cache (env NOLA_CACHE_DIR, default `.nola_cache/objects` under
+the pod's working directory), reads and writes the job's paths under a URL root (the resume state;
+the images of a URL data root, mirrored first) under its own copy of that root, rank 0 sends its
+Pipes messages as S3 chunks under that prefix (dagster-pipes' S3 writer) and uploads its result
+next to JOB_FILE. No folder is shared.
 """
 
 from __future__ import annotations
@@ -38,13 +39,17 @@ MESSAGE_SECONDS = 1.0  # how often rank 0 uploads, and the asset polls, Pipes me
 CACHE_DIR_ENV = "NOLA_CACHE_DIR"  # this pod's cache of objects, as ArtifactStore's
 
 
-def rebased(job: object, asset_root: str, own_root: Path) -> object:
-    """`job` with each path field under the asset's local copy of the root moved under this pod's."""
+def rebased(job: object, remote_roots: dict[str, str], cache_dir: str) -> object:
+    """`job` with each path field under the asset's local copy of a URL root (`remote_roots`: local
+    copy -> URL) moved under this pod's copy in `cache_dir`, that folder first brought up to date
+    from the store (a dataset's images; nothing yet for the resume state)."""
     moved = {}
     for field in dataclasses.fields(job):
         value = getattr(job, field.name)
-        if isinstance(value, Path) and value.is_relative_to(asset_root):
-            moved[field.name] = own_root / value.relative_to(asset_root)
+        for asset_root, url in remote_roots.items():
+            if isinstance(value, Path) and value.is_relative_to(asset_root):
+                relative = value.relative_to(asset_root)
+                moved[field.name] = open_storage(url).mirror(relative.as_posix(), local_root(url, cache_dir) / relative)
     return dataclasses.replace(job, **moved)
 
 
@@ -64,8 +69,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     # Our own file, written by the asset for this job: full unpickling, as launch() does.
     payload = torch.load(job_file, weights_only=False)
     stage, job = payload["stage"], payload["job"]
-    if "artifact_root" in payload:
-        job = rebased(job, payload["asset_root"], local_root(payload["artifact_root"], cache))
+    job = rebased(job, payload["remote_roots"], cache)
     context = init_distributed(payload["device"])
     logging.basicConfig(level=logging.WARNING,
                         format=f"%(asctime)s rank {context.rank}/{context.world_size} %(name)s: %(message)s")

@@ -22,7 +22,7 @@ from nola_core.tuning import TuningConfig
 from nola_assets.artifacts import ArtifactRef, ArtifactStore
 from nola_assets.cluster import on_nodes
 from nola_assets.partitions import datasets_partitions
-from nola_assets.resources import ComputeResource
+from nola_assets.resources import ComputeResource, DatasetsResource
 
 REFS_IO_MANAGER = "artifact_refs"
 GPU_POOL = "gpu"
@@ -90,7 +90,7 @@ def image_progress(context: AssetExecutionContext, what: str) -> Callable[[int, 
 
 def on_processes(context: AssetExecutionContext, compute: ComputeResource, items: int, stage: Callable, job: Any,
                  progress: Callable | None = None, workdir: Path | None = None,
-                 artifacts: ArtifactStore | None = None) -> Any:
+                 artifacts: ArtifactStore | None = None, data: DatasetsResource | None = None) -> Any:
     """`stage(distributed context, job, progress)` on `compute`'s processes; rank 0's result.
 
     One process (the default, or fewer `items` than processes): here, with live `progress`.
@@ -99,12 +99,12 @@ def on_processes(context: AssetExecutionContext, compute: ComputeResource, items
     logs its own lines to stderr (the step's compute log). `nodes` > 1: a Kubeflow PyTorchJob of
     that many pods, `nproc_per_node` processes each, launched through Dagster Pipes
     (`nola_assets.cluster`), its files in `workdir` (a folder of the artifact being made in
-    `artifacts`; on a URL root they travel through the store).
+    `artifacts`; on a URL root they travel through the store, and so do images of a URL `data` root).
     """
     if compute.node_count() > 1:
         if workdir is None:
             raise ValueError(f"{stage.__name__}: nodes > 1 needs a workdir on the shared artifact store")
-        return on_nodes(context, compute, stage, job, workdir, artifacts)
+        return on_nodes(context, compute, stage, job, workdir, artifacts, data)
     processes = min(compute.processes(), items)
     if processes == 1:
         return launch(stage, 1, job, progress, device=compute.torch_device())

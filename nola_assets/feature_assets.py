@@ -70,7 +70,7 @@ def _feature_asset(
         on_processes(context, compute, len(todo), image_features_stage,
                       ImageFeaturesJob(config, which, spec.root, tuple(todo), feature_config, fresh),
                       progress=image_progress(context, f"{which} features"), workdir=Path(ref.path),
-                      artifacts=artifacts)
+                      artifacts=artifacts, data=data)
         return load_feature_table(fresh, mmap=True)
 
     try:

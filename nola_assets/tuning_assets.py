@@ -94,7 +94,7 @@ def prompt_tuned_encoder(
     resume_dir = ref.file(RESUME_DIR)
     job = PromptTuningJob(config, dl_network, cde, spec.root, tuple(records), tuning, resume_dir, fixed_labels)
     trainable, history = on_processes(context, compute, len(records), prompt_tuning_stage, job, progress=progress,
-                                      workdir=Path(ref.path), artifacts=artifacts)
+                                      workdir=Path(ref.path), artifacts=artifacts, data=data)
     for stats in history:  # epochs logged elsewhere (a spawned rank 0's compute log, an earlier resumed run)
         if stats.epoch not in logged:
             progress(stats)

@@ -12,9 +12,10 @@ PipesSubprocessClient, to a local stand-in for the operator that starts the two 
 (torchrun, one gloo process each, static rendezvous on localhost); rank 0 reports its progress
 and result through Pipes. The tuned tensors match the one-node run's within the tolerance of
 tests/test_assets_distributed.py (1e-5: only the gradient summation order differs). The same on
-an s3:// root served by moto, each pod in its own working directory with its own cache: the job,
-the messages and the result go through the bucket (rank 0 not uploading its result fails it;
-so does a rank writing the resume state under the asset's folder instead of its own).
+s3:// artifact and data roots served by moto, each pod in its own working directory with its own
+cache: the job, the images, the messages and the result go through the bucket (rank 0 not
+uploading its result fails it; so do ranks keeping the asset's paths instead of their own copies,
+and ranks not mirroring the images).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from nola_assets.cluster_rank import RESULT_FILE
 from nola_assets.common import REFS_IO_MANAGER, RESUME_DIR, TRAINABLE_FILE
 from nola_assets.partitions import DATASETS
 from nola_assets.pytorchjob_standin import PODS_DIR_ENV, expand, replica_environments
-from nola_assets.resources import ComputeResource
+from nola_assets.resources import ComputeResource, DatasetsResource
 from nola_assets.tuning_assets import prompt_tuned_encoder
 from nola_core.jobs import ImageFeaturesJob
 from nola_core.storage import DEFAULT_CACHE_DIR, open_storage
@@ -230,8 +231,9 @@ def test_two_nodes_through_pipes_tune_the_encoder_one_node_tunes(one_node, tmp_p
 def test_two_nodes_on_an_s3_root_share_no_folder_with_each_other_or_the_asset(one_node, s3_server, tmp_path,
                                                                               monkeypatch):
     """On an s3:// artifact root the job, the Pipes messages and rank 0's result travel through the
-    bucket: each pod (its own working directory, NOLA_CACHE_DIR unset: the default cache under it)
-    downloads the job into its own cache, and the asset's cache is a third folder."""
+    bucket, and the images from an s3:// data root: each pod (its own working directory,
+    NOLA_CACHE_DIR unset: the default cache under it) downloads them into its own cache, and the
+    asset's cache is a third folder."""
     data, reference_root = one_node
     bucket = s3_server.new_bucket()
     root = open_storage(f"s3://{bucket}/artifacts")
@@ -239,12 +241,17 @@ def test_two_nodes_on_an_s3_root_share_no_folder_with_each_other_or_the_asset(on
     for path in sorted(reference_root.rglob("*")):  # the upstream artifacts, in the bucket
         if path.is_file() and not path.is_relative_to(tuned_folder.path) and "prompt_tuned_encoder" not in path.name:
             root.put(path.relative_to(reference_root).as_posix(), path)
+    images = open_storage(f"s3://{bucket}/data")
+    for path in sorted(data.rglob("*")):
+        if path.is_file():
+            images.put(path.relative_to(data).as_posix(), path)
     monkeypatch.delenv("NOLA_CACHE_DIR", raising=False)
     monkeypatch.setenv(PODS_DIR_ENV, str(tmp_path / "pods"))
     two = _tuning_resources(data, f"s3://{bucket}/artifacts", nodes=2, node_launcher="local")
     store = ArtifactStore(artifact_root=f"s3://{bucket}/artifacts", cache_dir=str(tmp_path / "asset"))
     two["artifacts"] = store
     two[REFS_IO_MANAGER] = ArtifactRefIOManager(store=store)
+    two["data"] = DatasetsResource(data_root=f"s3://{bucket}/data", cache_dir=str(tmp_path / "asset"))
     result, instance, seconds = _tune_on_two_nodes(two)
     print(f"two nodes on s3:// (local PyTorchJob stand-in) through Pipes: {seconds:.1f} s")
     _assert_tuned_like_one_node(result, instance, store, _tuning_resources(data, reference_root)["artifacts"])
@@ -254,6 +261,8 @@ def test_two_nodes_on_an_s3_root_share_no_folder_with_each_other_or_the_asset(on
     for pod in pods:  # each pod read the job from its own cache, under its own working directory
         [job_copy] = (pod / DEFAULT_CACHE_DIR).rglob(JOB_FILE)
         assert job_copy.relative_to(pod / DEFAULT_CACHE_DIR).parts[:2] == ("s3", bucket)
+        own_images = pod / DEFAULT_CACHE_DIR / "s3" / bucket / "data" / DATASET / "unlabeled"
+        assert len([p for p in own_images.iterdir() if not p.name.startswith(".")]) == NUM_IMAGES
     # rank 0 kept its per-epoch resume state under its own copy of the artifact, not the asset's
     assert [p.parent.name for p in (pods[0] / DEFAULT_CACHE_DIR).rglob(RESUME_FILE)] == [RESUME_DIR]
     assert not list((tmp_path / "asset").rglob(RESULT_FILE)) and not list((tmp_path / "asset").rglob(JOB_FILE))
