@@ -207,7 +207,7 @@ def on_nodes(context: AssetExecutionContext, compute: ComputeResource, stage: Ca
 
 
 def staging_prefix(context: AssetExecutionContext, artifacts: ArtifactStore, remote: Storage, workdir: Path,
-             job: Any) -> str:
+                   job: Any) -> str:
     """The key prefix, under the artifact's own prefix, that a URL root's job travels through:
     `<dataset>/<asset>/<digest>/.cluster/<run id>` (a hidden name: `save_ref` never uploads it)."""
     protocols = (remote.fs.protocol,) if isinstance(remote.fs.protocol, str) else remote.fs.protocol

@@ -32,16 +32,16 @@ from dagster_pipes import open_dagster_pipes
 from nola_core.distributed import init_distributed, shutdown
 from nola_core.jobs import PromptTuningJob
 from nola_core.progress import progress_callback
-from nola_core.storage import DEFAULT_CACHE_DIR, fetch_cached, is_remote, local_root, open_storage
+from nola_core.artifact_refs import cache_dir
+from nola_core.storage import fetch_cached, is_remote, local_root, open_storage
 
 RESULT_FILE = "cluster_result.pt"  # rank 0's return value, next to the job file (cluster.on_nodes reads it)
 MESSAGE_SECONDS = 1.0  # how often rank 0 uploads, and the asset polls, Pipes message chunks on a URL root
-CACHE_DIR_ENV = "NOLA_CACHE_DIR"  # this pod's cache of objects, as ArtifactStore's
 
 
-def rebased(job: object, remote_roots: dict[str, str], cache_dir: str) -> object:
+def rebased(job: object, remote_roots: dict[str, str], cache: str) -> object:
     """`job` with each path field under the asset's local copy of a URL root (`remote_roots`: local
-    copy -> URL) moved under this pod's copy in `cache_dir`, that folder first brought up to date
+    copy -> URL) moved under this pod's copy in `cache`, that folder first brought up to date
     from the store (a dataset's images; nothing yet for the resume state)."""
     moved = {}
     for field in dataclasses.fields(job):
@@ -49,7 +49,7 @@ def rebased(job: object, remote_roots: dict[str, str], cache_dir: str) -> object
         for asset_root, url in remote_roots.items():
             if isinstance(value, Path) and value.is_relative_to(asset_root):
                 relative = value.relative_to(asset_root)
-                moved[field.name] = open_storage(url).mirror(relative.as_posix(), local_root(url, cache_dir) / relative)
+                moved[field.name] = open_storage(url).mirror(relative.as_posix(), local_root(url, cache) / relative)
     return dataclasses.replace(job, **moved)
 
 
@@ -64,7 +64,7 @@ def rank_progress(job: object, log: Callable[[str], None]) -> Callable:
 
 def main(argv: Sequence[str] | None = None) -> None:
     [job_location] = list(sys.argv[1:] if argv is None else argv)
-    cache = os.environ.get(CACHE_DIR_ENV) or DEFAULT_CACHE_DIR
+    cache = cache_dir(os.environ)  # this pod's cache of objects, read as ArtifactStore reads it
     job_file = fetch_cached(job_location, cache) if is_remote(job_location) else Path(job_location)
     # Our own file, written by the asset for this job: full unpickling, as launch() does.
     payload = torch.load(job_file, weights_only=False)
