@@ -11,8 +11,9 @@
   picklable job object per stage; CLIP and DINO are loaded in each rank, never pickled.
 - Feature extraction: `extract_features_distributed` gives rank r the records r, r+W, ...;
   each rank writes its rows to a shard file and rank 0 merges them, in record order, into the
-  store file, so the table equals one process's (up to float rounding of different batch
-  compositions) and no process holds it whole.
+  store file (`merge_shards`), so the table equals one process's (up to float rounding of
+  different batch compositions) and no process holds it whole. Ranks that share no folder
+  (nodes on an object-storage root) upload their shards instead, and the caller merges them.
 - Prompt tuning: `nola_core.tuning.train_prompts(..., distributed=context)` wraps the
   classifier in DDP; the per-step image sets and the per-image augmentation seeds are those of
   one process, so the trained tensors match one process's (see tests/test_distributed.py).
@@ -36,6 +37,7 @@ from torch import nn
 from nola_core.data import ImageRecord
 from nola_core.features import FeatureConfig, FeatureTable, extract_features, load_feature_table, write_feature_table
 from nola_core.runtime import resolve_device
+from nola_core.storage import open_storage
 
 logger = logging.getLogger(__name__)
 
@@ -109,35 +111,59 @@ def extract_features_distributed(
     module: nn.Module | None = None,
     progress: Callable[[int, int], None] | None = None,
     decode_min_side: int | None = None,
-) -> FeatureTable:
+    shard_store: str | None = None,
+) -> FeatureTable | None:
     """`extract_features` with the records sharded over ranks, into the store file `output`;
     every rank returns that table, memory-mapped.
 
-    Each rank writes its share to a shard file next to `output` (so `output` must be on a file
-    system every rank reaches, as the artifact store is); rank 0 then merges the shards in record
-    order chunk by chunk, so no rank ever holds the whole table in RAM. `progress(done, total)`
-    counts this rank's share.
+    Each rank writes its share to a shard file next to `output` (`shard_path`: so `output` must
+    be on a file system every rank reaches, as the artifact store is); rank 0 then merges the
+    shards in record order chunk by chunk (`merge_shards`), so no rank ever holds the whole
+    table in RAM. `progress(done, total)` counts this rank's share.
+
+    `shard_store`: the URL of a prefix in object storage, for ranks that share no folder: each
+    rank uploads its shard there under the shard's file name and deletes its copy, nobody
+    merges and every rank returns None; the caller downloads the shards next to `output` and
+    merges them (`merge_shards`).
     """
     output = Path(output)
     if not context.enabled:
         return extract_features(encode, root, records, transform, config, context.device, progress, dtype=dtype,
                                 module=module, output=output, decode_min_side=decode_min_side,
                                 processes=context.local_world_size)
-    shards = [output.with_name(f".{output.name}.rank{rank}-of-{context.world_size}")
-              for rank in range(context.world_size)]
+    shard = shard_path(output, context.rank, context.world_size)
     mine = [records[i] for i in shard_positions(len(records), context)]
     extract_features(encode, root, mine, transform, config, context.device, progress, dtype=dtype, module=module,
-                     output=shards[context.rank], decode_min_side=decode_min_side, processes=context.local_world_size)
+                     output=shard, decode_min_side=decode_min_side, processes=context.local_world_size)
+    if shard_store is not None:
+        open_storage(shard_store).put(shard.name, shard)
+        shard.unlink()
+        return None
     dist.barrier()
     if context.is_main:
-        tables = [load_feature_table(shard, mmap=True) for shard in shards]
-        ordered = [r.image_id for r in records if any(r.image_id in t.row_index for t in tables)]
-        failed = {image_id for table in tables for image_id in table.failed}
-        write_feature_table(output, ordered, tables, [r.image_id for r in records if r.image_id in failed], dtype)
-        for shard in shards:
-            shard.unlink()
+        merge_shards(output, records, context.world_size)
     dist.barrier()
     return load_feature_table(output, mmap=True)
+
+
+def shard_path(output: Path, rank: int, world_size: int) -> Path:
+    """Where rank `rank` of `world_size` writes its share of the table `output`: a hidden file next to it."""
+    return output.with_name(f".{output.name}.rank{rank}-of-{world_size}")
+
+
+def merge_shards(output: Path, records: Sequence[ImageRecord], world_size: int) -> FeatureTable:
+    """The `world_size` ranks' shards of `output` (`shard_path`) merged into the table `output`,
+    rows in the order of `records`, chunk by chunk and atomically (`write_feature_table`); the
+    shards are deleted. Returns the table, memory-mapped."""
+    shards = [shard_path(output, rank, world_size) for rank in range(world_size)]
+    tables = [load_feature_table(shard, mmap=True) for shard in shards]
+    written = {image_id for table in tables for image_id in table.ids}
+    failed = {image_id for table in tables for image_id in table.failed}
+    merged = write_feature_table(output, [r.image_id for r in records if r.image_id in written], tables,
+                                 [r.image_id for r in records if r.image_id in failed])
+    for shard in shards:
+        shard.unlink()
+    return merged
 
 
 def _free_port() -> int:

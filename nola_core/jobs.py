@@ -44,7 +44,11 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ImageFeaturesJob:
-    """The CLIP (`which="clip"`) or DINO (`"dino"`) feature table of `records`, written to `output`."""
+    """The CLIP (`which="clip"`) or DINO (`"dino"`) feature table of `records`, written to `output`.
+
+    `shard_store`: for ranks that share no folder with `output`, the URL prefix each rank uploads
+    its shard to; the caller merges them into `output` (`extract_features_distributed`).
+    """
 
     models: ModelConfig
     which: str
@@ -52,6 +56,7 @@ class ImageFeaturesJob:
     records: tuple[ImageRecord, ...]
     config: FeatureConfig
     output: Path
+    shard_store: str | None = None
 
     def __post_init__(self) -> None:
         if self.which not in ("clip", "dino"):
@@ -76,7 +81,7 @@ def image_features_stage(
                     len(shard_positions(len(job.records), context)), len(job.records), context.device)
     extract_features_distributed(model.encode_image, job.root, job.records, eval_transform(model.preprocess),
                                  job.config, context, job.output, module=tower, progress=progress,
-                                 decode_min_side=model.preprocess.resize_size)
+                                 decode_min_side=model.preprocess.resize_size, shard_store=job.shard_store)
 
 
 @dataclass(frozen=True)
