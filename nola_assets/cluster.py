@@ -18,7 +18,8 @@ With `nodes` N > 1 (ComputeResource, env NOLA_NODES) `on_nodes` does, in the ass
    and announces it with a custom message (`nola_assets.cluster_rank`); every pod's log is copied
    into the step's compute log when the job ends, whether it succeeded or not;
 4. reads rank 0's result file (the trained tensors and epoch statistics; None for features, whose
-   table the ranks wrote into the artifact folder) and removes the job's files.
+   table rank 0 merged from the ranks' shards in the artifact's folder; on an `s3://` root the
+   asset merges them, below) and removes the job's files.
 
 `node_launcher="local"` (env NOLA_NODE_LAUNCHER) runs the same manifest's replicas as local
 processes with the environment the operator would give each pod (`nola_assets.pytorchjob_standin`),
@@ -42,13 +43,17 @@ root; rank 0 sends its Pipes messages as chunks under that prefix (Dagster's S3 
 dagster-aws / dagster-pipes) and uploads its result there, which the asset downloads; the prefix is
 removed when the step ends. The images of a URL data root (DatasetsResource) are mirrored by each
 rank into its own cache too (`cluster_rank.rebased`); a local data root must be mounted by every
-pod at the same path. Feature extraction merges the ranks' shards through one folder
-(`nola_core.distributed`), so on an object-storage root it is refused with nodes > 1.
+pod at the same path. Feature extraction: each rank uploads its shard of the table under
+`<run id>/shards/` instead of leaving it for rank 0 (`ImageFeaturesJob.shard_store`), and the
+asset downloads the shards next to the table it is making and merges them as rank 0 would on a
+shared folder (`gather_shards`, `nola_core.distributed.merge_shards`): the same table, written
+into the artifact's local copy and uploaded with it.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import re
@@ -70,6 +75,7 @@ from dagster import (
     open_pipes_session,
 )
 
+from nola_core.distributed import merge_shards, shard_path
 from nola_core.jobs import ImageFeaturesJob
 from nola_core.storage import Storage, download, is_remote
 
@@ -85,6 +91,7 @@ RANK_MODULE = "nola_assets.cluster_rank"
 JOB_FILE = "cluster_job.pt"  # {"stage", "job", "device"}: what every rank loads
 MESSAGES_FILE = "cluster_messages.jsonl"  # rank 0's Pipes messages
 STAGING_FOLDER = ".cluster"  # on a URL root: <artifact>/.cluster/<run id>/ holds the job, result, messages
+SHARDS_FOLDER = "shards"  # under it, the ranks' feature shards (ImageFeaturesJob.shard_store)
 JOB_TTL_SECONDS = 86400  # the PyTorchJob (and its pods' logs) stays a day after it ends, as run Jobs do
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 _CONTAINER_FIELDS = ("image", "imagePullPolicy", "env", "envFrom", "volumeMounts", "resources", "securityContext",
@@ -164,8 +171,11 @@ def on_nodes(context: AssetExecutionContext, compute: ComputeResource, stage: Ca
     data_location = str(data.setting("data_root") or "") if data is not None else ""
     if is_remote(data_location):
         remote_roots[str(data.root())] = data_location
+    staging = staging_prefix(context, artifacts, remote, workdir) if remote is not None else None
+    shards = f"{staging}/{SHARDS_FOLDER}" if staging is not None and isinstance(job, ImageFeaturesJob) else None
+    if shards is not None:  # no folder shared with rank 0: the shards come back through the store
+        job = dataclasses.replace(job, shard_store=remote.url(shards))
     payload = {"stage": stage, "job": job, "device": compute.rank_device(), "remote_roots": remote_roots}
-    staging = staging_prefix(context, artifacts, remote, workdir, job) if remote is not None else None
     torch.save(payload, job_file)
     launcher = compute.setting("node_launcher", "pytorchjob")
     context.log.info(f"{stage.__name__}: {nodes} node(s) x {per_node} process(es), launched as a PyTorchJob "
@@ -194,6 +204,8 @@ def on_nodes(context: AssetExecutionContext, compute: ComputeResource, stage: Ca
         if not result_file.is_file():
             where = result_file if staging is None else remote.url(f"{staging}/{RESULT_FILE}")
             raise Failure(f"{stage.__name__}: the PyTorchJob ended without rank 0's result {where}")
+        if shards is not None:
+            gather_shards(remote, shards, job, nodes * per_node)
         reported = [m["world_size"] for m in invocation.get_custom_messages() if isinstance(m, dict) and "world_size" in m]
         context.log.info(f"{stage.__name__}: {reported[-1] if reported else 'all'} ranks on {nodes} node(s) in "
                          f"{time.perf_counter() - started:.1f} s")
@@ -206,18 +218,32 @@ def on_nodes(context: AssetExecutionContext, compute: ComputeResource, stage: Ca
             remote.fs.rm(remote.path(staging), recursive=True)
 
 
-def staging_prefix(context: AssetExecutionContext, artifacts: ArtifactStore, remote: Storage, workdir: Path,
-                   job: Any) -> str:
+def staging_prefix(context: AssetExecutionContext, artifacts: ArtifactStore, remote: Storage, workdir: Path) -> str:
     """The key prefix, under the artifact's own prefix, that a URL root's job travels through:
     `<dataset>/<asset>/<digest>/.cluster/<run id>` (a hidden name: `save_ref` never uploads it)."""
     protocols = (remote.fs.protocol,) if isinstance(remote.fs.protocol, str) else remote.fs.protocol
     if "s3" not in protocols:
         raise ValueError(f"nodes > 1 on {artifacts.location()}: Pipes messages travel through S3 only "
                          "(an s3:// root, or a folder every pod mounts)")
-    if isinstance(job, ImageFeaturesJob):  # the ranks merge their shards through one folder (nola_core.distributed)
-        raise ValueError(f"nodes > 1: feature extraction needs a folder every pod mounts as its artifact root, "
-                         f"not {artifacts.location()}")
     return f"{workdir.relative_to(artifacts.root()).as_posix()}/{STAGING_FOLDER}/{context.run.run_id}"
+
+
+def gather_shards(remote: Storage, prefix: str, job: ImageFeaturesJob, world_size: int) -> None:
+    """The table `job.output` from the `world_size` ranks' shards uploaded under `prefix`: each
+    downloaded next to it, where rank 0 finds them on a shared folder, and merged as rank 0
+    merges them (`merge_shards`, which deletes them; so does a failure)."""
+    names = [shard_path(job.output, rank, world_size).name for rank in range(world_size)]
+    missing = sorted(set(names) - {item.key for item in remote.listing(prefix)})
+    if missing:
+        raise Failure(f"{job.which} features: no shard {', '.join(missing)} under {remote.url(prefix)}: "
+                      f"{len(missing)} of {world_size} ranks did not upload their share")
+    try:
+        for name in names:
+            download(remote.url(f"{prefix}/{name}"), job.output.with_name(name))
+        merge_shards(job.output, job.records, world_size)
+    finally:
+        for name in names:
+            job.output.with_name(name).unlink(missing_ok=True)
 
 
 def _s3_message_reader(remote: Storage, staging: str):

@@ -14,7 +14,8 @@ every rank downloads it into its own cache (env NOLA_CACHE_DIR, default `.nola_c
 the pod's working directory), reads and writes the job's paths under a URL root (the resume state;
 the images of a URL data root, mirrored first) under its own copy of that root, rank 0 sends its
 Pipes messages as S3 chunks under that prefix (dagster-pipes' S3 writer) and uploads its result
-next to JOB_FILE. No folder is shared.
+next to JOB_FILE; for features every rank uploads its shard under it (the job's `shard_store`,
+set by `cluster.on_nodes`, which merges them). No folder is shared.
 """
 
 from __future__ import annotations

@@ -15,7 +15,12 @@ tests/test_assets_distributed.py (1e-5: only the gradient summation order differ
 s3:// artifact and data roots served by moto, each pod in its own working directory with its own
 cache: the job, the images, the messages and the result go through the bucket (rank 0 not
 uploading its result fails it; so do ranks keeping the asset's paths instead of their own copies,
-and ranks not mirroring the images).
+and ranks not mirroring the images). Feature extraction on the s3:// roots: each rank uploads its
+shard under the job's staging prefix and the asset merges them; the CLIP and DINO tables equal
+the one-node tables (same ids in the same order, values within the tolerance of
+tests/test_assets_distributed.py, 2e-3: float16 rows of different batch compositions; same digest).
+A rank not uploading its shard fails it, naming the shard; so do shards merged in rank order
+instead of record order, and the asset keeping the shards it downloaded.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from dagster import AssetKey, AssetSelection, DagsterInstance, materialize
 from assets_helpers import copy_demo, materialize_partition, resources_for_test
 from nola_assets.artifacts import ArtifactRefIOManager, ArtifactStore
 from nola_assets.assets import NOLA_ASSETS
+from nola_assets import cluster
 from nola_assets.cluster import (
     JOB_FILE,
     JOB_NAME_LABEL,
@@ -42,17 +48,21 @@ from nola_assets.cluster import (
     staging_prefix,
 )
 from nola_assets.cluster_rank import RESULT_FILE
-from nola_assets.common import REFS_IO_MANAGER, RESUME_DIR, TRAINABLE_FILE
+from nola_assets.common import FEATURES_FILE, REFS_IO_MANAGER, RESUME_DIR, TRAINABLE_FILE
+from nola_assets.feature_assets import clip_features, dino_features
 from nola_assets.partitions import DATASETS
 from nola_assets.pytorchjob_standin import PODS_DIR_ENV, expand, replica_environments
 from nola_assets.resources import ComputeResource, DatasetsResource
 from nola_assets.tuning_assets import prompt_tuned_encoder
-from nola_core.jobs import ImageFeaturesJob
+from nola_core.distributed import merge_shards, shard_path
+from nola_core.features import load_feature_table
 from nola_core.storage import DEFAULT_CACHE_DIR, open_storage
 from nola_core.tuning import RESUME_FILE
 from tests.s3_server import s3_server  # noqa: F401  (module-scoped fixture)
 
 TRAINED_TOLERANCE = 1e-5
+FEATURE_TOLERANCE = 2e-3
+FEATURES = ("clip_features", "dino_features")
 NUM_IMAGES = 11  # odd: the last step splits unevenly over the two ranks
 DATASET = "nodes"
 ROOT = Path(__file__).resolve().parents[1]
@@ -227,6 +237,29 @@ def test_two_nodes_through_pipes_tune_the_encoder_one_node_tunes(one_node, tmp_p
     _assert_tuned_like_one_node(result, instance, store, _tuning_resources(data, reference_root)["artifacts"])
 
 
+def _two_nodes_on_s3(one_node, bucket: str, made_here: set[str], tmp_path, monkeypatch) -> dict:
+    """Resources of a two-node run on s3:// artifact and data roots in `bucket`: the data and the
+    one-node artifacts but those of the assets `made_here` uploaded there; the asset's cache is
+    `tmp_path/asset`, each pod's its own default one under `tmp_path/pods/<pod>`."""
+    data, reference_root = one_node
+    root, images = open_storage(f"s3://{bucket}/artifacts"), open_storage(f"s3://{bucket}/data")
+    for path in sorted(reference_root.rglob("*")):  # <dataset>/<asset>/<digest>/… and refs/<dataset>/<asset>.json
+        relative = path.relative_to(reference_root)
+        if path.is_file() and not made_here & {*relative.parts, relative.stem}:
+            root.put(relative.as_posix(), path)
+    for path in sorted(data.rglob("*")):
+        if path.is_file():
+            images.put(path.relative_to(data).as_posix(), path)
+    monkeypatch.delenv("NOLA_CACHE_DIR", raising=False)
+    monkeypatch.setenv(PODS_DIR_ENV, str(tmp_path / "pods"))
+    two = _tuning_resources(data, f"s3://{bucket}/artifacts", nodes=2, node_launcher="local")
+    store = ArtifactStore(artifact_root=f"s3://{bucket}/artifacts", cache_dir=str(tmp_path / "asset"))
+    two["artifacts"] = store
+    two[REFS_IO_MANAGER] = ArtifactRefIOManager(store=store)
+    two["data"] = DatasetsResource(data_root=f"s3://{bucket}/data", cache_dir=str(tmp_path / "asset"))
+    return two
+
+
 @pytest.mark.slow
 def test_two_nodes_on_an_s3_root_share_no_folder_with_each_other_or_the_asset(one_node, s3_server, tmp_path,
                                                                               monkeypatch):
@@ -238,20 +271,8 @@ def test_two_nodes_on_an_s3_root_share_no_folder_with_each_other_or_the_asset(on
     bucket = s3_server.new_bucket()
     root = open_storage(f"s3://{bucket}/artifacts")
     tuned_folder = _tuning_resources(data, reference_root)["artifacts"].require_ref("prompt_tuned_encoder", DATASET)
-    for path in sorted(reference_root.rglob("*")):  # the upstream artifacts, in the bucket
-        if path.is_file() and not path.is_relative_to(tuned_folder.path) and "prompt_tuned_encoder" not in path.name:
-            root.put(path.relative_to(reference_root).as_posix(), path)
-    images = open_storage(f"s3://{bucket}/data")
-    for path in sorted(data.rglob("*")):
-        if path.is_file():
-            images.put(path.relative_to(data).as_posix(), path)
-    monkeypatch.delenv("NOLA_CACHE_DIR", raising=False)
-    monkeypatch.setenv(PODS_DIR_ENV, str(tmp_path / "pods"))
-    two = _tuning_resources(data, f"s3://{bucket}/artifacts", nodes=2, node_launcher="local")
-    store = ArtifactStore(artifact_root=f"s3://{bucket}/artifacts", cache_dir=str(tmp_path / "asset"))
-    two["artifacts"] = store
-    two[REFS_IO_MANAGER] = ArtifactRefIOManager(store=store)
-    two["data"] = DatasetsResource(data_root=f"s3://{bucket}/data", cache_dir=str(tmp_path / "asset"))
+    two = _two_nodes_on_s3(one_node, bucket, {"prompt_tuned_encoder"}, tmp_path, monkeypatch)
+    store = two["artifacts"]
     result, instance, seconds = _tune_on_two_nodes(two)
     print(f"two nodes on s3:// (local PyTorchJob stand-in) through Pipes: {seconds:.1f} s")
     _assert_tuned_like_one_node(result, instance, store, _tuning_resources(data, reference_root)["artifacts"])
@@ -269,6 +290,52 @@ def test_two_nodes_on_an_s3_root_share_no_folder_with_each_other_or_the_asset(on
     assert not root.listing(f"{DATASET}/prompt_tuned_encoder/{tuned_folder.digest}/{STAGING_FOLDER}"), \
         "the job's staging prefix is removed from the bucket"
     assert root.exists(f"{DATASET}/prompt_tuned_encoder/{tuned_folder.digest}/ref.json")
+
+
+@pytest.mark.slow
+def test_two_nodes_on_an_s3_root_extract_the_feature_tables_of_one_node(one_node, s3_server, tmp_path, monkeypatch):
+    """Each rank uploads its feature shard under the job's staging prefix; the asset downloads
+    them next to the table it makes and merges them: the one-node tables, the prefix gone, and
+    the asset's cache holds the shards only while it merges them (none of them in any pod's)."""
+    data, reference_root = one_node
+    bucket = s3_server.new_bucket()
+    root = open_storage(f"s3://{bucket}/artifacts")
+    two = _two_nodes_on_s3(one_node, bucket, set(FEATURES), tmp_path, monkeypatch)
+    store, single = two["artifacts"], _tuning_resources(data, reference_root)["artifacts"]
+    asset_cache = tmp_path / "asset"
+    at_merge, merged = [], []  # the shard files in the asset's cache when each merge starts; its tables
+
+    def watched_merge(output, records, world_size):
+        at_merge.append(sorted(p.name for p in asset_cache.rglob("*.rank*-of-*")))
+        merged.append(merge_shards(output, records, world_size))
+        return merged[-1]
+
+    monkeypatch.setattr(cluster, "merge_shards", watched_merge)
+    started = time.perf_counter()
+    materialize_partition(two, [clip_features, dino_features], DATASET)
+    print(f"CLIP and DINO features on two nodes on s3:// (local PyTorchJob stand-in): "
+          f"{time.perf_counter() - started:.1f} s")
+
+    for asset in FEATURES:
+        ours, theirs = store.require_ref(asset, DATASET), single.require_ref(asset, DATASET)
+        assert ours.digest == theirs.digest, "the node count is not in the key"
+        table = load_feature_table(ours.file(FEATURES_FILE))
+        reference = load_feature_table(theirs.file(FEATURES_FILE))
+        # the merged new rows (all of them: no previous table) as one node writes them, before the
+        # asset's own merge with the previous table (which orders them again)
+        assert merged[FEATURES.index(asset)].ids == reference.ids, f"{asset}: shards merged out of record order"
+        assert table.ids == reference.ids, f"{asset}: the rows are not in the one-node order"
+        assert len(table.ids) == NUM_IMAGES and table.failed == reference.failed
+        difference = (table.features.float() - reference.features.float()).abs().max().item()
+        print(f"{asset}, two nodes vs one: max |difference| {difference:.3g}")
+        assert difference <= FEATURE_TOLERANCE
+        assert [o.key for o in root.listing(f"{DATASET}/{asset}/{ours.digest}")] == [
+            FEATURES_FILE, "key.json", "ref.json"], "the job's staging prefix is removed, only the artifact is there"
+    shards = [shard_path(Path(f".new-{FEATURES_FILE}"), rank, 2).name for rank in range(2)]
+    assert at_merge == [shards, shards], "the asset merged both ranks' shards of each table, and only them"
+    assert not list(asset_cache.rglob("*.rank*-of-*")) and not list(asset_cache.rglob(STAGING_FOLDER))
+    for pod in (tmp_path / "pods").iterdir():
+        assert not list(pod.rglob("*.rank*-of-*")), f"{pod.name} deleted its shard after uploading it"
 
 
 def test_the_rbac_manifest_lets_run_pods_do_what_the_client_calls():
@@ -299,16 +366,8 @@ def test_nodes_is_read_from_its_variable_and_checked(monkeypatch):
         ComputeResource(nodes=0).node_count()
 
 
-def test_an_object_storage_root_takes_only_s3_and_not_feature_extraction(tmp_path):
-    """Pipes messages travel through S3 only; the ranks' feature shards meet in one folder."""
-    from nola_core.features import FeatureConfig
-    from nola_core.models import ModelConfig
-
-    tuning_like = object()
+def test_an_object_storage_root_takes_only_s3(tmp_path):
+    """Pipes messages travel through S3 only."""
     memory = ArtifactStore(artifact_root="memory://nola/artifacts", cache_dir=str(tmp_path))
     with pytest.raises(ValueError, match="through S3 only"):
-        staging_prefix(None, memory, memory.remote(), memory.root() / "d" / "a" / "x", tuning_like)
-    s3 = ArtifactStore(artifact_root="s3://nola/artifacts", cache_dir=str(tmp_path))
-    features = ImageFeaturesJob(ModelConfig.from_profile("tiny"), "clip", tmp_path, (), FeatureConfig(), tmp_path / "f")
-    with pytest.raises(ValueError, match="feature extraction needs a folder every pod mounts"):
-        staging_prefix(None, s3, s3.remote(), s3.root() / "d" / "a" / "x", features)
+        staging_prefix(None, memory, memory.remote(), memory.root() / "d" / "a" / "x")
