@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import statistics
 import sys
@@ -81,14 +82,19 @@ def _rows(evaluation, domain: str) -> list[dict]:
 
 
 def cpu_name() -> str:
-    """The CPU model (/proc/cpuinfo on Linux), for the timing line."""
+    """The CPU model (/proc/cpuinfo on Linux) and whether it has native bf16, for the timing
+    line: the same model name comes with and without it on shared machines."""
+    from nola_core.acceleration import cpu_supports_bf16
+
+    name = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+                name = line.split(":", 1)[1].strip()
+                break
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return f"{name}, {'native' if cpu_supports_bf16() else 'no native'} bf16"
 
 
 def _cell(summary: dict) -> str:
@@ -98,6 +104,8 @@ def _cell(summary: dict) -> str:
 
 
 def markdown(result: dict) -> str:
+    load = result.get("load_average_at_start")
+    load = f"; load average {load:.1f} at the start" if load is not None else ""
     lines = [
         "# Mini-world results (trained by this project; not the papers' numbers)", "",
         "Made by `python -m nola_core.mini.table` (see docs/mini_world.md for the world). Top-1 accuracy "
@@ -107,11 +115,13 @@ def markdown(result: dict) -> str:
         f"- source-domain zero-shot (clean Fashion-MNIST test images): "
         f"{_cell(result['source_zero_shot'][TRANSDUCTIVE])} % on {result['source_images']} images",
         f"- command: `{result['command']}`; settings: {json.dumps(result['settings'])}",
-        f"- wall time: {result['wall_s']:.0f} s on {result['cpu']} ({result['threads']} threads)", "",
+        f"- wall time: {result['wall_s']:.0f} s on {result['cpu']} ({result['threads']} threads{load})", "",
         "Read with docs/mini_world.md (section Measured), which measures each method's standing: the DL "
         "network rides on the mini DINO's features (retrained in the third session: Sinkhorn-Knopp "
-        "centring, KoLeo, renderings); NoLA's 16 and LaFTer's 50 prompt tokens weigh heavily on the "
-        "16-patch mini ViT, and LaFTer's labeller (its text classifier) is no better than zero-shot here; "
+        "centring, KoLeo, renderings) but is no better than zero-shot, the mini CLIP loses about half its "
+        "zero-shot accuracy on the tuning's strong views, NoLA's 16 and LaFTer's 50 prompt tokens weigh "
+        "heavily on the 16-patch mini ViT, and LaFTer's labeller (its text classifier) is no better than "
+        "zero-shot here; "
         "LatteCLIP on class texts alone has nothing new to learn (its targets are zero-shot's own answers).", "",
         "| domain | method | transductive | held-out |", "|---|---|---|---|",
     ]
@@ -137,6 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    load_at_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None  # not on Windows
     started = time.perf_counter()
     dirs = _domain_dirs(args.domains_dir, args.per_class, args.held_out_per_class)
     models = ModelConfig.from_profile("mini")
@@ -164,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
                      "alignment_epochs": args.alignment_epochs, "tuning_epochs": args.tuning_epochs,
                      "latteclip_epochs": args.latteclip_epochs},
         "wall_s": time.perf_counter() - started, "cpu": cpu_name(),
-        "threads": args.threads,
+        "threads": args.threads, "load_average_at_start": load_at_start,
         "command": " ".join(["python -m nola_core.mini.table", *(sys.argv[1:] if argv is None else argv)]),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
