@@ -1,7 +1,8 @@
 """Accuracy of the mini models on in-memory images, for the training report and calibration.
 
 Images go through the preprocessing the loader attached to each model (the same as in the
-pipeline); labels are used only to score.
+pipeline). Labels are used only to measure: to score, and to fit the diagnostic head that
+measures how much room a domain leaves for label-free adaptation; nothing here is a pipeline step.
 """
 
 from __future__ import annotations
@@ -13,6 +14,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from nola_core.alignment import (
+    AlignmentConfig,
+    PseudoLabelSelection,
+    class_log_odds,
+    per_class_k,
+    predict_alignment,
+    select_top_k,
+    train_alignment,
+)
 from nola_core.data.transforms import eval_transform
 from nola_core.mini.fashion import CLASSES
 from nola_core.text import get_templates, zero_shot_classifier
@@ -40,6 +50,31 @@ def clip_zero_shot_accuracy(clip, images: Sequence[np.ndarray], labels: np.ndarr
     classifier = zero_shot_classifier(clip, CLASSES, get_templates(templates))
     predicted = (clip_features(clip, images) @ classifier.T).argmax(1).numpy()
     return float((predicted == np.asarray(labels)).mean())
+
+
+def top_k_precision(clip, images: Sequence[np.ndarray], labels: np.ndarray, templates: str = "generic") -> float:
+    """Share of right labels among NoLA's top-k zero-shot pseudo-labels (`alignment.select_top_k`,
+    k by its defaults): how good the examples are that the DL network learns from."""
+    classifier = zero_shot_classifier(clip, CLASSES, get_templates(templates))
+    config = AlignmentConfig()
+    k = per_class_k(len(labels), len(CLASSES), config.k_min, config.k_fraction)
+    selection = select_top_k(class_log_odds(clip_features(clip, images), classifier, config.logit_scale), k)
+    true = torch.as_tensor(np.asarray(labels, dtype=np.int64))[selection.indices]
+    return float((selection.labels == true).float().mean())
+
+
+def head_accuracy_with_true_labels(train_features: torch.Tensor, train_labels: np.ndarray,
+                                   test_features: torch.Tensor, test_labels: np.ndarray, seed: int = 0) -> float:
+    """Top-1 on the test rows of NoLA's DL network head (`alignment.train_alignment`, its
+    defaults) fitted on the *true* labels of the train rows: what a perfect labeller would let a
+    head on these features reach from that many images, the ceiling of label-free adaptation
+    on them. A diagnostic of the world (labels used to measure it), never a pipeline step."""
+    labels = torch.as_tensor(np.asarray(train_labels, dtype=np.int64))
+    selection = PseudoLabelSelection(indices=torch.arange(len(labels)), labels=labels,
+                                     scores=torch.zeros(len(labels)), k=0, num_classes=len(CLASSES))
+    network, _ = train_alignment(train_features, selection, AlignmentConfig(seed=seed), "cpu")
+    predicted = predict_alignment(network, test_features).argmax(1).numpy()
+    return float((predicted == np.asarray(test_labels)).mean())
 
 
 def knn_accuracy(features: torch.Tensor, labels: np.ndarray, k: int = 20) -> float:

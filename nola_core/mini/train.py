@@ -359,11 +359,21 @@ def save_weights(module: nn.Module, path: Path) -> str:
 
 
 def report(weights_dir: Path, files: dict[str, str], test_images: np.ndarray, test_labels: np.ndarray,
-           log: list[str], per_class: int = 100) -> dict:
+           log: list[str], per_class: int = 100, head_train_per_class: int = 30) -> dict:
     """Zero-shot (generic templates) of the written CLIP and kNN accuracy of the written DINO,
     loaded by the checkpoint route the `mini` profile takes (hashes verified), on the source
-    test images and each shifted domain."""
-    from nola_core.mini.evaluate import clip_zero_shot_accuracy, dino_knn_accuracy
+    test images and each shifted domain; with the room label-free adaptation has there: the
+    precision of NoLA's top-k zero-shot pseudo-labels, and the DL network head fitted on the
+    true labels of `head_train_per_class` images per class (the shipped small domain's size),
+    on DINO and on CLIP features, scored on the domain's other images."""
+    from nola_core.mini.evaluate import (
+        clip_features,
+        clip_zero_shot_accuracy,
+        dino_features,
+        dino_knn_accuracy,
+        head_accuracy_with_true_labels,
+        top_k_precision,
+    )
     from nola_core.models import ModelConfig, load_clip, load_dino
 
     clip_file, dino_file = f"{MINI_CLIP_NAME}.safetensors", f"{MINI_DINO_NAME}.safetensors"
@@ -374,14 +384,25 @@ def report(weights_dir: Path, files: dict[str, str], test_images: np.ndarray, te
     )
     clip, dino = load_clip(config), load_dino(config)
     indices, _ = domain_indices(test_labels, per_class, 0)
+    head_train, head_test = domain_indices(test_labels, head_train_per_class, per_class - head_train_per_class)
     results = {}
     for name in [SOURCE, *SHIFTS]:
         shifted = shift_images(name, test_images, indices)
         zero_shot = clip_zero_shot_accuracy(clip, shifted, test_labels[indices])
         knn = dino_knn_accuracy(dino, shifted, test_labels[indices])
-        results[name] = {"clip_zero_shot": zero_shot, "dino_knn": knn}
+        precision = top_k_precision(clip, shifted, test_labels[indices])
+        train_images, test_images_ = (shift_images(name, test_images, rows) for rows in (head_train, head_test))
+        heads = {
+            f"{model}_head_true_labels": head_accuracy_with_true_labels(
+                encode(encoder, train_images), test_labels[head_train], encode(encoder, test_images_),
+                test_labels[head_test])
+            for model, encode, encoder in (("dino", dino_features, dino), ("clip", clip_features, clip))
+        }
+        results[name] = {"clip_zero_shot": zero_shot, "dino_knn": knn, "top_k_precision": precision, **heads}
         _log(log, f"{name:9s} CLIP zero-shot {zero_shot:.3f}  DINO 20-NN (leave-one-out) {knn:.3f}  "
-                  f"({len(indices)} test images)")
+                  f"top-k precision {precision:.3f}  ({len(indices)} test images); DL head on true labels of "
+                  f"{len(head_train)}, scored on {len(head_test)}: DINO {heads['dino_head_true_labels']:.3f}, "
+                  f"CLIP {heads['clip_head_true_labels']:.3f}")
     return results
 
 
