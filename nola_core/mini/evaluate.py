@@ -60,7 +60,7 @@ def top_k_precision(clip, images: Sequence[np.ndarray], labels: np.ndarray, temp
     k = per_class_k(len(labels), len(CLASSES), config.k_min, config.k_fraction)
     selection = select_top_k(class_log_odds(clip_features(clip, images), classifier, config.logit_scale), k)
     true = torch.as_tensor(np.asarray(labels, dtype=np.int64))[selection.indices]
-    return float((selection.labels == true).float().mean())
+    return float((selection.labels == true).double().mean())
 
 
 def head_accuracy_with_true_labels(train_features: torch.Tensor, train_labels: np.ndarray,

@@ -391,12 +391,13 @@ def report(weights_dir: Path, files: dict[str, str], test_images: np.ndarray, te
         zero_shot = clip_zero_shot_accuracy(clip, shifted, test_labels[indices])
         knn = dino_knn_accuracy(dino, shifted, test_labels[indices])
         precision = top_k_precision(clip, shifted, test_labels[indices])
-        train_images, test_images_ = (shift_images(name, test_images, rows) for rows in (head_train, head_test))
+        head_train_images = shift_images(name, test_images, head_train)
+        head_test_images = shift_images(name, test_images, head_test)
         heads = {
             f"{model}_head_true_labels": head_accuracy_with_true_labels(
-                encode(encoder, train_images), test_labels[head_train], encode(encoder, test_images_),
-                test_labels[head_test])
-            for model, encode, encoder in (("dino", dino_features, dino), ("clip", clip_features, clip))
+                features(encoder, head_train_images), test_labels[head_train],
+                features(encoder, head_test_images), test_labels[head_test])
+            for model, features, encoder in (("dino", dino_features, dino), ("clip", clip_features, clip))
         }
         results[name] = {"clip_zero_shot": zero_shot, "dino_knn": knn, "top_k_precision": precision, **heads}
         _log(log, f"{name:9s} CLIP zero-shot {zero_shot:.3f}  DINO 20-NN (leave-one-out) {knn:.3f}  "
