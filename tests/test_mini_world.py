@@ -18,7 +18,13 @@ from nola_core.alignment import AlignmentConfig
 from nola_core.data.loading import load_dataset
 from nola_core.demo import MINI_DEMO_DATASET, MINI_SOURCE_DATASET, bundled_dataset_path
 from nola_core.eval import TRANSDUCTIVE, split_column
-from nola_core.mini.evaluate import clip_zero_shot_accuracy, head_accuracy_with_true_labels, top_k_precision
+from nola_core.mini.evaluate import (
+    clip_features,
+    generic_zero_shot,
+    head_accuracy_with_true_labels,
+    top_k_precision,
+    zero_shot_accuracy,
+)
 from nola_core.methods.compare import ComparisonConfig, compare_methods
 from nola_core.models import ModelConfig, load_clip, load_dino
 from nola_core.models.loading import CheckpointHashError
@@ -124,11 +130,12 @@ def test_top_k_precision_measures_the_selection_nola_learns_from():
     ranking carries information. Rows matched to the wrong labels would score near chance."""
     images, labels = _labelled_images(bundled_dataset_path(MINI_SOURCE_DATASET))
     clip = load_clip(MINI)
-    zero_shot = clip_zero_shot_accuracy(clip, images, labels)
-    precision = top_k_precision(clip, images, labels)
+    features, classifier = clip_features(clip, images), generic_zero_shot(clip)
+    zero_shot = zero_shot_accuracy(features, classifier, labels)
+    precision = top_k_precision(features, classifier, labels)
     assert precision >= zero_shot + 0.05, (precision, zero_shot)
     shuffled = np.random.default_rng(0).permutation(labels)
-    assert top_k_precision(clip, images, shuffled) < 0.3  # rows matched to the wrong labels: near chance
+    assert top_k_precision(features, classifier, shuffled) < 0.3  # rows matched to the wrong labels: near chance
 
 
 def test_head_on_true_labels_reaches_what_the_features_hold():

@@ -45,20 +45,23 @@ def dino_features(dino, images: Sequence[np.ndarray], batch_size: int = 512) -> 
     return torch.cat([dino.encode_image(chunk) for chunk in pixels.split(batch_size)]).float()
 
 
-def clip_zero_shot_accuracy(clip, images: Sequence[np.ndarray], labels: np.ndarray, templates: str = "generic") -> float:
-    """Top-1 of the zero-shot classifier (class names in the `generic` templates)."""
-    classifier = zero_shot_classifier(clip, CLASSES, get_templates(templates))
-    predicted = (clip_features(clip, images) @ classifier.T).argmax(1).numpy()
+def generic_zero_shot(clip, templates: str = "generic") -> torch.Tensor:
+    """[10, D] the zero-shot classifier of the mini world's classes (`generic` templates)."""
+    return zero_shot_classifier(clip, CLASSES, get_templates(templates))
+
+
+def zero_shot_accuracy(clip_image_features: torch.Tensor, zero_shot: torch.Tensor, labels: np.ndarray) -> float:
+    """Top-1 of the zero-shot classifier on CLIP image features (`clip_features`)."""
+    predicted = (clip_image_features @ zero_shot.T).argmax(1).numpy()
     return float((predicted == np.asarray(labels)).mean())
 
 
-def top_k_precision(clip, images: Sequence[np.ndarray], labels: np.ndarray, templates: str = "generic") -> float:
+def top_k_precision(clip_image_features: torch.Tensor, zero_shot: torch.Tensor, labels: np.ndarray) -> float:
     """Share of right labels among NoLA's top-k zero-shot pseudo-labels (`alignment.select_top_k`,
     k by its defaults): how good the examples are that the DL network learns from."""
-    classifier = zero_shot_classifier(clip, CLASSES, get_templates(templates))
     config = AlignmentConfig()
     k = per_class_k(len(labels), len(CLASSES), config.k_min, config.k_fraction)
-    selection = select_top_k(class_log_odds(clip_features(clip, images), classifier, config.logit_scale), k)
+    selection = select_top_k(class_log_odds(clip_image_features, zero_shot, config.logit_scale), k)
     true = torch.as_tensor(np.asarray(labels, dtype=np.int64))[selection.indices]
     return float((selection.labels == true).double().mean())
 
@@ -87,6 +90,3 @@ def knn_accuracy(features: torch.Tensor, labels: np.ndarray, k: int = 20) -> flo
     predicted = torch.mode(votes, dim=1).values.numpy()
     return float((predicted == np.asarray(labels)).mean())
 
-
-def dino_knn_accuracy(dino, images: Sequence[np.ndarray], labels: np.ndarray, k: int = 20) -> float:
-    return knn_accuracy(dino_features(dino, images), labels, k)

@@ -368,11 +368,12 @@ def report(weights_dir: Path, files: dict[str, str], test_images: np.ndarray, te
     on DINO and on CLIP features, scored on the domain's other images."""
     from nola_core.mini.evaluate import (
         clip_features,
-        clip_zero_shot_accuracy,
         dino_features,
-        dino_knn_accuracy,
+        generic_zero_shot,
         head_accuracy_with_true_labels,
+        knn_accuracy,
         top_k_precision,
+        zero_shot_accuracy,
     )
     from nola_core.models import ModelConfig, load_clip, load_dino
 
@@ -383,21 +384,24 @@ def report(weights_dir: Path, files: dict[str, str], test_images: np.ndarray, te
         dino_checkpoint=str(weights_dir / dino_file), dino_checkpoint_sha256=files[dino_file],
     )
     clip, dino = load_clip(config), load_dino(config)
+    zero_shot_weights = generic_zero_shot(clip)
     indices, _ = domain_indices(test_labels, per_class, 0)
+    # The heads' split is the same images (a prefix per class), so each model encodes them once.
     head_train, head_test = domain_indices(test_labels, head_train_per_class, per_class - head_train_per_class)
+    row = {int(index): position for position, index in enumerate(indices)}
+    train_rows, test_rows = ([row[int(i)] for i in part] for part in (head_train, head_test))
+    labels = test_labels[indices]
     results = {}
     for name in [SOURCE, *SHIFTS]:
         shifted = shift_images(name, test_images, indices)
-        zero_shot = clip_zero_shot_accuracy(clip, shifted, test_labels[indices])
-        knn = dino_knn_accuracy(dino, shifted, test_labels[indices])
-        precision = top_k_precision(clip, shifted, test_labels[indices])
-        head_train_images = shift_images(name, test_images, head_train)
-        head_test_images = shift_images(name, test_images, head_test)
+        features = {"clip": clip_features(clip, shifted), "dino": dino_features(dino, shifted)}
+        zero_shot = zero_shot_accuracy(features["clip"], zero_shot_weights, labels)
+        knn = knn_accuracy(features["dino"], labels)
+        precision = top_k_precision(features["clip"], zero_shot_weights, labels)
         heads = {
             f"{model}_head_true_labels": head_accuracy_with_true_labels(
-                features(encoder, head_train_images), test_labels[head_train],
-                features(encoder, head_test_images), test_labels[head_test])
-            for model, features, encoder in (("dino", dino_features, dino), ("clip", clip_features, clip))
+                rows[train_rows], labels[train_rows], rows[test_rows], labels[test_rows])
+            for model, rows in (("dino", features["dino"]), ("clip", features["clip"]))
         }
         results[name] = {"clip_zero_shot": zero_shot, "dino_knn": knn, "top_k_precision": precision, **heads}
         _log(log, f"{name:9s} CLIP zero-shot {zero_shot:.3f}  DINO 20-NN (leave-one-out) {knn:.3f}  "
