@@ -10,6 +10,10 @@ of the same images and running the generator again writes identical files:
   salt-and-pepper noise; `strength` scales both noises.
 - `sketch`: a white line drawing of the garment's edges on black (Sobel magnitude, with pencil
   noise), blended with the image; `strength` is the weight of the drawing.
+- `blurred`: the image out of focus (Gaussian blur); `strength` is the blur's radius in pixels.
+  A shift that removes detail but keeps each garment's shape, so the mini DINO's features still
+  tell the classes apart where the mini CLIP's zero-shot does not: the domain with room for
+  label-free adaptation (docs/mini_world.md, "A domain with room").
 
 Strengths are chosen (docs/mini_world.md) so that zero-shot of the mini CLIP lands between
 chance and its clean accuracy. Folder layout as the demo dataset's (nola_core/demo_data/
@@ -29,7 +33,7 @@ from io import BytesIO
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from nola_core.llm.describe import DescriptionSet
 from nola_core.mini.fashion import CLASSES, FASHION_MNIST_DIR, PARTS, SYNONYMS, load_split
@@ -47,7 +51,12 @@ SHIFTS: dict[str, Shift] = {
     "textured": Shift("textured", 0.7, "colourful garment on a patterned background", ("colourful", "patterned")),
     "negative": Shift("negative", 0.6, "noisy photo negative", ("noisy", "dark")),
     "sketch": Shift("sketch", 0.75, "white line drawing on black", ("white", "plain")),
+    "blurred": Shift("blurred", 3.0, "out-of-focus grayscale product photo", ("grey", "plain")),
 }
+RENDERED_SHIFTS = ("textured", "negative", "sketch")
+"""The shifts the mini DINO trained on (random renderings of source images, and these domains'
+unlabeled images): `blurred` came later, so it is a domain the DINO never saw, like a target
+of the papers' ImageNet-trained DINO."""
 FASHION_LICENCE = Path(__file__).resolve().parents[1] / "demo_data" / "fashion_mini" / "LICENSE-DATA.md"
 SOURCE = "source"
 """The clean domain: test-split images as they are (grayscale), for the source zero-shot."""
@@ -92,6 +101,10 @@ def _negative(image: np.ndarray, strength: float, rng: np.random.Generator) -> n
     return (np.clip(gray, 0, 1) * 255).round().astype(np.uint8)
 
 
+def _blurred(image: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
+    return np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(strength)))
+
+
 def _sketch(image: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
     gray = image.astype(np.float32) / 255.0
     padded = np.pad(gray, 1, mode="edge")
@@ -104,7 +117,7 @@ def _sketch(image: np.ndarray, strength: float, rng: np.random.Generator) -> np.
     return (np.clip(drawing, 0, 1) * 255).round().astype(np.uint8)
 
 
-_SHIFT_FUNCTIONS = {"textured": _textured, "negative": _negative, "sketch": _sketch}
+_SHIFT_FUNCTIONS = {"textured": _textured, "negative": _negative, "sketch": _sketch, "blurred": _blurred}
 
 
 def shift_images(name: str, images: np.ndarray, indices: np.ndarray, seed: int = 0,
@@ -128,11 +141,11 @@ def random_rendering(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """`image` [28, 28] uint8 as RGB uint8 in a random style: as it is, or one of the shifts at a
     random strength, drawn with `rng` (its own texture and colours). Two renderings of one
     garment share only its shape: the mini DINO's views of a source image (train.py)."""
-    kind = rng.integers(len(SHIFTS) + 1)
+    kind = rng.integers(len(RENDERED_SHIFTS) + 1)
     if kind == 0:
         pixels = image
     else:
-        name = list(SHIFTS)[kind - 1]
+        name = RENDERED_SHIFTS[kind - 1]
         pixels = _SHIFT_FUNCTIONS[name](image, float(rng.uniform(*RENDERING_STRENGTHS)), rng)
     return np.repeat(pixels[..., None], 3, axis=-1) if pixels.ndim == 2 else pixels
 

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nola_core.data.transforms import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
-from nola_core.mini.domains import SHIFTS, SOURCE, domain_indices, random_rendering, shift_images
+from nola_core.mini.domains import RENDERED_SHIFTS, SHIFTS, SOURCE, domain_indices, random_rendering, shift_images
 from nola_core.mini.fashion import CLASSES, FASHION_MNIST_DIR, caption, load_split
 from nola_core.models.registry import (
     DINO_CONFIGS,
@@ -343,7 +343,7 @@ def dino_images(train_images: np.ndarray, test_images: np.ndarray, test_labels: 
     ])
     unlabeled, _ = domain_indices(test_labels, DINO_DOMAIN_PER_CLASS, 0)
     targets = [np.repeat(image[..., None], 3, -1) if image.ndim == 2 else image
-               for name in SHIFTS for image in shift_images(name, test_images, unlabeled)]
+               for name in RENDERED_SHIFTS for image in shift_images(name, test_images, unlabeled)]
     return source, np.stack(targets)
 
 
