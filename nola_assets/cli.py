@@ -28,7 +28,7 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
         "demo",
         help="materialize every asset for the bundled mini-world demo domain (trained mini models, about "
         "two minutes on CPU)",
-        description="Copy the bundled fashion_textured_small dataset (a shifted Fashion-MNIST domain of the mini "
+        description="Copy the bundled fashion_blurred_small dataset (a shifted Fashion-MNIST domain of the mini "
         "world, docs/mini_world.md) under the data root (once), register it as a partition and materialize every "
         "asset on the local Dagster instance ($DAGSTER_HOME, default .dagster_home/) with the `mini` profile: a "
         "CLIP and a DINO trained by this project. Prints the per-stage table and where the artifacts are; "

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 DEMO_DATASET = "fashion_mini"
-MINI_DEMO_DATASET = "fashion_textured_small"
+MINI_DEMO_DATASET = "fashion_blurred_small"
 MINI_SOURCE_DATASET = "fashion_source_small"
 MINI_WORLD_NOTE = (
     "NOTE: mini world: a small CLIP and DINO trained by this project on Fashion-MNIST "

@@ -54,12 +54,12 @@ def test_demo_prints_the_stage_table_the_warning_and_the_artifacts(project, caps
     assert "NoLA prompt-tuned" in out and "top-k pseudo-labels" in out
     assert "transductive top-1" in out and "held-out top-1" in out  # both splits, named
     assert "mini world" in out and "not the papers' numbers" in out and "randomly initialised" not in out
-    assert f"artifacts:    {project / 'artifacts' / 'fashion_textured_small'}" in out
-    assert (project / "data" / "fashion_textured_small" / "dataset.yaml").is_file()  # a writable copy
+    assert f"artifacts:    {project / 'artifacts' / 'fashion_blurred_small'}" in out
+    assert (project / "data" / "fashion_blurred_small" / "dataset.yaml").is_file()  # a writable copy
     instance = DagsterInstance.from_config(str(project / ".dagster_home"))
     assert instance.get_latest_materialization_event(AssetKey("evaluation")) is not None
     [run] = instance.get_runs()
-    assert run.tags["dagster/partition"] == "fashion_textured_small" and run.tags["nola/launched_by"] == "nola demo"
+    assert run.tags["dagster/partition"] == "fashion_blurred_small" and run.tags["nola/launched_by"] == "nola demo"
     resources = run.run_config["resources"]
     assert resources["models"]["config"]["model_profile"] == "mini"
     assert resources["method"]["config"] == {"tuning_epochs": 1, "alignment_epochs": 2}
