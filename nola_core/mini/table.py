@@ -10,7 +10,7 @@ Fashion-MNIST when missing), plus the source-domain zero-shot that shows the gap
 over seeds of transductive and held-out top-1, written as Markdown and as JSON beside it,
 with the wall time it took. The methods run as the code is (nola_core.methods.compare):
 rerun the command after changing a method. Epochs are scaled down (flags below) so the table
-finishes on two CPU cores (the defaults: 9-12 minutes on a loaded 2-core Xeon, see
+finishes on two CPU cores (the defaults: about 9 minutes for the four domains on a 2-core AMD EPYC, see
 docs/mini_results.md); they are not tuned on these labels.
 """
 
@@ -116,13 +116,15 @@ def markdown(result: dict) -> str:
         f"{_cell(result['source_zero_shot'][TRANSDUCTIVE])} % on {result['source_images']} images",
         f"- command: `{result['command']}`; settings: {json.dumps(result['settings'])}",
         f"- wall time: {result['wall_s']:.0f} s on {result['cpu']} ({result['threads']} threads{load})", "",
-        "Read with docs/mini_world.md (section Measured), which measures each method's standing: the DL "
-        "network rides on the mini DINO's features (retrained in the third session: Sinkhorn-Knopp "
-        "centring, KoLeo, renderings) but is no better than zero-shot, the mini CLIP loses about half its "
-        "zero-shot accuracy on the tuning's strong views, NoLA's 16 and LaFTer's 50 prompt tokens weigh "
-        "heavily on the 16-patch mini ViT, and LaFTer's labeller (its text classifier) is no better than "
-        "zero-shot here; "
-        "LatteCLIP on class texts alone has nothing new to learn (its targets are zero-shot's own answers).", "",
+        "Read with docs/mini_world.md (section Measured), which measures each method's standing. `blurred` "
+        "is the domain with room for label-free adaptation (the mini DINO's features keep the classes "
+        "apart where the mini CLIP's zero-shot does not): there the DL network beats zero-shot and NoLA "
+        "follows it as far as its prompt-tuning epochs let it. On `textured` even true labels would not "
+        "take a head on the mini DINO's features above zero-shot, and on `negative` and `sketch` the "
+        "top-k pseudo-labels the DL network learns from are a third or more wrong. NoLA's 16 and "
+        "LaFTer's 50 prompt tokens weigh heavily on the 16-patch mini ViT, LaFTer's labeller (its text "
+        "classifier) is no better than zero-shot here, and LatteCLIP on class texts alone has nothing "
+        "new to learn (its targets are zero-shot's own answers).", "",
         "| domain | method | transductive | held-out |", "|---|---|---|---|",
     ]
     for row in result["rows"]:
