@@ -60,12 +60,14 @@ class FakeLMM:
         return f"A grey {kind} showing {digests}."
 
 
-def shuffled_label_copies(root):
-    """The demo dataset, and a copy whose every labelled image sits in a shuffled class folder."""
+def shuffled_label_copies(root, dataset=None):
+    """A dataset (the demo one by default), and a copy whose every labelled image sits in a
+    shuffled class folder."""
+    dataset = dataset or demo_dataset_path()
     original = root / "original"
-    shutil.copytree(demo_dataset_path(), original)
+    shutil.copytree(dataset, original)
     shuffled = root / "shuffled"
-    shutil.copytree(demo_dataset_path(), shuffled)
+    shutil.copytree(dataset, shuffled)
     files = sorted(p for p in (shuffled / "labeled").rglob("*.png"))
     classes = sorted(p.name for p in (shuffled / "labeled").iterdir())
     permutation = torch.randperm(len(files), generator=torch.Generator().manual_seed(0)).tolist()

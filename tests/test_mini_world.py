@@ -18,6 +18,7 @@ from nola_core.alignment import AlignmentConfig
 from nola_core.data.loading import load_dataset
 from nola_core.demo import MINI_DEMO_DATASET, MINI_SOURCE_DATASET, bundled_dataset_path
 from nola_core.eval import TRANSDUCTIVE, split_column
+from nola_core.features import FeatureConfig
 from nola_core.mini.domains import shift_images
 from nola_core.mini.evaluate import (
     clip_features,
@@ -33,6 +34,7 @@ from nola_core.models.registry import MINI_WEIGHTS_DIR
 from nola_core.methods.nola import NolaConfig, nola_tuning_config, run_nola
 from nola_core.runtime import ComputeSettings
 from nola_core.stage_names import CDE_STAGE, NOLA_DL_STAGE, NOLA_TUNED_STAGE, ZERO_SHOT_STAGE
+from test_methods_real import check_checkpoints_do_not_depend_on_the_labels, shuffled_label_copies
 
 MINI = ModelConfig.from_profile("mini")
 TOP1 = split_column(TRANSDUCTIVE, "top1")
@@ -126,6 +128,20 @@ def test_dl_network_and_nola_keep_their_measured_standing_against_zero_shot():
     assert top1[CDE_STAGE] is not None
     assert top1[NOLA_DL_STAGE] - zero_shot >= DL_MARGIN, top1
     assert top1[NOLA_TUNED_STAGE] - zero_shot >= NOLA_MARGIN, top1
+
+
+def test_labels_never_reach_the_mini_nola_checkpoints(tmp_path):
+    """test_methods_real's bit-identical check on the mini path: the trained mini models, the
+    shipped demo domain, NoLA (its DL network and prompt-tuned tensors) with the class folders
+    right or shuffled."""
+    original, shuffled = shuffled_label_copies(tmp_path, bundled_dataset_path(MINI_DEMO_DATASET))
+    config = ComparisonConfig(
+        methods=("nola",), models=MINI, device="cpu",
+        features=FeatureConfig(compute=ComputeSettings(num_workers=0)),
+        nola=dataclasses.replace(CI_CONFIG, alignment=AlignmentConfig(epochs=5),
+                                 tuning=nola_tuning_config(epochs=2, compute=ComputeSettings(num_workers=0))),
+    )
+    check_checkpoints_do_not_depend_on_the_labels(compare_methods(original, config), compare_methods(shuffled, config))
 
 
 def _labelled_images(dataset: Path) -> tuple[list[np.ndarray], np.ndarray]:
