@@ -21,6 +21,7 @@ from nola_core.alignment import (
     per_class_k,
     predict_alignment,
     select_top_k,
+    selection_report,
     train_alignment,
 )
 from nola_core.data.transforms import eval_transform
@@ -62,8 +63,8 @@ def top_k_precision(clip_image_features: torch.Tensor, zero_shot: torch.Tensor, 
     config = AlignmentConfig()
     k = per_class_k(len(labels), len(CLASSES), config.k_min, config.k_fraction)
     selection = select_top_k(class_log_odds(clip_image_features, zero_shot, config.logit_scale), k)
-    true = torch.as_tensor(np.asarray(labels, dtype=np.int64))[selection.indices]
-    return float((selection.labels == true).double().mean())
+    ids = [str(row) for row in range(len(labels))]
+    return selection_report(selection, CLASSES, ids, dict(zip(ids, np.asarray(labels).tolist())))["precision"]
 
 
 def head_accuracy_with_true_labels(train_features: torch.Tensor, train_labels: np.ndarray,
